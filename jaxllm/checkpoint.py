@@ -1,0 +1,83 @@
+"""Orbax checkpoints of the training state, the data-iterator position and the run's model shape.
+
+Each save goes to `WORKDIR/checkpoints/<step>/` with three items: `state` (params, optimizer state,
+step counters; restored straight into the shards of whatever mesh the resuming run uses), `data` (the
+Grain iterator state) and `meta` (JSON: the model config and jaxllm version). Orbax writes into a
+temporary directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoints intact and the partial one is ignored on resume. Randomness needs no saved key: every
+random choice is derived from `config.seed` and the step, which the state holds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+
+from jaxllm.errors import UserError
+
+# Model keys whose change makes a checkpoint unusable; the rest (dtype, remat) may change on resume.
+SHAPE_KEYS = ("family", "layers", "d_model", "heads", "kv_heads", "d_ff", "vocab_size", "max_len",
+              "tie_embeddings")
+
+
+class Checkpointer:
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).resolve()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(data_iterator),
+                                  meta=ocp.args.JsonSave(meta))
+        self.manager.save(step, args=args, force=True)
+        fault_point("kill_in_save", step)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def check_compatible(self, step: int, model_config: dict[str, Any]) -> None:
+        """Raises UserError if the checkpoint at `step` holds a model of another shape."""
+        saved = self.read_meta(step).get("model", {})
+        diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {model_config.get(k)!r}"
+                 for k in SHAPE_KEYS if saved.get(k) != model_config.get(k)]
+        if diffs:
+            raise UserError(
+                f"workdir checkpoint '{self.directory / str(step)}' holds a different model ({'; '.join(diffs)}); "
+                "use another --workdir or the checkpoint's model settings"
+            )
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        """Restores the state onto the shardings carried by `abstract_state` and rewinds the iterator."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+        return self.manager.restore(step, args=args)["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def fault_point(name: str, step: int) -> None:
+    """Test hook: `JAXLLM_FAULT=<name>:<step>` kills this process with SIGKILL at that point.
+
+    The crash tests use it to die at an exact moment (mid-save, after a given step); it does
+    nothing unless the variable names this point and step.
+    """
+    if os.environ.get("JAXLLM_FAULT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+

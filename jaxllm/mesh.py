@@ -1,0 +1,148 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Modules annotate parameters with logical names only (`("embed", "mlp")`). This module is the only
+place that knows the mesh axes `data`, `fsdp`, `tensor` and `sequence`. ZeRO stages are sharding
+choices over `fsdp`: stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the
+parameters; there is no separate code path for them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm.config import MeshConfig
+from jaxllm.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# Logical axis -> mesh axes. Edit this table (not a model file) to change the parallel layout.
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": ("sequence",),
+    "embed": ("fsdp",),  # parameters only; activations keep the model dimension whole
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "vocab": ("tensor",),
+    "head_dim": (),
+    "positions": (),
+    "norm": (),
+}
+
+
+def resolve_axis_sizes(config: MeshConfig, device_count: int) -> dict[str, int]:
+    """Fills in the one axis set to -1 and checks that the sizes multiply to the device count."""
+    sizes = {axis: getattr(config, axis) for axis in MESH_AXES}
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if free:
+        if device_count % fixed:
+            raise UserError(
+                f"config key 'mesh': fixed axes {sizes} multiply to {fixed}, which does not divide the "
+                f"{device_count} devices"
+            )
+        sizes[free[0]] = device_count // fixed
+    if math.prod(sizes.values()) != device_count:
+        raise UserError(
+            f"config key 'mesh': axis sizes {sizes} multiply to {math.prod(sizes.values())}, but there are "
+            f"{device_count} devices; set one axis to -1 or make the product equal the device count"
+        )
+    return sizes
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_axis_sizes(config, len(devices))
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    device_array = np.asarray(devices).reshape(shape)
+    if devices == list(jax.devices()):  # let JAX order devices for the interconnect (ICI/NVLink rings)
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        except (ValueError, NotImplementedError):
+            pass
+    return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    drop: Sequence[str] = (),
+) -> PartitionSpec:
+    """Maps logical names to a PartitionSpec through `LOGICAL_RULES`.
+
+    Mesh axes listed in `drop` are left out (used for ZeRO stages below 3). With `shape` and `mesh`,
+    an axis whose size does not divide the dimension is left out, so odd sizes replicate instead of
+    failing; a mesh axis is used at most once per array.
+    """
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in LOGICAL_RULES:
+            raise KeyError(f"logical axis '{name}' has no rule in jaxllm.mesh.LOGICAL_RULES")
+        axes = []
+        for axis in LOGICAL_RULES[name]:
+            if axis in drop or axis in used:
+                continue
+            if mesh is not None:
+                size = mesh.shape[axis]
+                if size == 1:
+                    continue
+                if shape is not None and shape[dim] % (size * math.prod(mesh.shape[a] for a in axes)):
+                    continue
+            axes.append(axis)
+        used.update(axes)
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(
+    mesh: Mesh, logical_tree: Any, shapes: Any, drop: Sequence[str] = ()
+) -> Any:
+    """NamedShardings for a tree of logical-axis tuples and the matching tree of shapes."""
+    return jax.tree.map(
+        lambda axes, shape: NamedSharding(mesh, logical_to_spec(axes, shape, mesh, drop)),
+        logical_tree,
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x),
+    )
+
+
+def param_drop(zero_stage: int) -> tuple[str, ...]:
+    """Mesh axes that parameters are *not* sharded over for this ZeRO stage."""
+    return () if zero_stage >= 3 else ("fsdp",)
+
+
+def grad_drop(zero_stage: int) -> tuple[str, ...]:
+    return () if zero_stage >= 2 else ("fsdp",)
+
+
+def opt_drop(zero_stage: int) -> tuple[str, ...]:
+    return () if zero_stage >= 1 else ("fsdp",)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch arrays `[batch, length, ...]` split over the data-parallel axes and the sequence axis."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "length") + (None,) * (ndim - 2), mesh=mesh))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[axis] for axis in LOGICAL_RULES["batch"])
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names under the current mesh; a no-op without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))

@@ -1,0 +1,5 @@
+"""Flax NNX model definitions."""
+
+from jaxllm.models.decoder import Decoder, count_params
+
+__all__ = ["Decoder", "count_params"]

@@ -1,0 +1,83 @@
+"""Causal self-attention over packed rows: segment masks, grouped-query heads, optional ALiBi.
+
+`causal_attention_reference` is the definition in plain `jnp`; `causal_attention` dispatches on
+`implementation` so that kernels can be added beside it without touching the models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+def alibi_slopes(num_heads: int) -> jax.Array:
+    """ALiBi head slopes for any head count (Press et al., 2022, "Train Short, Test Long").
+
+    For n = 2^k heads the slopes are the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8).
+    Otherwise the first 2^floor(log2 n) slopes follow that rule and the rest are the odd-indexed
+    terms of the sequence for twice that power of two, as BLOOM does.
+    """
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = power_of_two(closest)
+    if closest < num_heads:
+        slopes += power_of_two(2 * closest)[0::2][: num_heads - closest]
+    return jnp.asarray(slopes, jnp.float32)
+
+
+def attention_mask(segment_ids: Int[Array, "b l"]) -> jax.Array:
+    """[b, 1, l, l] boolean: key j is visible to query i when j <= i in the same (non-padding) document."""
+    length = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    real = (segment_ids != 0)[:, None, :]
+    return (causal[None] & same & real)[:, None]
+
+
+def causal_attention_reference(
+    q: Float[Array, "b l h d"],
+    k: Float[Array, "b l kv d"],
+    v: Float[Array, "b l kv d"],
+    segment_ids: Int[Array, "b l"],
+    positions: Int[Array, "b l"] | None = None,
+    alibi: Float[Array, " h"] | None = None,
+    compute_dtype=jnp.float32,
+) -> Float[Array, "b l h d"]:
+    """softmax(q k^T / sqrt(d) + alibi * (pos_k - pos_q), masked) v, with the softmax in f32.
+
+    Heads are grouped: query head h reads key/value head h // (h_q / h_kv). Rows that see no key
+    (padding) get a uniform average, which the loss mask then ignores.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    qg = q.reshape(batch, length, kv_heads, groups, head_dim).astype(compute_dtype)
+    scores = jnp.einsum(
+        "bqkgd,bskd->bkgqs", qg, k.astype(compute_dtype), preferred_element_type=jnp.float32
+    ) / jnp.sqrt(jnp.float32(head_dim))
+    scores = scores.reshape(batch, heads, length, length)
+    if alibi is not None:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)  # pos_k - pos_q
+        scores = scores + alibi[None, :, None, None] * distance[:, None]
+    scores = jnp.where(attention_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
+    probs = probs.reshape(batch, kv_heads, groups, length, length)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(compute_dtype), preferred_element_type=jnp.float32)
+    return out.reshape(batch, length, heads, head_dim)
+
+
+def causal_attention(q, k, v, segment_ids, positions=None, alibi=None, compute_dtype=jnp.float32,
+                     implementation: str = "auto"):
+    """Dispatches to an implementation; "auto" and "xla" use the reference (the only one so far)."""
+    if implementation not in ("auto", "xla"):
+        raise ValueError(f"unknown attention implementation '{implementation}'; expected auto or xla")
+    return causal_attention_reference(q, k, v, segment_ids, positions, alibi, compute_dtype)

@@ -1,0 +1,213 @@
+"""`python -m jaxllm.train --config=PATH [--workdir=DIR] [--dry-run] [section.key=value ...]`
+
+config -> (multi-host init) -> mesh -> model and optimizer layout -> data -> resume or init ->
+loop of jitted steps with metrics, evaluation and async checkpoints. Rerunning the same command
+resumes from the newest complete checkpoint in `WORKDIR/checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+import jaxllm
+from jaxllm import config as config_lib
+from jaxllm import memory
+from jaxllm import mesh as mesh_lib
+from jaxllm.checkpoint import Checkpointer, fault_point
+from jaxllm.config import Config
+from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
+from jaxllm.data.sources import build_sources, token_directory
+from jaxllm.errors import UserError
+from jaxllm.metrics import MetricsWriter, flops_per_token, peak_flops, truncate_after
+from jaxllm.models.decoder import count_params
+from jaxllm.optim import build_optimizer
+from jaxllm.state import ModelDef, create_state, state_layout
+from jaxllm.step import make_eval_step, make_train_step
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config file (defaults apply without one)")
+    parser.add_argument("--workdir", default="runs/default", help="metrics, TensorBoard and checkpoints go here")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, build the mesh and abstract model, print sizes and memory, then exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"expected section.key=value overrides, got {bad[0]!r}")
+    return args, args.overrides
+
+
+def init_distributed(config: Config) -> None:
+    """Starts JAX's multi-controller runtime when the config asks for more than one process."""
+    dist = config.distributed
+    if dist.auto:
+        jax.distributed.initialize()
+    elif dist.coordinator:
+        jax.distributed.initialize(dist.coordinator, num_processes=dist.num_processes, process_id=dist.process_id)
+    elif dist.num_processes > 1:
+        raise UserError("config key 'distributed.coordinator': required (HOST:PORT) when "
+                        f"distributed.num_processes={dist.num_processes}")
+
+
+def check_batch(config: Config, mesh: jax.sharding.Mesh) -> None:
+    micro = config.train.batch_size // config.train.grad_accum
+    shards = mesh_lib.data_parallel_size(mesh)
+    if micro % shards:
+        raise UserError(
+            f"config key 'train.batch_size': {config.train.batch_size} / train.grad_accum "
+            f"{config.train.grad_accum} = {micro} sequences per micro-batch do not divide over the {shards} "
+            f"data shards (mesh.data x mesh.fsdp); use a multiple of {shards * config.train.grad_accum}"
+        )
+    if config.train.batch_size % jax.process_count():
+        raise UserError(f"config key 'train.batch_size': {config.train.batch_size} does not divide over "
+                        f"{jax.process_count()} processes")
+    if config.data.seq_len % mesh.shape["sequence"]:
+        raise UserError(f"config key 'data.seq_len': {config.data.seq_len} does not divide over "
+                        f"mesh.sequence={mesh.shape['sequence']}")
+
+
+def model_meta(config: Config) -> dict[str, Any]:
+    """The model settings stored with every checkpoint, with defaults resolved to their values."""
+    m = config.model
+    model = dataclasses.asdict(m) | {"kv_heads": m.num_kv_heads, "d_ff": m.ffn_dim, "tie_embeddings": m.tied}
+    return {"model": model, "jaxllm_version": jaxllm.__version__}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def dry_run(config: Config, mesh, layout) -> None:
+    counts = count_params(config.model)
+    grads = memory.sharded_bytes(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                              layout.abstract["params"], layout.grads))
+    est = memory.estimate(config, layout.abstract, grads, dict(mesh.shape))
+    print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
+    print(f"parameters: {counts['total']:,} ({counts['non_embedding']:,} non-embedding)")
+    print("per-device memory estimate: " + ", ".join(f"{k} {_gib(v)}" for k, v in est.items()))
+    print(f"model FLOPs per token (training): {flops_per_token(config.model, config.data.seq_len):.4g}")
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _evaluate(eval_step, params, batches, sharding) -> dict[str, float]:
+    loss_sum, count = 0.0, 0.0
+    for batch in batches:
+        s, n = eval_step(params, _to_global(batch, sharding))
+        loss_sum, count = loss_sum + float(s), count + float(n)
+    loss = loss_sum / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
+
+
+def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the last logged metrics row."""
+    init_distributed(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    check_batch(config, mesh)
+    model_def = ModelDef.from_config(config.model)
+    tx, schedule = build_optimizer(config)
+    with jax.set_mesh(mesh):
+        layout = state_layout(mesh, model_def, tx, config.mesh.zero_stage)
+    if dry:
+        dry_run(config, mesh, layout)
+        return {}
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    lead = jax.process_index() == 0
+    shard_dir = token_directory(config, workdir) if lead else None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxllm data prepared")
+        if not lead:
+            shard_dir = token_directory(config, workdir)
+    train_rows, eval_rows = build_sources(config, shard_dir)
+    batch_size, pidx, pcount = config.train.batch_size, jax.process_index(), jax.process_count()
+    iterator = make_train_iterator(train_rows, batch_size, config.seed, pidx, pcount)
+    eval_batches = []
+    if config.eval.every and eval_rows is not None:
+        eval_batches = make_eval_batches(eval_rows, batch_size, config.eval.batches, pidx, pcount)
+
+    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    meta = model_meta(config)
+    start = ckpt.latest_step()
+    with jax.set_mesh(mesh):
+        if start is not None:
+            ckpt.check_compatible(start, meta["model"])
+            state = ckpt.restore(start, layout.abstract, iterator)
+        else:
+            start = 0
+            state = create_state(config.model, config.seed, tx, layout)
+        train_step = make_train_step(model_def, tx, schedule, layout, config.train.grad_accum)
+        eval_step = make_eval_step(model_def, layout)
+    if lead:
+        truncate_after(workdir / "metrics.jsonl", start)
+    writer = MetricsWriter(workdir, config.train.steps, start, config.log.tensorboard,
+                           config.log.progress_bar) if lead else None
+
+    sharding = mesh_lib.batch_sharding(mesh)
+    tokens_per_step = batch_size * config.data.seq_len
+    peak, _ = peak_flops(config.model.compute_dtype)
+    flops = flops_per_token(config.model, config.data.seq_len)
+    last_row: dict[str, Any] = {}
+    timer, timed_steps, step = time.perf_counter(), 0, start
+    try:
+        with jax.set_mesh(mesh):
+            while step < config.train.steps:
+                state, metrics = train_step(state, _to_global(next(iterator), sharding))
+                step += 1
+                timed_steps += 1
+                fault_point("kill_after_step", step)
+                if writer:
+                    writer.advance()
+                row: dict[str, Any] = {}
+                if step % config.train.log_every == 0 or step == config.train.steps:
+                    host = jax.device_get(metrics)
+                    elapsed = time.perf_counter() - timer
+                    tokens_per_sec = tokens_per_step * timed_steps / elapsed
+                    row = {"step": step, "loss": float(host["loss"]), "lr": float(host["lr"]),
+                           "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tokens_per_sec,
+                           "mfu": tokens_per_sec * flops / peak,
+                           "skipped_steps": int(jax.device_get(state["skipped_steps"]))}
+                if eval_batches and step % config.eval.every == 0:
+                    row = {"step": step, **row, **_evaluate(eval_step, state["params"], eval_batches, sharding)}
+                if row:
+                    last_row = row
+                    if writer:
+                        writer.write(row)
+                    timer, timed_steps = time.perf_counter(), 0
+                if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.train.steps:
+                    ckpt.save(step, state, iterator, meta)
+    finally:
+        ckpt.close()
+        if writer:
+            writer.close()
+    return last_row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_lib.load(args.config, overrides)
+        train(config, Path(args.workdir), dry=args.dry_run)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Test setup: 8 fake CPU devices (before JAX starts) and a shared persistent compile cache."""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+CACHE = Path(tempfile.gettempdir()) / "jaxllm-test-xla-cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def devices():
+    found = jax.devices()
+    assert len(found) == 8, f"tests expect 8 fake CPU devices, got {len(found)}"
+    return found
+
+
+def subprocess_env(devices: int = 8) -> dict[str, str]:
+    """Environment for a child `python -m jaxllm...` process: the repo importable, N fake devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("JAXLLM_FAULT", None)
+    return env
+
+
+PYTHON = sys.executable

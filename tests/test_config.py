@@ -1,0 +1,74 @@
+import subprocess
+
+import pytest
+
+from jaxllm import config as config_lib
+from jaxllm.errors import UserError
+from tests.conftest import PYTHON, REPO, subprocess_env
+
+
+def test_defaults_validate_and_overrides_apply():
+    cfg = config_lib.load(None, ["model.family=llama", "model.kv_heads=2", "train.lr=3e-4", "model.d_ff=null",
+                                 "mesh.data=-1", "checkpoint.async_save=false"])
+    assert cfg.model.family == "llama" and cfg.model.kv_heads == 2 and cfg.model.d_ff is None
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.checkpoint.async_save is False
+    assert cfg.model.num_kv_heads == 2 and cfg.model.ffn_dim % 64 == 0
+
+
+def test_yaml_file_and_scientific_notation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  steps: 5\nmodel:\n  family: bloom\n")
+    cfg = config_lib.load(path, ["train.steps=7"])
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.steps == 7 and cfg.model.family == "bloom"
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (["model.layrs=3"], "unknown config key 'model.layrs'; did you mean 'model.layers'?"),
+        (["trian.steps=3"], "unknown config key 'trian'; did you mean 'train'?"),
+        (["model.layers=two"], "config key 'model.layers': got 'two' (str); expected int"),
+        (["model.layers=2.5"], "expected int"),
+        (["model.family=gpt3"], "expected one of 'gpt2', 'llama', 'bloom'"),
+        (["model.heads=5"], "config key 'model.d_model': got 64; expected a multiple of model.heads=5"),
+        (["model.kv_heads=3"], "config key 'model.kv_heads'"),
+        (["train.batch_size=6", "train.grad_accum=4"], "config key 'train.batch_size'"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "at most one axis set to -1"),
+        (["data.seq_len=1024"], "at most model.max_len=512"),
+        (["model.compute_dtype=float16"], "expected one of 'float32', 'bfloat16'"),
+        (["train.steps=0"], "config key 'train.steps': got 0; expected a positive integer"),
+        (["model=3"], "config key 'model': got 3; expected a mapping"),
+        (["train.steps"], "expected section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(UserError) as err:
+        config_lib.load(None, override)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        config_lib.load(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        config_lib.load(tmp_path / "nope.yaml")
+
+
+def test_cli_reports_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(
+        [PYTHON, "-m", "jaxllm.train", "--config", str(REPO / "configs/quickstart.yaml"),
+         f"--workdir={tmp_path}", "model.d_mdoel=64"],
+        capture_output=True, text=True, env=subprocess_env(1), timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: unknown config key 'model.d_mdoel'; did you mean 'model.d_model'?"]
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir()), "a rejected config must not write to the workdir"
