@@ -11,7 +11,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -28,13 +28,13 @@ class ModelConfig:
     layers: int = 2
     d_model: int = 64
     heads: int = 4
-    kv_heads: Optional[int] = None  # None: as many as `heads` (no grouping)
-    d_ff: Optional[int] = None  # None: 4 * d_model (gpt2, bloom) or the SwiGLU size (llama)
+    kv_heads: int | None = None  # None: as many as `heads` (no grouping)
+    d_ff: int | None = None  # None: 4 * d_model (gpt2, bloom) or the SwiGLU size (llama)
     vocab_size: int = 1024
     max_len: int = 512
     compute_dtype: Dtype = "float32"
     remat: Remat = "none"
-    tie_embeddings: Optional[bool] = None  # None: the family's choice (gpt2, bloom tie; llama does not)
+    tie_embeddings: bool | None = None  # None: the family's choice (gpt2, bloom tie; llama does not)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
@@ -79,10 +79,10 @@ class DataConfig:
     source: Literal["synthetic", "text", "tokens"] = "synthetic"
     # text: corpus files (.jsonl with a "text" field, or .txt); empty means the offline stdlib corpus.
     # tokens: a directory written by `python -m jaxllm.data.prepare`.
-    path: Optional[str] = None
+    path: str | None = None
     seq_len: int = 128
-    tokenizer: Optional[str] = None  # text: a SentencePiece model; None trains one of model.vocab_size
-    cache_dir: Optional[str] = None  # text: where tokenized shards go; None means WORKDIR/data
+    tokenizer: str | None = None  # text: a SentencePiece model; None trains one of model.vocab_size
+    cache_dir: str | None = None  # text: where tokenized shards go; None means WORKDIR/data
     eval_fraction: float = 0.05
     synthetic_rows: int = 4096
 
@@ -170,7 +170,7 @@ class MeshConfig:
 @dataclasses.dataclass
 class DistributedConfig:
     # Empty coordinator and auto=false: one process. auto=true lets JAX discover the cluster (TPU pods, SLURM).
-    coordinator: Optional[str] = None
+    coordinator: str | None = None
     num_processes: int = 1
     process_id: int = 0
     auto: bool = False
@@ -200,7 +200,7 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for field in dataclasses.fields(self):
             section = getattr(self, field.name)
             if hasattr(section, "validate"):

@@ -9,7 +9,8 @@ parameters; there is no separate code path for them.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np

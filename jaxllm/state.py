@@ -31,7 +31,7 @@ class ModelDef:
     shapes: Any  # pure dict of shapes
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "ModelDef":
+    def from_config(cls, cfg: ModelConfig) -> ModelDef:
         abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
         graphdef, template = nnx.split(abstract, nnx.Param)
         logical, shapes = {}, {}

@@ -6,7 +6,8 @@ A batch is a dict of `[global_batch, seq_len]` arrays: `inputs`, `targets`, `seg
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

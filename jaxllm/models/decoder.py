@@ -93,8 +93,8 @@ class Attention(nnx.Module):
             q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
         q = constrain(q, ("batch", "length", "heads", None))
         out = causal_attention(q, k, v, segment_ids, positions, alibi, cfg.compute_dtype)
-        b, l, h, hd = out.shape
-        y = matmul(out.reshape(b, l, h * hd), self.wo[...].reshape(h * hd, -1), cfg.compute_dtype)
+        batch, length, heads, hd = out.shape
+        y = matmul(out.reshape(batch, length, heads * hd), self.wo[...].reshape(heads * hd, -1), cfg.compute_dtype)
         return y if self.bo is None else y + self.bo[...]
 
 

@@ -88,7 +88,8 @@ def _perturb(params, seed=1):
     """Random values everywhere (biases and norms included) so that every parameter matters."""
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, noisy)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -144,13 +145,14 @@ def test_remat_and_bf16(family):
 
     base_loss, base = jax.value_and_grad(lambda p: loss(cfg, p))(params)
     for remat in ("full", "dots"):
-        other = jax.grad(lambda p: loss(ModelConfig(**(cfg.__dict__ | {"remat": remat})), p))(params)
+        remat_cfg = ModelConfig(**(cfg.__dict__ | {"remat": remat}))
+        other = jax.grad(lambda p, c=remat_cfg: loss(c, p))(params)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), base, other)
     bf16_cfg = ModelConfig(**(cfg.__dict__ | {"compute_dtype": "bfloat16"}))
     bf16_loss, bf16 = jax.value_and_grad(lambda p: loss(bf16_cfg, p))(params)
     np.testing.assert_allclose(bf16_loss, base_loss, rtol=1e-2)
     flat_b, flat_f = jax.tree.leaves(bf16), jax.tree.leaves(base)
-    for x, y in zip(flat_b, flat_f):
+    for x, y in zip(flat_b, flat_f, strict=True):
         assert np.linalg.norm(x - y) <= 5e-2 * np.linalg.norm(y) + 1e-6
 
 

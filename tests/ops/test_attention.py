@@ -25,7 +25,7 @@ def naive_attention(q, k, v, segment_ids, positions, slopes):
                         scores += np.array([slopes[h] * (positions[bi, j] - positions[bi, i]) for j in visible])
                 weights = np.exp(scores - scores.max())
                 weights /= weights.sum()
-                out[bi, i, h] = sum(w * v[bi, j, h // group] for w, j in zip(weights, visible))
+                out[bi, i, h] = sum(w * v[bi, j, h // group] for w, j in zip(weights, visible, strict=True))
     return out
 
 
