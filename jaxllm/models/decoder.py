@@ -186,8 +186,9 @@ class Decoder(nnx.Module):
                 run = nnx.remat(lambda blk, *args: blk(*args), policy=_REMAT_POLICIES[cfg.remat])
                 x = run(block, x, positions, segment_ids, alibi)
         x = self.final_norm(x)
-        head = self.embed[...].T if self.head is None else self.head[...]
-        return matmul(x, head, cfg.compute_dtype)
+        if self.head is None:  # tied: contract with the embedding table's model axis
+            return matmul(x, self.embed[...], cfg.compute_dtype, transpose_w=True)
+        return matmul(x, self.head[...], cfg.compute_dtype)
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

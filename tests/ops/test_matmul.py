@@ -35,3 +35,16 @@ def test_bf16_backward_dots_take_bf16_inputs_with_f32_results():
     assert len(dots) == 2  # dx and dw (the forward dot is dead code under grad of a sum)
     for line in dots:
         assert "bf16" in line.split("dot_general")[1].split(")")[0] and "-> tensor<" in line and "xf32>" in line
+
+
+def test_transposed_weight_matches_and_runs_at_lm_head_sizes():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(4096, 64)), jnp.float32)  # [vocab, d], as a tied embedding
+    for dtype in (jnp.float32, jnp.bfloat16):
+        out, vjp = jax.vjp(lambda a, b, d=dtype: matmul(a, b, d, transpose_w=True), x, table)
+        ref, ref_vjp = jax.vjp(lambda a, b, d=dtype: matmul(a, b.T, d), x, table)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+        g = jnp.ones_like(out)
+        for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
