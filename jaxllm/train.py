@@ -174,7 +174,7 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
                 if writer:
                     writer.advance()
                 row: dict[str, Any] = {}
-                if step % config.train.log_every == 0 or step == config.train.steps:
+                if step % config.train.log_every == 0 or step in (start + 1, config.train.steps):
                     host = jax.device_get(metrics)
                     elapsed = time.perf_counter() - timer
                     tokens_per_sec = tokens_per_step * timed_steps / elapsed

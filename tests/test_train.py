@@ -37,12 +37,12 @@ def test_run_writes_metrics_eval_tensorboard_and_checkpoints(tmp_path, devices):
                                  "checkpoint.every=4", "log.tensorboard=true"])
     last = train(cfg, tmp_path)
     logged = rows(tmp_path)
-    assert [r["step"] for r in logged] == [2, 4, 6, 8]
+    assert [r["step"] for r in logged] == [1, 2, 4, 6, 8]
     for r in logged:
         assert {"step", "loss", "lr", "tokens_per_sec", "mfu", "grad_norm", "skipped_steps"} <= set(r)
         assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1
-    assert "eval_loss" in logged[1] and "eval_perplexity" in logged[3] and "eval_loss" not in logged[0]
-    assert logged[3]["eval_perplexity"] == pytest.approx(np.exp(logged[3]["eval_loss"]), rel=1e-6)
+    assert "eval_loss" in logged[2] and "eval_perplexity" in logged[4] and "eval_loss" not in logged[1]
+    assert logged[4]["eval_perplexity"] == pytest.approx(np.exp(logged[4]["eval_loss"]), rel=1e-6)
     assert last["step"] == 8
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
