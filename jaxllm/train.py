@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,16 +49,50 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, args.overrides
 
 
+DIST_ENV = ("JAXLLM_COORDINATOR", "JAXLLM_NUM_PROCESSES", "JAXLLM_PROCESS_ID")
+
+
+def _dist_from_env() -> tuple[str, int, int] | None:
+    """(coordinator, num_processes, process_id) from the JAXLLM_* variables, or None if none is set."""
+    found = {name: os.environ[name] for name in DIST_ENV if os.environ.get(name)}
+    if not found:
+        return None
+    missing = [name for name in DIST_ENV if name not in found]
+    if missing:
+        raise UserError(f"environment variable '{missing[0]}': required when {', '.join(found)} is set")
+    try:
+        num_processes, process_id = int(found["JAXLLM_NUM_PROCESSES"]), int(found["JAXLLM_PROCESS_ID"])
+    except ValueError:
+        raise UserError(f"environment variables {DIST_ENV[1]}/{DIST_ENV[2]}: expected integers, got "
+                        f"{found['JAXLLM_NUM_PROCESSES']!r}/{found['JAXLLM_PROCESS_ID']!r}") from None
+    if not 0 <= process_id < num_processes:
+        raise UserError(f"environment variable 'JAXLLM_PROCESS_ID': got {process_id}; expected an integer "
+                        f"in [0, JAXLLM_NUM_PROCESSES={num_processes})")
+    return found["JAXLLM_COORDINATOR"], num_processes, process_id
+
+
 def init_distributed(config: Config) -> None:
-    """Starts JAX's multi-controller runtime when the config asks for more than one process."""
+    """Starts JAX's multi-controller runtime when the config or the environment asks for it.
+
+    In order of precedence: `distributed.auto=true` lets JAX discover the cluster itself (Cloud TPU,
+    SLURM, Open MPI); `distributed.coordinator` with `num_processes` and `process_id`; the variables
+    JAXLLM_COORDINATOR, JAXLLM_NUM_PROCESSES and JAXLLM_PROCESS_ID (all three); else one process.
+    """
     dist = config.distributed
+    coordinator, num_processes, process_id = dist.coordinator, dist.num_processes, dist.process_id
+    if not dist.auto and not coordinator and (env := _dist_from_env()):
+        coordinator, num_processes, process_id = env
     if dist.auto:
-        jax.distributed.initialize()
-    elif dist.coordinator:
-        jax.distributed.initialize(dist.coordinator, num_processes=dist.num_processes, process_id=dist.process_id)
+        try:
+            jax.distributed.initialize()
+        except ValueError as err:  # JAX found no cluster environment to read the coordinator from
+            raise UserError(f"config key 'distributed.auto': jax.distributed.initialize() failed: {err}") from None
+    elif coordinator:
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     elif dist.num_processes > 1:
         raise UserError("config key 'distributed.coordinator': required (HOST:PORT) when "
-                        f"distributed.num_processes={dist.num_processes}")
+                        f"distributed.num_processes={dist.num_processes} (or set {', '.join(DIST_ENV)}, "
+                        "or distributed.auto=true)")
 
 
 def check_batch(config: Config, mesh: jax.sharding.Mesh) -> None:
@@ -99,14 +134,33 @@ def dry_run(config: Config, mesh, layout) -> None:
     print(f"model FLOPs per token (training): {flops_per_token(config.model, config.data.seq_len):.4g}")
 
 
-def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def data_slot(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(slot, slots): which of the disjoint row blocks of a global batch of `shape` this process loads.
+
+    Processes whose devices hold the same batch rows (a tensor or sequence axis spanning hosts) share
+    a slot and so load identical rows, as `make_array_from_process_local_data` requires of replicas;
+    slicing by process index instead would silently feed them different data.
+    """
+    rows: dict[int, set[int]] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        rows.setdefault(device.process_index, set()).update(range(*index[0].indices(shape[0])))
+    blocks = sorted({tuple(sorted(r)) for r in rows.values()})
+    mine = tuple(sorted(rows[jax.process_index()]))
+    if len(blocks) * len(mine) != shape[0] or len(set().union(*blocks)) != shape[0]:
+        raise UserError(f"config key 'mesh': the batch axes do not split the {shape[0]} batch rows evenly "
+                        "between processes; order the mesh so each host holds whole data/fsdp shards")
+    return blocks.index(mine), len(blocks)
 
 
-def _evaluate(eval_step, params, batches, sharding) -> dict[str, float]:
+def _to_global(batch: dict[str, np.ndarray], sharding, rows: int) -> dict[str, jax.Array]:
+    # The global shape is explicit: inferring it would be wrong when processes hold replicated rows.
+    return {k: jax.make_array_from_process_local_data(sharding, v, (rows, *v.shape[1:])) for k, v in batch.items()}
+
+
+def _evaluate(eval_step, params, batches, sharding, rows: int) -> dict[str, float]:
     loss_sum, count = 0.0, 0.0
     for batch in batches:
-        s, n = eval_step(params, _to_global(batch, sharding))
+        s, n = eval_step(params, _to_global(batch, sharding, rows))
         loss_sum, count = loss_sum + float(s), count + float(n)
     loss = loss_sum / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
@@ -127,19 +181,32 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
 
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
-    shard_dir = token_directory(config, workdir) if lead else None
+    shard_dir, failure = None, None
+    if lead:
+        try:
+            shard_dir = token_directory(config, workdir)
+        except Exception as err:  # re-raised below, once the other processes know
+            failure = err
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("jaxllm data prepared")
+        # A broadcast instead of a bare barrier: if process 0 fails to prepare the data, the others
+        # stop at once with a clear error instead of failing later in a collective timeout.
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(failure is None)))
+        if not ok and not lead:
+            raise UserError("process 0 failed to prepare the training data; see its output")
         if not lead:
             shard_dir = token_directory(config, workdir)
+    if failure is not None:
+        raise failure
     train_rows, eval_rows = build_sources(config, shard_dir)
-    batch_size, pidx, pcount = config.train.batch_size, jax.process_index(), jax.process_count()
-    iterator = make_train_iterator(train_rows, batch_size, config.seed, pidx, pcount)
+    batch_size = config.train.batch_size
+    sharding = mesh_lib.batch_sharding(mesh)
+    slot, slots = data_slot(sharding, (batch_size, config.data.seq_len))
+    iterator = make_train_iterator(train_rows, batch_size, config.seed, slot, slots)
     eval_batches = []
     if config.eval.every and eval_rows is not None:
-        eval_batches = make_eval_batches(eval_rows, batch_size, config.eval.batches, pidx, pcount)
+        eval_batches = make_eval_batches(eval_rows, batch_size, config.eval.batches, slot, slots)
 
     ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
     meta = model_meta(config)
@@ -158,7 +225,6 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
     writer = MetricsWriter(workdir, config.train.steps, start, config.log.tensorboard,
                            config.log.progress_bar) if lead else None
 
-    sharding = mesh_lib.batch_sharding(mesh)
     tokens_per_step = batch_size * config.data.seq_len
     peak, _ = peak_flops(config.model.compute_dtype)
     flops = flops_per_token(config.model, config.data.seq_len)
@@ -167,7 +233,7 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
     try:
         with jax.set_mesh(mesh):
             while step < config.train.steps:
-                state, metrics = train_step(state, _to_global(next(iterator), sharding))
+                state, metrics = train_step(state, _to_global(next(iterator), sharding, batch_size))
                 step += 1
                 timed_steps += 1
                 fault_point("kill_after_step", step)
@@ -183,7 +249,8 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
                            "mfu": tokens_per_sec * flops / peak,
                            "skipped_steps": int(jax.device_get(state["skipped_steps"]))}
                 if eval_batches and step % config.eval.every == 0:
-                    row = {"step": step, **row, **_evaluate(eval_step, state["params"], eval_batches, sharding)}
+                    evaluated = _evaluate(eval_step, state["params"], eval_batches, sharding, batch_size)
+                    row = {"step": step, **row, **evaluated}
                 if row:
                     last_row = row
                     if writer:
