@@ -38,6 +38,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # A local Hugging Face directory (config.json + safetensors) whose weights start training; its
+    # config.json fixes the architecture (see jaxllm/interop/hf.py `resolve_model_config`).
+    init_from: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +75,9 @@ class ModelConfig:
                      "an even head size (d_model / heads) for rotary embeddings")
         if self.d_ff is not None:
             _require(self.d_ff > 0, "model.d_ff", self.d_ff, "a positive integer or null")
+        if self.init_from is not None:
+            _require(bool(self.init_from.strip()), "model.init_from", self.init_from,
+                     "a Hugging Face checkpoint directory or null")
 
 
 @dataclasses.dataclass

@@ -166,8 +166,35 @@ def _evaluate(eval_step, params, batches, sharding, rows: int) -> dict[str, floa
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
 
 
+def resolve_init_from(config: Config) -> Config:
+    """With `model.init_from`, the Hugging Face config.json fills the model section.
+
+    Architecture keys left at their defaults take the checkpoint's values; one set to a different
+    value is a UserError naming both (see `jaxllm.interop.hf.resolve_model_config`).
+    """
+    if not config.model.init_from:
+        return config
+    from jaxllm.interop import hf
+
+    return dataclasses.replace(config, model=hf.resolve_model_config(config.model, config.model.init_from)).validate()
+
+
+def _state_from_hf(config: Config, tx, layout) -> dict[str, Any]:
+    """The step-0 state with parameters streamed from `model.init_from` into their shards."""
+    from jaxllm.interop import hf
+
+    params = hf.load_params(config.model.init_from, config.model, layout.state["params"])
+
+    def init(params):
+        zero = jax.numpy.zeros((), jax.numpy.int32)
+        return {"step": zero, "skipped_steps": zero, "params": params, "opt_state": tx.init(params)}
+
+    return jax.jit(init, out_shardings=layout.state, donate_argnums=0)(params)
+
+
 def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
     """Runs (or resumes) training; returns the last logged metrics row."""
+    config = resolve_init_from(config)
     init_distributed(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     check_batch(config, mesh)
@@ -217,7 +244,10 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
             state = ckpt.restore(start, layout.abstract, iterator)
         else:
             start = 0
-            state = create_state(config.model, config.seed, tx, layout)
+            if config.model.init_from:
+                state = _state_from_hf(config, tx, layout)
+            else:
+                state = create_state(config.model, config.seed, tx, layout)
         train_step = make_train_step(model_def, tx, schedule, layout, config.train.grad_accum)
         eval_step = make_eval_step(model_def, layout)
     if lead:

@@ -1,0 +1,181 @@
+"""Convert between Hugging Face directories and jaxllm training checkpoints.
+
+    python -m jaxllm.interop.convert to-hf RUN OUT [--step N] [--dtype bfloat16] [--max-shard-size 5GB]
+    python -m jaxllm.interop.convert from-hf HF_DIR WORKDIR [--config C] [section.key=value ...]
+
+`to-hf` reads the parameters of a jaxllm checkpoint (RUN is a workdir, its `checkpoints/` folder or one
+`checkpoints/<step>/` folder; the newest step by default) and writes a directory that
+`transformers.AutoModelForCausalLM.from_pretrained` loads. Only the parameters are restored; the
+optimizer state is skipped.
+
+`from-hf` writes `WORKDIR/checkpoints/0/` (parameters from HF_DIR, a fresh optimizer state and data
+position for the given training config) and `WORKDIR/config.yaml`, the full config with the model
+section filled from the checkpoint's config.json, so that
+
+    python -m jaxllm.train --config=WORKDIR/config.yaml --workdir=WORKDIR
+
+continues from it. (`model.init_from=HF_DIR` does the same without an intermediate checkpoint.)
+
+Either direction writes into a temporary directory and moves it into place when complete: a failed
+conversion leaves nothing behind. Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxllm.config import ModelConfig
+from jaxllm.errors import UserError
+
+
+def _step_dir(run: Path, step: int | None) -> Path:
+    """The `checkpoints/<step>` folder named by `run` (a workdir, checkpoints folder or step folder)."""
+    if (run / "state").is_dir() and (run / "meta").is_dir():
+        if step is not None and run.name != str(step):
+            raise UserError(f"--step {step} given, but '{run}' is the checkpoint of step {run.name}")
+        return run
+    folder = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    if not folder.is_dir():
+        raise UserError(f"jaxllm checkpoint '{run}' does not exist")
+    steps = sorted(int(p.name) for p in folder.iterdir()
+                   if p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir())
+    if not steps:
+        raise UserError(f"'{folder}' holds no complete jaxllm checkpoint (expected <step>/state and <step>/meta)")
+    if step is None:
+        return folder / str(steps[-1])
+    if step not in steps:
+        raise UserError(f"'{folder}' has no checkpoint for step {step}; found steps {steps}")
+    return folder / str(step)
+
+
+def _model_config(meta: dict[str, Any], where: Path) -> ModelConfig:
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise UserError(f"'{where / 'meta'}' holds no model config")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in model.items() if k in known})
+    cfg.validate()
+    return cfg
+
+
+def _int_keys(tree: Any) -> Any:
+    """Orbax returns the block indices as strings; the model's params tree uses ints."""
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def read_checkpoint_params(step_dir: Path) -> tuple[dict, ModelConfig]:
+    """(params as host numpy arrays, model config) from a jaxllm `checkpoints/<step>` folder."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+    cfg = _model_config(meta, step_dir)
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
+    if "params" not in tree:
+        raise UserError(f"'{step_dir / 'state'}' holds no 'params'")
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])
+    restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
+    args = ocp.args.PyTreeRestore(item={"params": item}, restore_args={"params": restore}, partial_restore=True)
+    return _int_keys(checkpointer.restore(step_dir / "state", args=args)["params"]), cfg
+
+
+def to_hf(run: Path, out: Path, step: int | None = None, dtype: str = "float32",
+          max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
+    from jaxllm.interop import hf
+
+    step_dir = _step_dir(run, step)
+    params, cfg = read_checkpoint_params(step_dir)
+    return hf.save_params(params, cfg, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def from_hf(hf_dir: Path, workdir: Path, config_path: str | None, overrides: list[str]) -> Path:
+    """Writes WORKDIR/checkpoints/0 and WORKDIR/config.yaml; returns the checkpoint folder."""
+    import jax
+
+    from jaxllm import config as config_lib
+    from jaxllm import mesh as mesh_lib
+    from jaxllm.checkpoint import Checkpointer
+    from jaxllm.data.pipeline import SyntheticRows, make_train_iterator
+    from jaxllm.optim import build_optimizer
+    from jaxllm.state import ModelDef, state_layout
+    from jaxllm.train import _state_from_hf, check_batch, data_slot, model_meta, resolve_init_from
+
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise UserError(f"workdir '{workdir}' is not empty; from-hf writes a new workdir")
+    if not workdir.parent.is_dir():
+        raise UserError(f"workdir '{workdir}': parent directory '{workdir.parent}' does not exist")
+    config = config_lib.load(config_path, [*overrides, f"model.init_from={hf_dir}"])
+    config = resolve_init_from(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    check_batch(config, mesh)
+    model_def = ModelDef.from_config(config.model)
+    tx, _ = build_optimizer(config)
+    tmp = workdir.with_name(f".{workdir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        with jax.set_mesh(mesh):
+            layout = state_layout(mesh, model_def, tx, config.mesh.zero_stage)
+            state = _state_from_hf(config, tx, layout)
+        # The saved data item is the iterator's position, which is 0 before the first step for any
+        # source; an iterator of the same pipeline over placeholder rows records it without
+        # tokenizing the corpus here (the training run prepares its data as usual).
+        batch, seq_len = config.train.batch_size, config.data.seq_len
+        slot, slots = data_slot(mesh_lib.batch_sharding(mesh), (batch, seq_len))
+        iterator = make_train_iterator(SyntheticRows(config.model.vocab_size, seq_len, batch), batch, config.seed,
+                                       slot, slots)
+        ckpt = Checkpointer(tmp / "checkpoints", config.checkpoint.keep, async_save=False)
+        ckpt.save(0, state, iterator, model_meta(config))
+        ckpt.close()
+        saved = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(saved.to_dict(), sort_keys=False))
+        if workdir.exists():
+            workdir.rmdir()
+        tmp.rename(workdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return workdir / "checkpoints" / "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.interop.convert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    out = sub.add_parser("to-hf", help="jaxllm checkpoint -> Hugging Face directory")
+    out.add_argument("run", type=Path, help="a workdir, its checkpoints/ folder, or one checkpoints/<step>/ folder")
+    out.add_argument("out", type=Path, help="the Hugging Face directory to create")
+    out.add_argument("--step", type=int, help="the step to convert (default: the newest)")
+    out.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    out.add_argument("--max-shard-size", default="5GB", help="per safetensors file, e.g. 5GB or 500MiB")
+    out.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    into = sub.add_parser("from-hf", help="Hugging Face directory -> jaxllm workdir with a step-0 checkpoint")
+    into.add_argument("hf_dir", type=Path)
+    into.add_argument("workdir", type=Path, help="a new (or empty) workdir")
+    into.add_argument("--config", help="the training config the workdir will be trained with")
+    into.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.command == "to-hf":
+            done = to_hf(args.run, args.out, args.step, args.dtype, args.max_shard_size, args.overwrite)
+        else:
+            done = from_hf(args.hf_dir, args.workdir, args.config, args.overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {done}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
