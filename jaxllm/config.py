@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -120,14 +121,50 @@ class TrainConfig:
                  f"a multiple of train.grad_accum={self.grad_accum}")
 
 
+# DeepSpeed's parameters of its communication-efficient optimizers, with DeepSpeed's defaults, and the
+# optimizers each one belongs to (runtime/fp16/onebit/{adam,zoadam,lamb}.py).
+ONEBIT_DEFAULTS: dict[str, Any] = {
+    "freeze_step": 100_000, "var_freeze_step": 100_000, "var_update_scaler": 16, "local_step_scaler": 32678,
+    "local_step_clipper": 16, "max_coeff": 10.0, "min_coeff": 0.01, "coeff_beta": 0.9, "factor_max": 4.0,
+    "factor_min": 0.5, "factor_threshold": 0.1,
+}
+ONEBIT_PARAMS: dict[str, tuple[str, ...]] = {
+    "adamw": (),
+    "onebit_adam": ("freeze_step",),
+    "zero_one_adam": ("var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper"),
+    "onebit_lamb": ("freeze_step", "max_coeff", "min_coeff", "coeff_beta", "factor_max", "factor_min",
+                    "factor_threshold"),
+}
+
+
 @dataclasses.dataclass
 class OptimizerConfig:
-    name: Literal["adamw"] = "adamw"
+    # adamw: Optax AdamW. onebit_adam | zero_one_adam | onebit_lamb: DeepSpeed's compressed-communication
+    # optimizers (jaxllm.optim); they switch the run to the per-device train step of jaxllm.step_compressed.
+    name: Literal["adamw", "onebit_adam", "zero_one_adam", "onebit_lamb"] = "adamw"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    grad_clip: float = 1.0  # global-norm clipping; 0 disables it
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables it (compressed optimizers: each device's gradient)
+    # DeepSpeed-named parameters; null means DeepSpeed's default (ONEBIT_DEFAULTS). Each belongs to the
+    # optimizers listed in ONEBIT_PARAMS; setting one for another optimizer is an error.
+    freeze_step: int | None = None
+    var_freeze_step: int | None = None
+    var_update_scaler: int | None = None
+    local_step_scaler: int | None = None
+    local_step_clipper: int | None = None
+    max_coeff: float | None = None
+    min_coeff: float | None = None
+    coeff_beta: float | None = None
+    factor_max: float | None = None
+    factor_min: float | None = None
+    factor_threshold: float | None = None
+
+    def param(self, key: str) -> Any:
+        """A DeepSpeed-named parameter's value: the configured one or DeepSpeed's default."""
+        value = getattr(self, key)
+        return ONEBIT_DEFAULTS[key] if value is None else value
 
     def validate(self) -> None:
         _require(0.0 <= self.b1 < 1.0, "optimizer.b1", self.b1, "a value in [0, 1)")
@@ -135,6 +172,40 @@ class OptimizerConfig:
         _require(self.eps > 0, "optimizer.eps", self.eps, "a positive number")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
         _require(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "a number >= 0")
+        allowed = ONEBIT_PARAMS[self.name]
+        for key in ONEBIT_DEFAULTS:
+            if getattr(self, key) is not None and key not in allowed:
+                owners = [name for name, keys in ONEBIT_PARAMS.items() if key in keys]
+                raise UserError(f"config key 'optimizer.{key}' applies to optimizer.name={' or '.join(owners)}, "
+                                f"not {self.name!r}" + (f" (whose parameters are {', '.join(allowed)})" if allowed
+                                                         else ""))
+        for key in ("freeze_step", "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper"):
+            _require(self.param(key) > 0, f"optimizer.{key}", self.param(key), "a positive integer")
+        for key in ("max_coeff", "min_coeff", "factor_max", "factor_min"):
+            _require(self.param(key) > 0, f"optimizer.{key}", self.param(key), "a positive number")
+        _require(self.param("min_coeff") <= self.param("max_coeff"), "optimizer.min_coeff", self.param("min_coeff"),
+                 f"at most optimizer.max_coeff={self.param('max_coeff')}")
+        _require(self.param("factor_min") <= self.param("factor_max"), "optimizer.factor_min",
+                 self.param("factor_min"), f"at most optimizer.factor_max={self.param('factor_max')}")
+        _require(0.0 <= self.param("coeff_beta") < 1.0, "optimizer.coeff_beta", self.param("coeff_beta"),
+                 "a value in [0, 1)")
+        _require(0.0 <= self.param("factor_threshold") < 1.0, "optimizer.factor_threshold",
+                 self.param("factor_threshold"), "a value in [0, 1)")
+
+    def warn_unreached_phases(self, steps: int) -> None:
+        """Warns when the run ends before the optimizer's compressed phase (harmless, but pointless)."""
+        if self.name in ("onebit_adam", "onebit_lamb") and self.param("freeze_step") >= steps:
+            warnings.warn(
+                f"optimizer.freeze_step={self.param('freeze_step')} is not below train.steps={steps}: every step "
+                f"is a warm-up step with an exact f32 gradient average, nothing is compressed "
+                f"({self.name} without compression); set optimizer.freeze_step below train.steps to compress",
+                UserWarning, stacklevel=3)
+        if self.name == "zero_one_adam" and self.param("var_freeze_step") + 1 >= steps:
+            warnings.warn(
+                f"optimizer.var_freeze_step={self.param('var_freeze_step')} is not below train.steps - 1 = "
+                f"{steps - 1}: the run never freezes the variance, so it never takes local steps (every step "
+                "communicates); set optimizer.var_freeze_step below train.steps - 1 for local steps",
+                UserWarning, stacklevel=3)
 
 
 @dataclasses.dataclass
@@ -193,6 +264,238 @@ class LogConfig:
     tensorboard: bool = True
 
 
+# Data efficiency (DeepSpeed's `data_efficiency` section; keys keep DeepSpeed's names).
+
+CURRICULUM_SCHEDULES = ("fixed_linear", "fixed_root", "fixed_discrete", "custom")
+
+
+@dataclasses.dataclass
+class CurriculumScheduleConfig:
+    """DeepSpeed's curriculum `schedule_config`; which keys are needed depends on `schedule_type`."""
+
+    total_curriculum_step: int | None = None  # fixed_linear, fixed_root
+    difficulty_step: int | None = None  # fixed_linear, fixed_root: difficulties are multiples of it
+    root_degree: float | None = None  # fixed_root
+    difficulty: list[int] | None = None  # fixed_discrete: n + 1 difficulties
+    max_step: list[int] | None = None  # fixed_discrete: the last step of each of the first n
+    function: str | None = None  # custom: "package.module:function", step -> difficulty
+
+
+@dataclasses.dataclass
+class CurriculumMetricConfig:
+    """One entry of `curriculum.curriculum_metrics` (DeepSpeed's per-metric keys)."""
+
+    min_difficulty: int | None = None
+    max_difficulty: int | None = None
+    schedule_type: Literal["fixed_linear", "fixed_root", "fixed_discrete", "custom"] = "fixed_linear"
+    schedule_config: CurriculumScheduleConfig = dataclasses.field(default_factory=CurriculumScheduleConfig)
+    difficulty_type: Literal["value", "percentile"] = "value"
+    clustering_type: Literal["schedule_based", "single_cluster"] = "schedule_based"
+    # The metric's directory written by `python -m jaxllm.data.analyze` (or a file inside it).
+    index_to_sample_path: str | None = None
+    index_to_metric_path: str | None = None  # accepted for DeepSpeed configs; the directory holds both
+
+
+@dataclasses.dataclass
+class CurriculumConfig:
+    """Curriculum learning (`jaxllm.data.curriculum`): seqlen_truncate / seqlen_reshape act on batches,
+    other metrics draw batches from difficulty clusters of an analyzer index."""
+
+    enabled: bool = False
+    seed: int | None = None  # DeepSpeed's data_efficiency.seed for the sampler; None: the run's seed
+    curriculum_metrics: dict[str, CurriculumMetricConfig] = dataclasses.field(default_factory=dict)
+    # Train on the baseline's token budget (train.steps x batch x seq_len tokens): shorter curriculum
+    # rows mean more steps, and the learning rate decays by consumed tokens.
+    token_budget: bool = False
+    data_cluster_path: str | None = None  # accepted for DeepSpeed configs; clusters are rebuilt in memory
+
+    def schedule(self, name: str) -> dict[str, Any]:
+        """Metric `name` as the plain DeepSpeed dict `jaxllm.data.curriculum.schedule_value` reads."""
+        metric = self.curriculum_metrics[name]
+        sched = {k: v for k, v in dataclasses.asdict(metric.schedule_config).items() if v is not None}
+        if metric.schedule_type == "custom" and isinstance(sched.get("function"), str):
+            sched["function"] = _import_function(sched["function"], f"curriculum.curriculum_metrics.{name}"
+                                                 ".schedule_config.function")
+        return {**dataclasses.asdict(metric), "schedule_config": sched}
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        from jaxllm.data.curriculum import SEQLEN_METRICS, check_schedule
+
+        _require(bool(self.curriculum_metrics), "curriculum.curriculum_metrics", self.curriculum_metrics,
+                 "at least one metric when curriculum.enabled")
+        seqlen = [m for m in self.curriculum_metrics if m in SEQLEN_METRICS]
+        _require(len(seqlen) <= 1, "curriculum.curriculum_metrics", list(self.curriculum_metrics),
+                 "at most one of seqlen_truncate, seqlen_reshape")
+        for name, metric in self.curriculum_metrics.items():
+            where = f"curriculum.curriculum_metrics.{name}"
+            for key in ("min_difficulty", "max_difficulty"):
+                if metric.schedule_type != "custom":
+                    _require(getattr(metric, key) is not None, f"{where}.{key}", None, "an integer")
+            if name in SEQLEN_METRICS:
+                _require(metric.clustering_type == "single_cluster", f"{where}.clustering_type",
+                         metric.clustering_type, "'single_cluster' for a sequence-length metric")
+            elif metric.clustering_type == "schedule_based":
+                _require(metric.index_to_sample_path is not None, f"{where}.index_to_sample_path", None,
+                         "the metric's index directory from python -m jaxllm.data.analyze")
+            if metric.schedule_type == "custom":
+                _require(":" in (metric.schedule_config.function or ""), f"{where}.schedule_config.function",
+                         metric.schedule_config.function, "'package.module:function' for schedule_type custom")
+                continue
+            check_schedule(self.schedule(name), where)
+
+
+@dataclasses.dataclass
+class LTDScheduleStepsConfig:
+    require_steps: int | None = None  # steps to grow from min_value to max_value
+    seq_per_step: int | None = None  # kept lengths are multiples of it
+
+
+@dataclasses.dataclass
+class LTDScheduleConfig:
+    """DeepSpeed's `random_ltd_schedule`: the kept length grows linearly with the (0-based) step."""
+
+    min_value: int | None = None
+    max_value: int | None = None
+    schedule_type: Literal["fixed_linear"] = "fixed_linear"
+    schedule_config: LTDScheduleStepsConfig = dataclasses.field(default_factory=LTDScheduleStepsConfig)
+
+
+@dataclasses.dataclass
+class LayerTokenLRConfig:
+    """LayerToken learning rate: decay by consumed layer-tokens; the run stops at the baseline's budget."""
+
+    enabled: bool = False
+    decay: Literal["cosine", "linear"] = "cosine"
+
+
+@dataclasses.dataclass
+class RandomLTDConfig:
+    """random-LTD (`jaxllm.ltd`): the listed layers run on a random, sorted subset of each row's tokens."""
+
+    enabled: bool = False
+    total_layer_num: int | None = None  # optional check: must equal model.layers
+    random_ltd_layer_num: int | None = None  # optional check: must equal the number of layer ids
+    random_ltd_layer_id: list[int] | None = None  # None: every layer but the first and the last
+    random_ltd_schedule: LTDScheduleConfig = dataclasses.field(default_factory=LTDScheduleConfig)
+    layer_token_lr_schedule: LayerTokenLRConfig = dataclasses.field(default_factory=LayerTokenLRConfig)
+    attention_implementation: Literal["auto", "xla", "pallas"] = "auto"  # auto: Pallas kernel on GPU/TPU
+
+    def schedule(self) -> dict[str, Any]:
+        """The schedule as the plain DeepSpeed dict `jaxllm.ltd.kept_length` reads."""
+        return dataclasses.asdict(self.random_ltd_schedule)
+
+    def layer_ids(self, num_layers: int) -> tuple[int, ...]:
+        from jaxllm.ltd import check_layers, default_layers
+
+        ids = default_layers(num_layers) if self.random_ltd_layer_id is None else self.random_ltd_layer_id
+        return check_layers(ids, num_layers)
+
+    def check(self, num_layers: int, seq_len: int) -> None:
+        if not self.enabled:
+            return
+        from jaxllm.ltd import check_ltd_schedule
+
+        if self.total_layer_num is not None:
+            _require(self.total_layer_num == num_layers, "random_ltd.total_layer_num", self.total_layer_num,
+                     f"model.layers={num_layers}")
+        ids = self.layer_ids(num_layers)
+        if self.random_ltd_layer_num is not None:
+            _require(self.random_ltd_layer_num == len(ids), "random_ltd.random_ltd_layer_num",
+                     self.random_ltd_layer_num, f"the number of layer ids ({len(ids)})")
+        check_ltd_schedule(self.schedule(), seq_len)
+
+
+# Compression (`jaxllm.compression`, `python -m jaxllm.compress`); see docs/compression.md.
+
+
+@dataclasses.dataclass
+class CompressionRuleConfig:
+    """One rule of `compression.rules`: settings for modules whose path or Hugging Face name matches a regex.
+
+    Later rules override the weight settings (when they set weight_bits) and the activation settings
+    (when they set act_bits) of earlier ones (`jaxllm.compression.rules`).
+    """
+
+    modules: list[str] = dataclasses.field(default_factory=list)  # regexes, e.g. ["attn\\.w[qkvo]", "mlp.c_fc"]
+    weight_bits: int | None = None  # 1 binary, 2 ternary, 3-8 symmetric/asymmetric; null: weights untouched
+    weight_groups: int = 1  # DeepSpeed's quantize_groups (embeddings: one group per row)
+    weight_symmetric: bool = True
+    act_bits: int | None = None  # input activations of the matched matmuls; null: untouched
+    act_symmetric: bool = True
+    act_range: Literal["dynamic", "static"] = "dynamic"  # token-wise ranges, or one calibrated EMA range
+
+
+@dataclasses.dataclass
+class LayerReductionConfig:
+    enabled: bool = False
+    teacher_layer: list[int] | None = None  # student layer i starts as teacher layer teacher_layer[i]
+
+
+@dataclasses.dataclass
+class LKDConfig:
+    """ZeroQuant's layer-by-layer distillation (`python -m jaxllm.compress lkd`)."""
+
+    steps: int = 100  # AdamW steps per block
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batches: int = 8  # batches (of train.batch_size rows) whose teacher hidden states the steps cycle through
+
+
+@dataclasses.dataclass
+class KDConfig:
+    """Weights of XTC's distillation loss terms (`python -m jaxllm.compress xtc`)."""
+
+    logits: float = 1.0
+    attention: float = 1.0
+    hidden: float = 1.0
+    lm: float = 0.0  # cross-entropy on the data's labels (not in DeepSpeed's recipe)
+
+
+@dataclasses.dataclass
+class CompressionConfig:
+    rules: dict[str, CompressionRuleConfig] = dataclasses.field(default_factory=dict)
+    # A DeepSpeed JSON config whose `compression_training` section adds rules before `rules`.
+    deepspeed_config: str | None = None
+    layer_reduction: LayerReductionConfig = dataclasses.field(default_factory=LayerReductionConfig)
+    calibration_batches: int = 4  # batches that set static activation ranges
+    implementation: Literal["auto", "xla", "pallas"] = "auto"  # quantized matmul; auto: Pallas on GPU/TPU
+    lkd: LKDConfig = dataclasses.field(default_factory=LKDConfig)
+    kd: KDConfig = dataclasses.field(default_factory=KDConfig)
+
+    def validate(self) -> None:
+        for name, rule in self.rules.items():
+            key = f"compression.rules.{name}"
+            _require(bool(rule.modules), f"{key}.modules", rule.modules, "a non-empty list of module regexes")
+            for field in ("weight_bits", "act_bits"):
+                bits = getattr(rule, field)
+                _require(bits is None or 1 <= bits <= 8, f"{key}.{field}", bits, "an integer from 1 to 8 or null")
+            _require(rule.weight_groups > 0, f"{key}.weight_groups", rule.weight_groups, "a positive integer")
+        if self.deepspeed_config is not None:
+            _require(Path(self.deepspeed_config).is_file(), "compression.deepspeed_config", self.deepspeed_config,
+                     "an existing DeepSpeed JSON file")
+        _require(self.calibration_batches > 0, "compression.calibration_batches", self.calibration_batches,
+                 "a positive integer")
+        for key in ("steps", "batches"):
+            _require(getattr(self.lkd, key) > 0, f"compression.lkd.{key}", getattr(self.lkd, key), "a positive integer")
+        _require(self.lkd.lr > 0, "compression.lkd.lr", self.lkd.lr, "a positive number")
+        for key in ("logits", "attention", "hidden", "lm"):
+            _require(getattr(self.kd, key) >= 0, f"compression.kd.{key}", getattr(self.kd, key), "a number >= 0")
+
+
+def _import_function(target: str, key: str) -> Any:
+    import importlib
+
+    module, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"config key '{key}': cannot import '{target}' ({err})") from None
+    _require(callable(fn), key, target, "a callable")
+    return fn
+
+
 @dataclasses.dataclass
 class Config:
     seed: int = 0
@@ -205,6 +508,9 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
+    random_ltd: RandomLTDConfig = dataclasses.field(default_factory=RandomLTDConfig)
+    compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
 
     def validate(self) -> Config:
         for field in dataclasses.fields(self):
@@ -213,6 +519,14 @@ class Config:
                 section.validate()
         _require(self.data.seq_len <= self.model.max_len, "data.seq_len", self.data.seq_len,
                  f"at most model.max_len={self.model.max_len}")
+        self.optimizer.warn_unreached_phases(self.train.steps)
+        self.random_ltd.check(self.model.layers, self.data.seq_len)
+        if self.curriculum.enabled:
+            from jaxllm.data.curriculum import SEQLEN_METRICS, check_seqlen_schedule
+
+            for name in set(self.curriculum.curriculum_metrics) & set(SEQLEN_METRICS):
+                check_seqlen_schedule(self.curriculum.schedule(name), self.data.seq_len,
+                                      f"curriculum.curriculum_metrics.{name}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -252,6 +566,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (inner,) = typing.get_args(annotation)
+            return [_coerce(f"{key}[{i}]", item, inner) for i, item in enumerate(value)]
+        raise UserError(f"config key '{key}': got {value!r}; expected a list")
     else:
         raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
     raise UserError(f"config key '{key}': got {value!r} ({type(value).__name__}); expected {annotation.__name__}")
@@ -287,6 +606,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = _build(annotation, value or {}, key + ".")
+        elif typing.get_origin(annotation) is dict:  # a mapping of user-chosen names to sections
+            if not isinstance(value or {}, dict):
+                raise UserError(f"config key '{key}': got {value!r}; expected a mapping of names to sections")
+            inner = typing.get_args(annotation)[1]
+            kwargs[name] = {str(k): _build(inner, v or {}, f"{key}.{k}.") for k, v in (value or {}).items()}
         else:
             kwargs[name] = _coerce(key, value, annotation)
     return cls(**kwargs)

@@ -13,15 +13,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm import ltd as ltd_lib
 from jaxllm.state import ModelDef, StateLayout
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def loss_sums(model_def: ModelDef, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Summed token cross-entropy (f32) over `loss_mask`, and the number of counted tokens."""
+def loss_sums(model_def: ModelDef, params: Any, batch: dict[str, jax.Array],
+              ltd: ltd_lib.LTDPlan | None = None) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy (f32) over `loss_mask`, and the number of counted tokens.
+
+    `ltd`: random-LTD layers and kept positions for this batch (training only)."""
     model = model_def.bind(params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    if ltd is None:
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    else:
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], ltd=ltd)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(losses * mask), jnp.sum(mask)
@@ -39,15 +46,31 @@ def make_train_step(
     schedule: optax.Schedule,
     layout: StateLayout,
     grad_accum: int = 1,
+    ltd: ltd_lib.LTDSetup | None = None,
 ) -> Callable:
     """Builds the jitted step. Gradients are the mean over all counted tokens of the global batch,
     accumulated over `grad_accum` micro-batches. A step whose loss or gradient norm is not finite
-    leaves parameters and optimizer state unchanged and increments `skipped_steps`."""
+    leaves parameters and optimizer state unchanged and increments `skipped_steps`.
 
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model_def, p, b), has_aux=True)
+    With `ltd` (random-LTD) the step is `step(state, batch, kept)`: `kept` (static; one compilation
+    per value) is the kept length, or None to keep every token. Kept positions are drawn inside the
+    step from `ltd.seed` and `state["step"]` (`jaxllm.ltd.ltd_key`), so resuming redraws them exactly."""
 
-    def step(state, batch):
+    def micro_loss(p, b):
+        if "ltd_indices" not in b:
+            return loss_sums(model_def, p, b)
+        plan = ltd_lib.LTDPlan(ltd.layers, jnp.swapaxes(b["ltd_indices"], 0, 1), ltd.implementation)
+        return loss_sums(model_def, p, {k: v for k, v in b.items() if k != "ltd_indices"}, plan)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state, batch, kept=None):
         params = state["params"]
+        if kept is not None:
+            rows, length = batch["inputs"].shape
+            indices = ltd_lib.sample_kept_indices(ltd_lib.ltd_key(ltd.seed, state["step"]), len(ltd.layers), rows,
+                                                  length, kept)
+            batch = {**batch, "ltd_indices": jnp.swapaxes(indices, 0, 1)}  # [B, k, r]: splits like the batch
 
         def accumulate(carry, micro):
             grad_sum, loss_sum, count = carry
@@ -80,6 +103,9 @@ def make_train_step(
                    "skipped": (~finite).astype(jnp.int32)}
         return new_state, metrics
 
+    if ltd is not None:
+        return jax.jit(step, in_shardings=(layout.state, None), out_shardings=(layout.state, None),
+                       donate_argnums=0, static_argnums=2)
     return jax.jit(step, in_shardings=(layout.state, None), out_shardings=(layout.state, None),
                    donate_argnums=0)
 

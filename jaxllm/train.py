@@ -27,12 +27,15 @@ from jaxllm.checkpoint import Checkpointer, fault_point
 from jaxllm.config import Config
 from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
 from jaxllm.data.sources import build_sources, token_directory
+from jaxllm.data_efficiency import DataEfficiency
 from jaxllm.errors import UserError
+from jaxllm.ltd import LTDSetup
 from jaxllm.metrics import MetricsWriter, flops_per_token, peak_flops, truncate_after
 from jaxllm.models.decoder import count_params
 from jaxllm.optim import build_optimizer
 from jaxllm.state import ModelDef, create_state, state_layout
 from jaxllm.step import make_eval_step, make_train_step
+from jaxllm.step_compressed import CompressedTraining, check_optimizer_state, is_compressed
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -199,9 +202,15 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
     mesh = mesh_lib.make_mesh(config.mesh)
     check_batch(config, mesh)
     model_def = ModelDef.from_config(config.model)
-    tx, schedule = build_optimizer(config)
+    # Curriculum / random-LTD: per-step lengths, the token budget and the LayerToken LR (or None).
+    efficiency = DataEfficiency.from_config(config, mesh_lib.data_parallel_size(mesh) * config.train.grad_accum)
+    tx, schedule = build_optimizer(config, efficiency.lr_schedule() if efficiency else None)
+    # 1-bit Adam, 0/1 Adam, 1-bit LAMB: per-device gradients and state (jaxllm.step_compressed).
+    compressed = CompressedTraining(config, mesh, model_def, schedule) if is_compressed(config) else None
+    if compressed:
+        tx = compressed.state_tx  # initialises every device's optimizer state
     with jax.set_mesh(mesh):
-        layout = state_layout(mesh, model_def, tx, config.mesh.zero_stage)
+        layout = compressed.layout if compressed else state_layout(mesh, model_def, tx, config.mesh.zero_stage)
     if dry:
         dry_run(config, mesh, layout)
         return {}
@@ -230,17 +239,23 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
     batch_size = config.train.batch_size
     sharding = mesh_lib.batch_sharding(mesh)
     slot, slots = data_slot(sharding, (batch_size, config.data.seq_len))
-    iterator = make_train_iterator(train_rows, batch_size, config.seed, slot, slots)
+    if efficiency and efficiency.uses_sampler():
+        iterator = efficiency.make_iterator(train_rows, shard_dir, slot, slots)
+    else:
+        iterator = make_train_iterator(train_rows, batch_size, config.seed, slot, slots)
     eval_batches = []
     if config.eval.every and eval_rows is not None:
         eval_batches = make_eval_batches(eval_rows, batch_size, config.eval.batches, slot, slots)
 
     ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
     meta = model_meta(config)
+    meta["optimizer_state"] = compressed.signature() if compressed else None  # per-device state: mesh-bound
     start = ckpt.latest_step()
     with jax.set_mesh(mesh):
         if start is not None:
             ckpt.check_compatible(start, meta["model"])
+            check_optimizer_state(ckpt.read_meta(start).get("optimizer_state"), meta["optimizer_state"],
+                                  ckpt.directory / str(start))
             state = ckpt.restore(start, layout.abstract, iterator)
         else:
             start = 0
@@ -248,51 +263,90 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
                 state = _state_from_hf(config, tx, layout)
             else:
                 state = create_state(config.model, config.seed, tx, layout)
-        train_step = make_train_step(model_def, tx, schedule, layout, config.train.grad_accum)
+        ltd_setup = None
+        if efficiency and efficiency.ltd_layers:
+            ltd_setup = LTDSetup(efficiency.ltd_layers, config.seed, config.random_ltd.attention_implementation)
+        if compressed:
+            if ltd_setup is not None:
+                raise UserError(f"config key 'random_ltd': random-LTD is not available with "
+                                f"optimizer.name={config.optimizer.name}; use optimizer.name=adamw")
+            # Per-device metrics are reduced only on the steps that log them (no extra collective otherwise).
+            train_step = compressed.train_step(config.train.grad_accum, summarize=lambda s: (
+                s % config.train.log_every == 0 or s in (start + 1, total_steps)))
+        else:
+            train_step = make_train_step(model_def, tx, schedule, layout, config.train.grad_accum, ltd=ltd_setup)
         eval_step = make_eval_step(model_def, layout)
     if lead:
         truncate_after(workdir / "metrics.jsonl", start)
-    writer = MetricsWriter(workdir, config.train.steps, start, config.log.tensorboard,
+    total_steps = efficiency.total_steps if efficiency else config.train.steps
+    writer = MetricsWriter(workdir, total_steps, start, config.log.tensorboard,
                            config.log.progress_bar) if lead else None
 
     tokens_per_step = batch_size * config.data.seq_len
+    timed_tokens, timed_layer_tokens = 0, 0  # with data efficiency, tokens vary by step
+    local_multiple = max(1, mesh_lib.data_parallel_size(mesh) * config.train.grad_accum // slots)
     peak, _ = peak_flops(config.model.compute_dtype)
     flops = flops_per_token(config.model, config.data.seq_len)
     last_row: dict[str, Any] = {}
     timer, timed_steps, step = time.perf_counter(), 0, start
     try:
         with jax.set_mesh(mesh):
-            while step < config.train.steps:
-                state, metrics = train_step(state, _to_global(next(iterator), sharding, batch_size))
+            while step < total_steps:
+                if efficiency is None:
+                    state, metrics = train_step(state, _to_global(next(iterator), sharding, batch_size))
+                    timed_tokens += tokens_per_step
+                    timed_layer_tokens += tokens_per_step
+                else:
+                    batch = efficiency.prepare(next(iterator), step, local_multiple)
+                    global_batch = _to_global(batch, sharding, batch["inputs"].shape[0] * slots)
+                    if ltd_setup is None:
+                        state, metrics = train_step(state, global_batch)
+                    else:
+                        state, metrics = train_step(state, global_batch, efficiency.kept(step))
+                    timed_tokens += efficiency.tokens(step)
+                    timed_layer_tokens += efficiency.layer_tokens(step)
                 step += 1
                 timed_steps += 1
                 fault_point("kill_after_step", step)
                 if writer:
                     writer.advance()
                 row: dict[str, Any] = {}
-                if step % config.train.log_every == 0 or step in (start + 1, config.train.steps):
+                if step % config.train.log_every == 0 or step in (start + 1, total_steps):
                     host = jax.device_get(metrics)
                     elapsed = time.perf_counter() - timer
-                    tokens_per_sec = tokens_per_step * timed_steps / elapsed
+                    tokens_per_sec = timed_tokens / elapsed
                     row = {"step": step, "loss": float(host["loss"]), "lr": float(host["lr"]),
                            "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tokens_per_sec,
-                           "mfu": tokens_per_sec * flops / peak,
+                           "mfu": timed_layer_tokens / elapsed * flops / peak,
                            "skipped_steps": int(jax.device_get(state["skipped_steps"]))}
-                if eval_batches and step % config.eval.every == 0:
+                    if efficiency:
+                        row |= {"seq_len": efficiency.seq_len(step - 1), "kept_length": efficiency.kept(step - 1),
+                                "consumed_tokens": efficiency.budget.consumed[step] if efficiency.budget else None,
+                                "train_step_compilations": _compilations(train_step)}
+                        row = {k: (int(v) if isinstance(v, np.integer) else v) for k, v in row.items()
+                               if v is not None}
+                final_eval = efficiency is not None and efficiency.budget is not None and step == total_steps
+                if eval_batches and (step % config.eval.every == 0 or final_eval):
                     evaluated = _evaluate(eval_step, state["params"], eval_batches, sharding, batch_size)
                     row = {"step": step, **row, **evaluated}
                 if row:
                     last_row = row
                     if writer:
                         writer.write(row)
-                    timer, timed_steps = time.perf_counter(), 0
-                if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.train.steps:
+                    timer, timed_steps, timed_tokens, timed_layer_tokens = time.perf_counter(), 0, 0, 0
+                if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == total_steps:
                     ckpt.save(step, state, iterator, meta)
     finally:
         ckpt.close()
         if writer:
             writer.close()
     return last_row
+
+
+def _compilations(jitted) -> int | None:
+    """How many programs a jitted function has compiled (one per batch shape / static kept length)."""
+    size = getattr(jitted, "_cache_size", None)
+    return size() if callable(size) else None
 
 
 def main(argv: list[str] | None = None) -> int:

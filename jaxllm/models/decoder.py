@@ -10,21 +10,31 @@ Family switches (from `ModelConfig.family`):
 
 Parameters are f32 master weights tagged with logical axis names (`jaxllm.mesh.LOGICAL_RULES` maps
 them to the mesh); matmuls run in `compute_dtype` with f32 accumulation; softmax and logits are f32.
+Every projection and the token-embedding lookup go through `jaxllm.compression.linear`, which is
+`jaxllm.ops.matmul.matmul` (and a plain gather) for ordinary arrays and also accepts the compressed
+weights of `jaxllm.compression` (fake-quantized or integer codes) bound in place of a parameter.
+
+Two entry points share the weights: `Decoder.__call__` runs whole (packed) sequences for training, and
+`Decoder.decode` runs a few new tokens per row against a `KVCache` of the keys and values computed so
+far, which is what generation (`jaxllm.generate`) steps with.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from jaxllm.compression.linear import embedding_lookup, linear
 from jaxllm.config import ModelConfig
+from jaxllm.ltd import LTDPlan, dropped_layer
 from jaxllm.mesh import constrain
 from jaxllm.ops.attention import alibi_slopes, causal_attention
-from jaxllm.ops.matmul import matmul
+from jaxllm.ops.token_dropped_attention import token_dropped_attention
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
@@ -64,6 +74,84 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
+CACHE_AXES = (None, "batch", "kv_heads", None, "head_dim")  # logical axes of KVCache.k and KVCache.v
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for `length` slots per row, for left-padded rows.
+
+    Row `b` holds padding in slots `[0, start[b])` and real tokens from `start[b]` on, so the token in
+    slot `s` has position `s - start[b]`. Slots `[0, index)` are filled; `Decoder.decode` writes the
+    next tokens at `index` and advances it. Keys are stored after rotary embedding (Llama), in the
+    model's compute dtype, with `kv_heads` heads (grouped-query attention caches only those).
+
+    Layout `[layers, batch, kv_heads, length, head_dim]`: each head's slots are contiguous, as the
+    attention dots read them without a transpose (on CPU, 2.3x faster cached attention per layer
+    than slot-major `[..., length, kv_heads, head_dim]`).
+    """
+
+    k: Float[Array, "layers b kv_heads length head_dim"]
+    v: Float[Array, "layers b kv_heads length head_dim"]
+    start: Int[Array, " b"]
+    index: Int[Array, ""]
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, length: int, start: Int[Array, " b"] | None = None) -> KVCache:
+        """An empty cache of `length` slots; `start` (default 0) is each row's first real slot.
+
+        Under a mesh (`jax.set_mesh`) the cache is sharded like activations over the batch and like
+        the key/value projections over `kv_heads` (when the tensor axis divides them).
+        """
+        shape = (cfg.layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+        k, v = (constrain(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES) for _ in range(2))
+        start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+        # The barrier keeps XLA from constant-folding a prefill's (fully masked) attention over the
+        # empty cache, which takes seconds of compile time for nothing.
+        return cls(*jax.lax.optimization_barrier((k, v, start, jnp.zeros((), jnp.int32))))
+
+
+def cached_attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b kv s d"],
+    v: Float[Array, "b kv s d"],
+    index: Int[Array, ""],
+    start: Int[Array, " b"],
+    alibi: Float[Array, " h"] | None = None,
+    compute_dtype=jnp.float32,
+) -> Float[Array, "b t h d"]:
+    """Attention of `t` queries in slots `index .. index + t - 1` over a cache of `s` slots.
+
+    Query slot i sees key slot j when `start[b] <= j <= i`: causal, and blind to left padding and to
+    slots not written yet. Otherwise the same computation as `causal_attention_reference`:
+    softmax(q k^T / sqrt(d) + alibi * (j - i)) v with the softmax in f32 and grouped heads (query head
+    h reads key head h // (h_q / h_kv)). Within a row, slot distance equals position distance, so
+    ALiBi sees the right relative distances. A padding query sees no key and gets a uniform average.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    q_slot = index + jnp.arange(length)
+    k_slot = jnp.arange(slots)
+    visible = (k_slot[None, None, :] <= q_slot[None, :, None]) & (k_slot[None, None, :] >= start[:, None, None])
+    # Both dots are plain batched matmuls over (batch, kv head), rows m = (group, query); this form
+    # also runs with bf16 inputs on XLA's CPU backend, which rejects some other orders of the same dot.
+    qg = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    qg = qg.reshape(batch, kv_heads, groups * length, head_dim).astype(compute_dtype)
+    scores = jnp.einsum(
+        "bkmd,bksd->bkms", qg, k.astype(compute_dtype), preferred_element_type=jnp.float32
+    ) / jnp.sqrt(jnp.float32(head_dim))
+    scores = scores.reshape(batch, heads, length, slots)
+    if alibi is not None:
+        distance = (k_slot[None, :] - q_slot[:, None]).astype(jnp.float32)  # pos_k - pos_q
+        scores = scores + alibi[None, :, None, None] * distance[None, None]
+    scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
+    probs = probs.reshape(batch, kv_heads, groups * length, slots)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v.astype(compute_dtype), preferred_element_type=jnp.float32)
+    out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, length, heads, head_dim)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -80,11 +168,13 @@ class Attention(nnx.Module):
         self.bo = _zeros((d,), ("embed",)) if biased else None
 
     def _project(self, x, w, b):
-        d, heads, hd = w.shape
-        y = matmul(x, w[...].reshape(d, heads * hd), self.cfg.compute_dtype).reshape(*x.shape[:-1], heads, hd)
+        y = linear(x, w[...], self.cfg.compute_dtype)  # [d, heads, head_dim] -> [..., heads, head_dim]
         return y if b is None else y + b[...]
 
-    def __call__(self, x, positions, segment_ids, alibi):
+    def __call__(self, x, positions, segment_ids, alibi, kept_index=None, implementation="auto", attention=None):
+        """`kept_index` (`[b, r]`, ascending): `x` holds only these tokens of each row (random-LTD);
+        the causal mask follows their original indices and RoPE/ALiBi their `positions`. `attention`
+        replaces `causal_attention` (same arguments), e.g. `jaxllm.multimodal.mmca_override`."""
         cfg = self.cfg
         q = self._project(x, self.wq, self.bq)
         k = self._project(x, self.wk, self.bk)
@@ -92,10 +182,42 @@ class Attention(nnx.Module):
         if cfg.family == "llama":
             q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
         q = constrain(q, ("batch", "length", "heads", None))
-        out = causal_attention(q, k, v, segment_ids, positions, alibi, cfg.compute_dtype)
+        if kept_index is not None:
+            out = token_dropped_attention(q, k, v, segment_ids, positions, kept_index, alibi, cfg.compute_dtype,
+                                          implementation)
+            return self._output(out)
+        out = (attention or causal_attention)(q, k, v, segment_ids, positions, alibi, cfg.compute_dtype)
+        return self._output(out)
+
+    def _output(self, out):
         batch, length, heads, hd = out.shape
-        y = matmul(out.reshape(batch, length, heads * hd), self.wo[...].reshape(heads * hd, -1), cfg.compute_dtype)
+        y = linear(out.reshape(batch, length, heads * hd), self.wo[...], self.cfg.compute_dtype, contract=2)
         return y if self.bo is None else y + self.bo[...]
+
+    def decode(self, x, positions, layer: int, cache: KVCache, alibi, attention=None):
+        """Attention of new tokens `x` over the cache, after writing their keys/values into layer `layer`.
+        `attention` replaces `cached_attention` (same arguments).
+
+        Each layer updates the cache in place (`dynamic_update_slice` whose operand has no other
+        reader), which XLA keeps copy-free inside a decode loop.
+        """
+        cfg = self.cfg
+        q = self._project(x, self.wq, self.bq)
+        k = self._project(x, self.wk, self.bk)
+        v = self._project(x, self.wv, self.bv)
+        if cfg.family == "llama":
+            q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        q = constrain(q, ("batch", None, "heads", None))
+        where = (layer, 0, 0, cache.index, 0)
+
+        def write(all_layers, new):  # new: [b, t, kv, d] -> slots index .. index + t - 1 of this layer
+            new = jnp.swapaxes(new, 1, 2).astype(all_layers.dtype)[None]
+            return constrain(jax.lax.dynamic_update_slice(all_layers, new, where), CACHE_AXES)
+
+        k_all, v_all = write(cache.k, k), write(cache.v, v)
+        out = (attention or cached_attention)(q, k_all[layer], v_all[layer], cache.index, cache.start, alibi,
+                                              cfg.compute_dtype)
+        return self._output(out), cache._replace(k=k_all, v=v_all)
 
 
 class MLP(nnx.Module):
@@ -111,13 +233,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dtype = self.cfg.compute_dtype
-        h = matmul(x, self.w_in[...], dtype)
+        h = linear(x, self.w_in[...], dtype)
         if self.w_gate is not None:
-            h = jax.nn.silu(matmul(x, self.w_gate[...], dtype)) * h
+            h = jax.nn.silu(linear(x, self.w_gate[...], dtype)) * h
         else:
             h = jax.nn.gelu(h + self.b_in[...], approximate=True)
         h = constrain(h, ("batch", "length", "mlp"))
-        y = matmul(h, self.w_out[...], dtype)
+        y = linear(h, self.w_out[...], dtype)
         return y if self.b_out is None else y + self.b_out[...]
 
 
@@ -131,10 +253,16 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg.d_model, rms, cfg.norm_eps, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, segment_ids, alibi):
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids, alibi)
+    def __call__(self, x, positions, segment_ids, alibi, kept_index=None, implementation="auto", attention=None):
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids, alibi, kept_index, implementation, attention)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", None))
+
+    def decode(self, x, positions, layer: int, cache: KVCache, alibi, attention=None):
+        y, cache = self.attn.decode(self.attn_norm(x), positions, layer, cache, alibi, attention)
+        x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", None, None)), cache
 
 
 _REMAT_POLICIES = {
@@ -161,34 +289,95 @@ class Decoder(nnx.Module):
 
     def __call__(
         self,
-        tokens: Int[Array, "b l"],
+        tokens: Int[Array, "b l"] | None,
         positions: Int[Array, "b l"] | None = None,
         segment_ids: Int[Array, "b l"] | None = None,
+        ltd: LTDPlan | None = None,
+        *,
+        embeddings: Float[Array, "b l d"] | None = None,
+        attention=None,
     ) -> Float[Array, "b l vocab"]:
+        """Logits of whole rows. `ltd` (training only) makes its layers run on kept tokens (`jaxllm.ltd`).
+
+        Hooks for models built around the decoder (`jaxllm.multimodal`): `embeddings` replaces the
+        token-embedding lookup (positions and BLOOM's embedding norm still apply; `tokens` may be None),
+        and `attention` replaces `causal_attention` in every block (same arguments).
+        """
         cfg = self.cfg
+        shape = tokens.shape if embeddings is None else embeddings.shape[:2]
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
         if segment_ids is None:
-            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+            segment_ids = jnp.ones(shape, jnp.int32)
+        if ltd is not None and attention is not None:
+            raise ValueError("random-LTD layers run their own attention; an attention override cannot be combined")
+        x = constrain(self._embed(tokens, positions, embeddings), ("batch", "length", None))
+        alibi = alibi_slopes(cfg.heads) if cfg.family == "bloom" else None
+        for layer, block in enumerate(self.blocks):
+            kept = None if ltd is None else ltd.kept(layer)
+            if kept is not None:
+                x = dropped_layer(self._kept_tokens_block(block, alibi, ltd.implementation), x, positions,
+                                  segment_ids, kept)
+            elif cfg.remat == "none":
+                x = block(x, positions, segment_ids, alibi, attention=attention)
+            else:
+                run = nnx.remat(lambda blk, *args: blk(*args, attention=attention), policy=_REMAT_POLICIES[cfg.remat])
+                x = run(block, x, positions, segment_ids, alibi)
+        return self._logits(x)
+
+    def decode(
+        self, tokens: Int[Array, "b t"] | None, cache: KVCache, *, last_only: bool = False,
+        embeddings: Float[Array, "b t d"] | None = None, attention=None,
+    ) -> tuple[Float[Array, "b t vocab"], KVCache]:
+        """Logits of `t` new tokens per row given the cached ones, and the cache with them added.
+
+        The tokens go into slots `cache.index .. cache.index + t - 1` at positions `slot - cache.start`
+        (so a left-padded prompt's first real token has position 0). A prompt is prefilled with one
+        call on the whole left-padded batch, then generation feeds one token at a time; the logits
+        equal those of `__call__` on the unpadded sequences. `last_only` returns the last slot's
+        logits alone (`t` = 1 in the result), all that sampling needs after a prefill. `embeddings` and
+        `attention` are the hooks of `__call__` (`attention` replaces `cached_attention`).
+        """
+        cfg = self.cfg
+        new = tokens.shape[1] if embeddings is None else embeddings.shape[1]
+        slots = cache.index + jnp.arange(new, dtype=jnp.int32)
+        positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)  # padding slots read position 0
+        x = constrain(self._embed(tokens, positions, embeddings), ("batch", None, None))
+        alibi = alibi_slopes(cfg.heads) if cfg.family == "bloom" else None
+        for layer, block in enumerate(self.blocks):
+            x, cache = block.decode(x, positions, layer, cache, alibi, attention)
+        if last_only:
+            x = x[:, -1:]
+        return self._logits(x), cache._replace(index=cache.index + new)
+
+    def _kept_tokens_block(self, block, alibi, implementation):
+        """`block` as a function of the gathered tokens, their positions, segments and original indices."""
+
+        def run(blk, xs, ps, ss, idx):
+            return blk(xs, ps, ss, alibi, kept_index=idx, implementation=implementation)
+
+        if self.cfg.remat != "none":
+            run = nnx.remat(run, policy=_REMAT_POLICIES[self.cfg.remat])
+        return lambda xs, ps, ss, idx: run(block, xs, ps, ss, idx)
+
+    def _embed(self, tokens, positions, embeddings=None):
         # Gather rows from a whole table: a gather from a vocab-sharded table cannot be partitioned
         # efficiently, while all-gathering the table is what FSDP does for every weight anyway.
-        x = jnp.take(constrain(self.embed[...], (None, None)), tokens, axis=0)
+        if embeddings is None:
+            x = embedding_lookup(self.embed[...], tokens)
+        else:
+            x = embeddings.astype(jnp.float32)
         if self.pos_embed is not None:
             x = x + jnp.take(constrain(self.pos_embed[...], (None, None)), positions, axis=0)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        x = constrain(x, ("batch", "length", None))
-        alibi = alibi_slopes(cfg.heads) if cfg.family == "bloom" else None
-        for block in self.blocks:
-            if cfg.remat == "none":
-                x = block(x, positions, segment_ids, alibi)
-            else:
-                run = nnx.remat(lambda blk, *args: blk(*args), policy=_REMAT_POLICIES[cfg.remat])
-                x = run(block, x, positions, segment_ids, alibi)
+        return x
+
+    def _logits(self, x):
         x = self.final_norm(x)
         if self.head is None:  # tied: contract with the embedding table's model axis
-            return matmul(x, self.embed[...], cfg.compute_dtype, transpose_w=True)
-        return matmul(x, self.head[...], cfg.compute_dtype)
+            return linear(x, self.embed[...], self.cfg.compute_dtype, transpose_w=True)
+        return linear(x, self.head[...], self.cfg.compute_dtype)
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

@@ -1,12 +1,46 @@
-"""Optax optimizers and schedules; `build_optimizer(config)` turns the config into a transform."""
+"""Optax optimizers and schedules; `build_optimizer(config)` turns the config into a transform.
+
+Besides Optax's AdamW, DeepSpeed's communication-efficient optimizers: `onebit_adam`,
+`zero_one_adam` and `onebit_lamb`, built on the error-feedback 1-bit collective
+`compressed_allreduce` (run them inside `jax.shard_map`; see `jaxllm.step_compressed` for the
+train step that does).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
 
 from jaxllm.config import Config
+from jaxllm.optim import onebit_adam as _onebit_adam_module
+from jaxllm.optim import onebit_lamb as _onebit_lamb_module
+from jaxllm.optim import zero_one_adam as _zero_one_adam_module
+from jaxllm.optim.compressed import (
+    DEVICE_AXIS,
+    CompressionState,
+    compressed_allreduce,
+    compressed_allreduce_tree,
+    init_compression_state,
+    pack_signs,
+    padded_size,
+    unpack_signs,
+)
+from jaxllm.optim.onebit_adam import OneBitAdamState, onebit_adam, onebit_adam_phase
+from jaxllm.optim.onebit_lamb import OneBitLambState, onebit_lamb
 from jaxllm.optim.schedules import warmup_cosine
+from jaxllm.optim.zero_one_adam import (
+    ZeroOneAdamLocal,
+    ZeroOneAdamSchedule,
+    ZeroOneAdamState,
+    local_params,
+    zero_one_adam,
+)
+
+COMPRESSED_OPTIMIZERS = ("onebit_adam", "zero_one_adam", "onebit_lamb")
 
 
 def _decay_mask(params):
@@ -14,17 +48,96 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def build_optimizer(config: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer chain for `config.optimizer` and the learning-rate schedule it follows."""
+def build_optimizer(config: Config, schedule: optax.Schedule | None = None, *, norm_axes: Any = None
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer for `config.optimizer` and the learning-rate schedule it follows.
+
+    adamw: global-norm clipping chained with Optax's AdamW. The compressed optimizers are returned
+    bare, set up for the per-device train step (`jaxllm.step_compressed`, data axis `DEVICE_AXIS`),
+    which clips each device's own gradient before they see it. `norm_axes` (1-bit LAMB only): the mesh
+    axes each parameter's shard is split over inside that step, so norms cover whole tensors.
+    `schedule` replaces the step-based warm-up + cosine (random-LTD's LayerToken schedule does).
+    """
     opt, train = config.optimizer, config.train
-    schedule = warmup_cosine(train.lr, train.warmup_steps, train.steps, train.min_lr_ratio)
+    if schedule is None:
+        schedule = warmup_cosine(train.lr, train.warmup_steps, train.steps, train.min_lr_ratio)
+    common = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, axis_name=DEVICE_AXIS,
+                  weight_decay_mask=_decay_mask)
     if opt.name == "adamw":
         core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                            mask=_decay_mask)
+    elif opt.name == "onebit_adam":
+        return onebit_adam(schedule, freeze_step=opt.param("freeze_step"), **common), schedule
+    elif opt.name == "zero_one_adam":
+        keys = ("var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper")
+        return zero_one_adam(schedule, **{k: opt.param(k) for k in keys}, **common), schedule
+    elif opt.name == "onebit_lamb":
+        keys = ("freeze_step", "max_coeff", "min_coeff", "coeff_beta", "factor_max", "factor_min", "factor_threshold")
+        return onebit_lamb(schedule, **{k: opt.param(k) for k in keys}, norm_axes=norm_axes, **common), schedule
     else:  # the config's Literal type already rejected other names
         raise AssertionError(f"optimizer {opt.name!r} passed validation but has no builder")
     clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
     return optax.chain(clip, core), schedule
 
 
-__all__ = ["build_optimizer", "warmup_cosine"]
+@dataclasses.dataclass(frozen=True)
+class PhasePlan:
+    """Which phase each step of a compressed optimizer is in, decided on the host."""
+
+    names: tuple[str, ...]  # phase index -> name
+    communicating: tuple[bool, ...]  # phase index -> whether it exchanges anything over the data axis
+    phase: Callable[[int], int]  # 1-based step -> phase index
+
+
+class _ZeroOneAdamPhases:
+    """`ZeroOneAdamSchedule.phase` with the computed prefix kept, so each step costs O(1)."""
+
+    def __init__(self, schedule: ZeroOneAdamSchedule):
+        self.schedule, self.known = schedule, []
+
+    def __call__(self, step: int) -> int:
+        if step > len(self.known):
+            self.known = self.schedule.phases(max(step, 2 * len(self.known)))
+        return self.known[step - 1]
+
+
+def phase_plan(config: Config) -> PhasePlan:
+    """The phase schedule of `config.optimizer` (a compressed optimizer)."""
+    opt = config.optimizer
+    if opt.name in ("onebit_adam", "onebit_lamb"):
+        freeze = opt.param("freeze_step")
+        module = _onebit_adam_module if opt.name == "onebit_adam" else _onebit_lamb_module
+        return PhasePlan(module.PHASES, (True, True), lambda step: onebit_adam_phase(step, freeze))
+    if opt.name == "zero_one_adam":
+        schedule = ZeroOneAdamSchedule(*(opt.param(k) for k in (
+            "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper")))
+        return PhasePlan(_zero_one_adam_module.PHASES, _zero_one_adam_module.COMMUNICATING,
+                         _ZeroOneAdamPhases(schedule))
+    raise ValueError(f"optimizer {opt.name!r} has no phases (it is not a compressed optimizer)")
+
+
+__all__ = [
+    "COMPRESSED_OPTIMIZERS",
+    "DEVICE_AXIS",
+    "CompressionState",
+    "OneBitAdamState",
+    "OneBitLambState",
+    "PhasePlan",
+    "ZeroOneAdamLocal",
+    "ZeroOneAdamSchedule",
+    "ZeroOneAdamState",
+    "build_optimizer",
+    "compressed_allreduce",
+    "compressed_allreduce_tree",
+    "init_compression_state",
+    "local_params",
+    "onebit_adam",
+    "onebit_adam_phase",
+    "onebit_lamb",
+    "pack_signs",
+    "padded_size",
+    "phase_plan",
+    "unpack_signs",
+    "warmup_cosine",
+    "zero_one_adam",
+]

@@ -1,0 +1,247 @@
+"""Compressed weights as pytrees that `jaxllm.compression.linear` understands.
+
+A decoder weight can be a plain array (no compression), a `FakeQuantWeight` (f32 master weight,
+quantized in the forward pass with a straight-through gradient: quantization-aware training, LKD and
+XTC) or a `QuantizedWeight` (integer codes and per-group scales: the compressed checkpoint and
+inference). Both carry a static `QuantSpec` (bits, groups, activation quantization, module name) and,
+for static activation ranges, an `ActRange` leaf. A weight that is not compressed keeps its array, so
+an uncompressed model's parameter tree and numerics are unchanged.
+
+Layout. A weight of shape `[*in, *out]` contracts its first `spec.contract` axes, so its matmul view
+is `[K, N]`. DeepSpeed groups a Linear weight in PyTorch's `[out, in]` order, i.e. over the transpose
+of that view (`spec.transposed`), and an embedding table `[vocab, d]` as it is, one group per row.
+The codes are stored in the `[K, N]` view (packed along K, `jaxllm.compression.packing`) and the
+scales (and zero points) as a `[Rs, Cs]` grid of blocks over it: each scale covers `K / Rs` rows and
+`N / Cs` columns. With G groups and DeepSpeed's grouping this is `[1, G]` when G divides the output
+features (each group a band of whole output channels), `[G / N, N]` when G is a multiple of them
+(each output channel split along K), and `[vocab, 1]` for an embedding. Other group counts straddle
+output channels and cannot be stored as blocks; they are rejected.
+
+Dequantizing the stored codes reproduces `fake_quant` of the same weight bit for bit, so a model
+trained or distilled with `FakeQuantWeight`s behaves the same after conversion to `QuantizedWeight`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jaxllm.compression import packing
+from jaxllm.compression.quantizers import (
+    ActRange,
+    GroupCodes,
+    check_bits,
+    check_groups,
+    fake_quant,
+    kind_of,
+    quantize_groups,
+)
+from jaxllm.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one module is compressed. Static (hashable): it lives in the pytree's structure.
+
+    name: the module's parameter path (`blocks.0.attn.wq`), used in messages and calibration records.
+    weight_bits: 1..8 or None (weight not quantized); weight_groups: DeepSpeed's `quantize_groups`.
+    weight_symmetric: symmetric or asymmetric for 3..8 bits.
+    act_bits: 1..8 or None (input activations not quantized); act_symmetric; act_static: one EMA range
+      (`range_calibration: static`) instead of token-wise ranges (`dynamic`).
+    contract: how many leading weight axes the matmul contracts (`K` = their product).
+    transposed: DeepSpeed groups the transpose of the `[K, N]` view (Linear weights; not embeddings).
+    implementation: "auto" (Pallas kernel on GPU/TPU, XLA on CPU), "xla" or "pallas".
+    """
+
+    name: str
+    weight_bits: int | None = None
+    weight_groups: int = 1
+    weight_symmetric: bool = True
+    act_bits: int | None = None
+    act_symmetric: bool = True
+    act_static: bool = False
+    contract: int = 1
+    transposed: bool = True
+    implementation: str = "auto"
+
+    @property
+    def weight_kind(self) -> str | None:
+        return None if self.weight_bits is None else kind_of(self.weight_bits, self.weight_symmetric)
+
+    def validate(self, shape: tuple[int, ...]) -> None:
+        """Raises UserError when the bits, groups or layout cannot apply to a weight of `shape`."""
+        if not 1 <= self.contract < len(shape):
+            raise UserError(f"module '{self.name}': cannot contract {self.contract} axes of a {shape} weight")
+        if self.weight_bits is not None:
+            check_bits(self.weight_bits, f"module '{self.name}': weight bits")
+            check_groups(math.prod(shape), self.weight_groups, f"module '{self.name}' {tuple(shape)}: weight groups")
+            scale_grid(self, shape)
+        if self.act_bits is not None:
+            check_bits(self.act_bits, f"module '{self.name}': activation bits")
+
+
+def matrix_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The `[K, N]` matmul view of a weight."""
+    return math.prod(shape[: spec.contract]), math.prod(shape[spec.contract:])
+
+
+def scale_grid(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, int]:
+    """`(Rs, Cs)`: the scale blocks over the `[K, N]` view for DeepSpeed's grouping (see the module doc)."""
+    k, n = matrix_shape(spec, shape)
+    rows, cols = (n, k) if spec.transposed else (k, n)  # DeepSpeed's view
+    groups = spec.weight_groups
+    if rows % groups == 0:  # each group is rows / groups whole rows of DeepSpeed's view
+        grid = (groups, 1)
+    elif groups % rows == 0 and cols % (groups // rows) == 0:  # each row split into groups / rows pieces
+        grid = (rows, groups // rows)
+    else:
+        raise UserError(
+            f"module '{spec.name}' {tuple(shape)}: {groups} weight groups straddle its {rows} output rows of {cols}; "
+            f"use a divisor of {rows}, or a multiple of {rows} that divides {rows * cols}")
+    return (grid[1], grid[0]) if spec.transposed else grid
+
+
+def _deepspeed_view(spec: QuantSpec, w: jax.Array) -> jax.Array:
+    k, n = matrix_shape(spec, w.shape)
+    m = w.reshape(k, n)
+    return m.T if spec.transposed else m
+
+
+def _from_deepspeed_view(spec: QuantSpec, m: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return (m.T if spec.transposed else m).reshape(shape)
+
+
+def fake_quant_weight(w: Float[Array, "*dims"], spec: QuantSpec) -> Float[Array, "*dims"]:
+    """`w` fake-quantized with DeepSpeed's grouping (over PyTorch's `[out, in]` order for Linears)."""
+    if spec.weight_bits is None:
+        return w
+    m = fake_quant(_deepspeed_view(spec, w), spec.weight_bits, spec.weight_groups, spec.weight_symmetric)
+    return _from_deepspeed_view(spec, m, w.shape)
+
+
+def expand_blocks(grid: Float[Array, "rs cs"], rows: int, cols: int) -> Float[Array, "rows cols"]:
+    """A `[Rs, Cs]` block grid repeated to `[rows, cols]`."""
+    return jnp.repeat(jnp.repeat(grid, rows // grid.shape[0], axis=0), cols // grid.shape[1], axis=1)
+
+
+@jax.tree_util.register_pytree_node_class
+class FakeQuantWeight:
+    """An f32 weight that `linear` fake-quantizes in the forward pass (STE gradients reach `w`)."""
+
+    def __init__(self, w: jax.Array, spec: QuantSpec, act_range: ActRange | None = None):
+        self.w, self.spec, self.act_range = w, spec, act_range
+
+    def tree_flatten(self):
+        return (self.w, self.act_range), self.spec
+
+    @classmethod
+    def tree_unflatten(cls, spec, children):
+        return cls(children[0], spec, children[1])
+
+    def __getitem__(self, index: Any) -> FakeQuantWeight:  # `variable[...]` in modules returns the weight itself
+        if index is not Ellipsis:
+            raise TypeError(f"compressed weight '{self.spec.name}' supports only [...] indexing")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    def dequantize(self) -> jax.Array:
+        return fake_quant_weight(self.w, self.spec)
+
+    def __repr__(self) -> str:
+        return f"FakeQuantWeight({self.spec.name}, shape={self.shape}, w{self.spec.weight_bits}a{self.spec.act_bits})"
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedWeight:
+    """Integer codes of a weight in its `[K, N]` view, packed along K, with block scales and zero points.
+
+    codes: `[packing.packed_rows(K, bits), N]` int8 (symmetric/ternary/binary at 8 bits), uint8 otherwise.
+    scale, zero: `[Rs, Cs]` f32 (`zero` is None unless asymmetric). `shape`: the weight's own shape.
+    """
+
+    def __init__(self, codes, scale, zero, act_range, spec: QuantSpec, shape: tuple[int, ...]):
+        self.codes, self.scale, self.zero, self.act_range = codes, scale, zero, act_range
+        self.spec, self._shape = spec, tuple(shape)
+
+    def tree_flatten(self):
+        return (self.codes, self.scale, self.zero, self.act_range), (self.spec, self._shape)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    def __getitem__(self, index: Any) -> QuantizedWeight:
+        if index is not Ellipsis:
+            raise TypeError(f"compressed weight '{self.spec.name}' supports only [...] indexing")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def signed(self) -> bool:
+        return self.spec.weight_kind != "asymmetric"
+
+    def int_codes(self) -> jax.Array:
+        """The codes unpacked to `[K, N]` (int8, or uint8 when asymmetric)."""
+        k, _ = matrix_shape(self.spec, self._shape)
+        return packing.unpack_codes(self.codes, self.spec.weight_bits, k, self.signed)
+
+    def dequantize(self) -> jax.Array:
+        """The f32 weight `codes * scale (+ zero)` in its own shape; equals `fake_quant_weight` bitwise."""
+        k, n = matrix_shape(self.spec, self._shape)
+        codes = self.int_codes().astype(jnp.float32)
+        w = codes * expand_blocks(self.scale, k, n)
+        if self.zero is not None:
+            w = w + expand_blocks(self.zero, k, n)
+        return w.reshape(self._shape)
+
+    def nbytes(self) -> int:
+        leaves = [self.codes, self.scale, self.zero] + ([] if self.act_range is None else list(self.act_range))
+        return sum(int(x.size) * x.dtype.itemsize for x in leaves if x is not None)
+
+    def __repr__(self) -> str:
+        spec = self.spec
+        return f"QuantizedWeight({spec.name}, shape={self._shape}, {spec.weight_kind} w{spec.weight_bits})"
+
+
+def _grid_codes(spec: QuantSpec, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Codes in the `[K, N]` view and the scale/zero block grids, from DeepSpeed's groups."""
+    k, n = matrix_shape(spec, w.shape)
+    view = _deepspeed_view(spec, w)
+    g: GroupCodes = quantize_groups(view.reshape(spec.weight_groups, -1), spec.weight_bits, spec.weight_symmetric)
+    codes = _from_deepspeed_view(spec, g.codes.reshape(view.shape), (k, n))
+    rs, cs = scale_grid(spec, w.shape)
+    # Group order is row-major over DeepSpeed's view; lay the per-group values out as its block grid.
+    grid_view = (cs, rs) if spec.transposed else (rs, cs)
+
+    def blocks(values):
+        grid = values.reshape(grid_view)
+        return grid.T if spec.transposed else grid
+
+    return codes, blocks(g.scale), blocks(g.zero)
+
+
+def quantize_weight(w: Float[Array, "*dims"], spec: QuantSpec, act_range: ActRange | None = None) -> Any:
+    """Integer storage of `w` under `spec` (a `QuantizedWeight`), or a `FakeQuantWeight` holding `w` when
+    only its input activations are quantized (nothing to store as integers)."""
+    spec.validate(tuple(w.shape))
+    if spec.weight_bits is None:
+        return FakeQuantWeight(w, spec, act_range)
+    codes, scale, zero = _grid_codes(spec, w.astype(jnp.float32))
+    stored = packing.pack_codes(codes, spec.weight_bits, signed=spec.weight_kind != "asymmetric")
+    return QuantizedWeight(stored, scale, zero if spec.weight_kind == "asymmetric" else None, act_range, spec,
+                           tuple(w.shape))
+
+
+def is_compressed(x: Any) -> bool:
+    return isinstance(x, (FakeQuantWeight, QuantizedWeight))

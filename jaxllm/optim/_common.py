@@ -1,0 +1,128 @@
+"""Pieces the communication-efficient optimizers share: exchanges, learning rates, masks, norms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxllm.optim.compressed import (
+    CompressionState,
+    compressed_allreduce_tree,
+    init_compression_state,
+    world_size,
+)
+
+NO_PARAMS = "this optimizer needs the parameters: call update(grads, state, params)"
+
+
+def is_compression_state(x: Any) -> bool:
+    return isinstance(x, CompressionState)
+
+
+def init_leaf_compression(params: Any, axis_name: str | None) -> Any:
+    """One `CompressionState` per leaf (its size padded by DeepSpeed's rule for this axis)."""
+    world = world_size(axis_name)
+    return jax.tree.map(lambda p: init_compression_state(p.size, world), params)
+
+
+def exchange_leaves(tree: Any, comm: Any, axis_name: str | None) -> tuple[Any, Any]:
+    """Compressed all-reduce of every leaf (own scale and error buffers each, fused collectives)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    states = treedef.flatten_up_to(comm)
+    outs, new = compressed_allreduce_tree([x.reshape(-1) for x in leaves], states, axis_name)
+    outs = [o.reshape(x.shape) for o, x in zip(outs, leaves, strict=True)]
+    return treedef.unflatten(outs), treedef.unflatten(new)
+
+
+def exact_mean(tree: Any, axis_name: str | None) -> Any:
+    """The exact (full-precision) average over the data axis, as DeepSpeed's engine all-reduce."""
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def zero_comm(comm: Any) -> Any:
+    return jax.tree.map(jnp.zeros_like, comm)
+
+
+def learning_rate_at(learning_rate: float | optax.Schedule, count: jax.Array) -> jax.Array:
+    return learning_rate(count) if callable(learning_rate) else jnp.asarray(learning_rate)
+
+
+def decay_rates(weight_decay: Any, mask: Any, params: Any) -> Any:
+    """Per-leaf weight decay: `weight_decay` where `mask` (a tree or a callable on params) is true, else 0."""
+    if mask is None:
+        return jax.tree.map(lambda _: weight_decay, params)
+    flags = mask(params) if callable(mask) else mask
+    return jax.tree.map(lambda m, _: jnp.where(m, weight_decay, 0.0), flags, params)
+
+
+def apply_momentum_mask(mu: Any, exp_avg_mask: Any) -> Any:
+    """DeepSpeed's `exp_avg_mask`: 1-bit codes cannot hold exact zeros, so known-zero entries are masked."""
+    if exp_avg_mask is None:
+        return mu
+    return jax.tree.map(lambda m, k: m * k.astype(m.dtype), mu, exp_avg_mask)
+
+
+def cast_like(tree: Any, reference: Any) -> Any:
+    """`tree` with each leaf cast to the dtype of the matching leaf of `reference`."""
+    return jax.tree.map(lambda x, r: jnp.asarray(x).astype(jnp.asarray(r).dtype), tree, reference)
+
+
+def tree_select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def switch(phase: int | None, computed: jax.Array, branches: list[Callable[[], Any]]) -> Any:
+    """Runs branch `phase` when the caller fixed it (Python int: only that branch is traced, so only
+    its collectives are compiled), else `lax.switch` on the phase computed from the state."""
+    if phase is not None:
+        if not 0 <= phase < len(branches):
+            raise ValueError(f"phase {phase} is not one of 0..{len(branches) - 1}")
+        return branches[phase]()
+    return jax.lax.switch(computed, branches)
+
+
+Reducer = Callable[[jax.Array], jax.Array]
+
+
+def leaf_reducers(norm_axes: Any, params: Any) -> tuple[Any, Any]:
+    """Per-leaf (sum, max) reductions over the mesh axes a leaf is split over inside `shard_map`.
+
+    `norm_axes` is None (leaves are whole), or a tree like `params` of tuples of axis names.
+    """
+    if norm_axes is None:
+        axes_tree = jax.tree.map(lambda _: (), params)
+    else:
+        axes_tree = jax.tree.map(lambda a, _: tuple(a), norm_axes, params,
+                                 is_leaf=lambda x: isinstance(x, tuple))
+
+    def make(axes: tuple[str, ...], op: str) -> Reducer:
+        if op == "sum":
+            return (lambda x: jax.lax.psum(jnp.sum(x), axes)) if axes else jnp.sum
+        return (lambda x: jax.lax.pmax(jnp.max(x), axes)) if axes else jnp.max
+
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    return (jax.tree.map(lambda a: make(a, "sum"), axes_tree, is_leaf=is_axes),
+            jax.tree.map(lambda a: make(a, "max"), axes_tree, is_leaf=is_axes))
+
+
+__all__ = [
+    "NO_PARAMS",
+    "CompressionState",
+    "apply_momentum_mask",
+    "cast_like",
+    "decay_rates",
+    "exact_mean",
+    "exchange_leaves",
+    "init_leaf_compression",
+    "is_compression_state",
+    "leaf_reducers",
+    "learning_rate_at",
+    "switch",
+    "tree_select",
+    "world_size",
+    "zero_comm",
+]
