@@ -1,0 +1,188 @@
+"""Data efficiency on one token budget: baseline, curriculum, random-LTD, and both, trained in one run.
+
+    python scripts/bench_data_efficiency.py [--steps 96] [--out runs/bench_data_efficiency] [key=value ...]
+
+Every arm is a `jaxllm.train` run of the same GPT (default: 6 layers, d_model 256, 4 heads, seq 512,
+vocab 4096, global batch 8, f32, one device) on the offline text corpus (the Python standard library's
+docstrings, tokenized once before any timing), with the same peak learning rate and warm-up:
+
+* baseline: `--steps` steps of batch x seq_len tokens; that is the token budget B;
+* curriculum: `seqlen_truncate` from 128 to 512 (difficulty_step 128) over the first half of the
+  baseline's steps, `curriculum.token_budget`: steps continue until B tokens, LR decays by tokens;
+* random-LTD: layers 1-4 of 6 keep 128 -> 512 tokens (seq_per_step 128) over 70% of the baseline's
+  steps; LayerToken LR; steps continue until B layer-tokens (spec section 2);
+* both: the two together (one budget, counted in layer-tokens).
+
+Wall-clock is the whole `train()` call (compilations included: one per distinct length / kept length).
+The training loop does no evaluation; each arm saves checkpoints at eighths of its run, and after all
+arms have trained, each checkpoint is evaluated on the same held-out batches. The time at which an arm
+first reaches the baseline's final eval loss (within 1%, and exactly) is read from the checkpoint
+curve, with the time of each step reconstructed from the logged tokens/s of every step. Results go to
+OUT/results.json and the comparison plot to OUT/data_efficiency.png (`jaxllm.plot.plot_runs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxllm import config as config_lib
+from jaxllm import mesh as mesh_lib
+from jaxllm.data.pipeline import make_eval_batches
+from jaxllm.data.sources import build_sources, token_directory
+from jaxllm.data_efficiency import DataEfficiency
+from jaxllm.optim import build_optimizer
+from jaxllm.plot import plot_runs
+from jaxllm.state import ModelDef, state_layout
+from jaxllm.step import make_eval_step
+from jaxllm.train import train
+
+MODEL = ["model.family=gpt2", "model.layers=6", "model.d_model=256", "model.heads=4", "model.vocab_size=4096",
+         "model.max_len=512", "data.source=text", "data.seq_len=512", "data.eval_fraction=0.03",
+         "train.batch_size=8", "train.lr=1e-3", "mesh.data=1", "log.progress_bar=false", "log.tensorboard=false",
+         "eval.every=0", "checkpoint.keep=20"]
+
+
+def arms(steps: int, seq_len: int, layers: int) -> dict[str, list[str]]:
+    """Curriculum S/4 -> S in steps of S/4 over half the baseline's steps; random-LTD on every layer but the
+    first and last, S/4 -> S in steps of S/4 over 70% of them. Coarse buckets keep compilations few (4 each)."""
+    seqlen = "curriculum.curriculum_metrics.seqlen_truncate."
+    curriculum = ["curriculum.enabled=true", "curriculum.token_budget=true", f"{seqlen}clustering_type=single_cluster",
+                  f"{seqlen}min_difficulty={seq_len // 4}", f"{seqlen}max_difficulty={seq_len}",
+                  f"{seqlen}schedule_config.total_curriculum_step={steps // 2}",
+                  f"{seqlen}schedule_config.difficulty_step={seq_len // 4}"]
+    schedule = "random_ltd.random_ltd_schedule."
+    ltd = ["random_ltd.enabled=true", f"random_ltd.random_ltd_layer_id={list(range(1, layers - 1))}",
+           f"{schedule}min_value={seq_len // 4}", f"{schedule}max_value={seq_len}",
+           f"{schedule}schedule_config.require_steps={int(0.7 * steps)}",
+           f"{schedule}schedule_config.seq_per_step={seq_len // 4}", "random_ltd.layer_token_lr_schedule.enabled=true"]
+    return {"baseline": [], "curriculum": curriculum, "random-LTD": ltd, "curriculum + random-LTD": curriculum + ltd}
+
+
+def step_times(workdir: Path, cfg) -> dict[int, float]:
+    """Seconds from the start of the training loop to the end of each step, from the per-step log rows."""
+    elapsed, out = 0.0, {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "tokens_per_sec" in row:
+            tokens = cfg.train.batch_size * row.get("seq_len", cfg.data.seq_len)
+            elapsed += tokens / row["tokens_per_sec"]
+            out[row["step"]] = elapsed
+    return out
+
+
+def evaluate_checkpoints(workdir: Path, cfg, eval_batches) -> dict[int, float]:
+    """Eval loss of every checkpoint of a run, on the same batches for every arm."""
+    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
+    model = ModelDef.from_config(cfg.model)
+    tx, _ = build_optimizer(cfg)
+    out = {}
+    with jax.set_mesh(mesh):
+        layout = state_layout(mesh, model, tx, cfg.mesh.zero_stage)
+        eval_step = make_eval_step(model, layout)
+        manager = ocp.CheckpointManager((workdir / "checkpoints").resolve())
+        for step in manager.all_steps():
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout.abstract)))
+            params = restored["state"]["params"]
+            total, count = 0.0, 0.0
+            for batch in eval_batches:
+                s, n = eval_step(params, {k: jax.device_put(v) for k, v in batch.items()})
+                total, count = total + float(s), count + float(n)
+            out[int(step)] = total / count
+        manager.close()
+    return out
+
+
+def add_eval_rows(workdir: Path, curve: dict[int, float]) -> None:
+    """Appends the checkpoints' eval losses to the run's metrics.jsonl, so the plot shows the eval curve."""
+    with (workdir / "metrics.jsonl").open("a") as f:
+        for step in sorted(curve):
+            f.write(json.dumps({"step": step, "eval_loss": curve[step]}) + "\n")
+
+
+def first_time_below(curve: dict[int, float], times: dict[int, float], setup: float, target: float) -> float | None:
+    for step in sorted(curve):
+        if curve[step] <= target:
+            return setup + times[step]
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=96, help="baseline steps (the token budget)")
+    parser.add_argument("--out", default="runs/bench_data_efficiency")
+    parser.add_argument("--eval-batches", type=int, default=6)
+    parser.add_argument("overrides", nargs="*", help="section.key=value for every arm")
+    args = parser.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    common = [*MODEL, f"train.steps={args.steps}", f"train.warmup_steps={max(1, args.steps // 12)}",
+              f"data.cache_dir={out / 'data'}", *args.overrides]
+
+    base_cfg = config_lib.load(None, common)
+    shard_dir = token_directory(base_cfg, out)  # tokenize before any timing
+    _, eval_rows = build_sources(base_cfg, shard_dir)
+    eval_batches = make_eval_batches(eval_rows, base_cfg.train.batch_size, args.eval_batches)
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs; "
+          f"device {jax.devices()[0].device_kind}", flush=True)
+
+    results = {}
+    for name, extra in arms(args.steps, base_cfg.data.seq_len, base_cfg.model.layers).items():
+        cfg = config_lib.load(None, [*common, *extra])
+        plan = DataEfficiency.from_config(cfg)
+        total = plan.total_steps if plan else cfg.train.steps
+        every = max(1, total // 8)
+        cfg = config_lib.load(None, [*common, *extra, f"checkpoint.every={every}", "train.log_every=1"])
+        workdir = out / name.replace(" + ", "_").replace(" ", "_")
+        start = time.perf_counter()
+        last = train(cfg, workdir)
+        wall = time.perf_counter() - start
+        times = step_times(workdir, cfg)
+        tokens = sum(plan.tokens(t) for t in range(total)) if plan else total * cfg.train.batch_size * cfg.data.seq_len
+        results[name] = {"workdir": str(workdir), "steps": total, "wall_s": wall, "tokens": tokens,
+                         "tokens_per_sec": tokens / wall, "setup_s": wall - times[total], "times": times,
+                         "compilations": last.get("train_step_compilations", 1), "final_train_loss": last["loss"]}
+        print(f"{name}: {total} steps, {wall:.1f} s, load {os.getloadavg()[0]:.2f}", flush=True)
+
+    for r in results.values():
+        cfg = config_lib.load(None, common)
+        r["curve"] = evaluate_checkpoints(Path(r["workdir"]), cfg, eval_batches)
+        r["final_eval_loss"] = r["curve"][r["steps"]]
+        add_eval_rows(Path(r["workdir"]), r["curve"])
+    base = results["baseline"]
+    target = base["final_eval_loss"]
+    print()
+    print(f"budget {base['tokens']:,} tokens; eval on {args.eval_batches} held-out batches of "
+          f"{base_cfg.train.batch_size} x {base_cfg.data.seq_len}; load average after: {os.getloadavg()[0]:.2f}")
+    header = (f"{'arm':<24} {'steps':>5} {'compiles':>8} {'wall s':>8} {'vs base':>7} {'tokens/s':>9} "
+              f"{'eval loss':>9} {'vs base':>8} {'t(<=1.01 base) s':>17} {'t(<= base) s':>13}")
+    print(header)
+    for name, r in results.items():
+        near = first_time_below(r["curve"], r["times"], r["setup_s"], 1.01 * target)
+        reach = first_time_below(r["curve"], r["times"], r["setup_s"], target)
+        r["time_within_1pct_s"], r["time_to_baseline_loss_s"] = near, reach
+        fmt = lambda t: f"{t:.1f} ({t / base['wall_s']:.2f}x)" if t is not None else "not reached"  # noqa: E731
+        print(f"{name:<24} {r['steps']:>5} {r['compilations']:>8} {r['wall_s']:8.1f} "
+              f"{r['wall_s'] / base['wall_s']:6.2f}x "
+              f"{r['tokens_per_sec']:9.0f} {r['final_eval_loss']:9.4f} "
+              f"{100 * (r['final_eval_loss'] / target - 1):+7.2f}% "
+              f"{fmt(near):>17} {fmt(reach):>13}")
+    for r in results.values():
+        r["times"] = {str(k): v for k, v in r["times"].items()}
+        r["curve"] = {str(k): v for k, v in r["curve"].items()}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    png = plot_runs([r["workdir"] for r in results.values()], out / "data_efficiency.png", list(results))
+    print(f"\nplot: {png}\nresults: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
