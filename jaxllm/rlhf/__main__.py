@@ -1,0 +1,59 @@
+"""`python -m jaxllm.rlhf sft|reward|ppo --config=PATH [--workdir=DIR] [section.key=value ...]`
+
+DeepSpeed-Chat's three steps: supervised fine-tuning, reward model, PPO. Each writes
+`DIR/metrics.jsonl`, TensorBoard events and checkpoints like `python -m jaxllm.train`, and rerunning
+the same command resumes from the newest checkpoint. Mistakes print one `error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jaxllm.errors import UserError
+from jaxllm.rlhf import config as config_lib
+from jaxllm.rlhf.config import STAGES
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.rlhf", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=STAGES, help="sft (step 1), reward (step 2) or ppo (step 3)")
+    parser.add_argument("--config", help="YAML config file (defaults apply without one)")
+    parser.add_argument("--workdir", help="metrics, TensorBoard and checkpoints go here (default runs/rlhf/STAGE)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_intermixed_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"expected section.key=value overrides, got {bad[0]!r}")
+    return args
+
+
+def run(stage: str, config: config_lib.RLHFConfig, workdir: Path) -> dict:
+    """Runs one step in-process; returns its last logged metrics row."""
+    if stage == "sft":
+        from jaxllm.rlhf import sft
+
+        return sft.run(config, workdir)
+    if stage == "reward":
+        from jaxllm.rlhf import reward
+
+        return reward.run(config, workdir)
+    from jaxllm.rlhf import ppo
+
+    return ppo.run(config, workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_lib.load(args.config, args.overrides)
+        run(args.stage, config, Path(args.workdir or f"runs/rlhf/{args.stage}"))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

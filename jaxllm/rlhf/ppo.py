@@ -1,0 +1,352 @@
+"""Step 3, PPO: the actor and a frozen reference start from step 1, the critic and a frozen reward model
+from step 2 (DeepSpeed-Chat's `DeepSpeedRLHFEngine` + `DeepSpeedPPOTrainer`).
+
+One training step (`train.steps` of them) is one round: `ppo.generation_batches` batches of
+`ppo.generation_batch_size` prompts are answered by the actor (`jaxllm.rlhf.ppo_step.make_generate`,
+KV-cache generation on the training devices) and scored (`make_score`: log-probabilities of actor and
+reference, critic values, reward-model score, KL-penalised rewards, GAE); then `make_train` runs
+`ppo_epochs` passes of actor and critic updates over minibatches of `ppo.train_batch_size` rows, with
+optional PTX and actor EMA. Every logged row has `reward_mean`, `kl`, `policy_loss`, `value_loss` and
+the wall-clock split of the round between `generation_time`, `scoring_time` and `training_time`
+(seconds per round, averaged since the last row; the first row includes compilation). At
+`eval.every` steps and at the end, the actor answers the held-out prompts greedily and
+`eval_reward_mean` is the reward model's mean score of those answers.
+
+The checkpoint holds the step, both trained models with their optimizer states and the EMA; the
+frozen reference and reward model are re-read from their workdirs (at the checkpoint steps recorded
+in `meta`) on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxllm import mesh as mesh_lib
+from jaxllm.checkpoint import Checkpointer, fault_point
+from jaxllm.config import ModelConfig
+from jaxllm.data.pipeline import make_train_dataset, make_train_iterator
+from jaxllm.errors import UserError
+from jaxllm.metrics import truncate_after
+from jaxllm.rlhf import common, lora
+from jaxllm.rlhf.config import RLHFConfig
+from jaxllm.rlhf.data import PromptRows, SFTRows, read_text_rows, special_ids
+from jaxllm.rlhf.models import actor_def, value_def
+from jaxllm.rlhf.ppo_step import PPOModels, Role, make_generate, make_score, make_train
+from jaxllm.state import state_layout
+
+
+def _trainable_def(model_def, dim: int, module_name: str):
+    """What `state_layout` needs (logical axes and shapes) of a model's trainable tree."""
+    if not dim:
+        return model_def
+    axes, shapes = lora.lora_layout(model_def.logical_axes, model_def.shapes, module_name, dim)
+    return SimpleNamespace(logical_axes={"base": model_def.logical_axes, "lora": axes},
+                           shapes={"base": model_def.shapes, "lora": shapes})
+
+
+def _optimizer(config: RLHFConfig, lr: float, lora_lr: float, dim: int, total: int):
+    train, opt = config.train, config.optimizer
+    tx, schedule = common.adamw(opt, lr, train.warmup_steps, total, train.min_lr_ratio)
+    if not dim:
+        return tx, schedule
+    lora_tx, _ = common.adamw(opt, lora_lr, train.warmup_steps, total, train.min_lr_ratio)
+    base_tx = optax.set_to_zero() if config.ppo.only_optimize_lora else tx
+
+    def labels(params):
+        return {"base": jax.tree.map(lambda _: "base", params["base"]),
+                "lora": jax.tree.map(lambda _: "lora", params["lora"])}
+
+    return optax.multi_transform({"base": base_tx, "lora": lora_tx}, labels), schedule
+
+
+def _structure(config: RLHFConfig) -> dict[str, Any]:
+    """Settings that change the checkpoint's tree; a resumed run must keep them."""
+    p = config.ppo
+    return {"actor_lora_dim": p.actor_lora_dim, "critic_lora_dim": p.critic_lora_dim,
+            "lora_module_name": p.lora_module_name, "lora_scaling": p.lora_scaling, "enable_ema": p.enable_ema}
+
+
+def _check_tokenizers(tokenizer_file: Path, actor: common.Source, critic: common.Source) -> None:
+    mine = common.file_digest(tokenizer_file)
+    for source, key in ((actor, "ppo.actor_workdir"), (critic, "ppo.critic_workdir")):
+        theirs = source.tokenizer_sha256
+        if theirs is None:
+            raise UserError(f"config key '{key}': workdir '{source.workdir}' has no tokenizer (data/tokenizer.model "
+                            "or data/tokenizer.json), so step 3 cannot check that it matches the other models")
+        if theirs != mine:
+            raise UserError(f"mismatched tokenizers: step 3 uses {tokenizer_file} (sha256 {mine[:12]}), but "
+                            f"{key} '{source.workdir}' was trained with another one (sha256 {theirs[:12]}); the actor, "
+                            "critic and reward model must share one tokenizer")
+
+
+def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
+    """Runs (or resumes) step 3; returns the last logged metrics row."""
+    from jaxllm.train import init_distributed
+
+    p, train_cfg, zero = config.ppo, config.train, config.mesh.zero_stage
+    for key in ("actor_workdir", "critic_workdir"):
+        if not getattr(p, key):
+            step = "step 1 (sft)" if key == "actor_workdir" else "step 2 (reward)"
+            raise UserError(f"config key 'ppo.{key}': required; the workdir of {step}")
+    init_distributed(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    workdir.mkdir(parents=True, exist_ok=True)
+    common.check_divides(p.generation_batch_size, mesh, "ppo.generation_batch_size")
+    common.check_divides(p.train_batch_size, mesh, "ppo.train_batch_size")
+    records, eval_records = common.load_records(config, workdir)
+    train_rows, held_out = common.stage_split(config, records, eval_records, "ppo")
+    tokenizer = common.setup_tokenizer(config, workdir, p.actor_workdir, records)
+
+    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    start = ckpt.latest_step()
+    recorded = ckpt.read_meta(start).get("rlhf", {}) if start is not None else {}
+    if recorded and recorded.get("structure") != _structure(config):
+        raise UserError(f"workdir '{workdir}' was trained with {recorded.get('structure')}, the config asks for "
+                        f"{_structure(config)}; use another --workdir or the checkpoint's settings")
+    compute = dataclasses.replace(ModelConfig(), compute_dtype=config.model.compute_dtype, remat=config.model.remat)
+    with jax.set_mesh(mesh):
+        actor_src = common.load_source(p.actor_workdir, "ppo.actor_workdir", "decoder", mesh, zero, compute,
+                                       recorded.get("actor", {}).get("step"))
+        critic_src = common.load_source(p.critic_workdir, "ppo.critic_workdir", "value", mesh, zero, compute,
+                                        recorded.get("critic", {}).get("step"))
+    _check_tokenizers(Path(tokenizer.path), actor_src, critic_src)
+    P, A = config.data.max_prompt_seq_len, p.max_answer_seq_len
+    for source, what in ((actor_src, "actor"), (critic_src, "critic")):
+        common.check_tokenizer_fits(tokenizer, source.model, f"the {what} of {source.workdir}")
+        if P + A > source.model.max_len:
+            raise UserError(f"config key 'ppo.max_answer_seq_len': data.max_prompt_seq_len {P} + {A} = {P + A} "
+                            f"tokens exceed the {what}'s max_len={source.model.max_len}")
+
+    prompts = PromptRows(train_rows, tokenizer, P)
+    common.say(prompts.report.line())
+    if len(prompts) < p.generation_batch_size:
+        raise UserError(f"config key 'ppo.generation_batch_size': {p.generation_batch_size} exceeds the {len(prompts)} "
+                        f"step-3 prompts kept (of {len(train_rows)}; {prompts.report.dropped} longer than "
+                        f"data.max_prompt_seq_len={P} were dropped)")
+    eval_prompts = PromptRows(held_out, tokenizer, P, "ppo held-out")
+    if len(eval_prompts):
+        common.say(eval_prompts.report.line())
+    ptx_rows = _ptx_rows(config, records, eval_records, tokenizer, actor_src.model)
+
+    eos, pad = special_ids(tokenizer)
+    a_def = actor_def(actor_src.model, tokenizer.vocab_size)
+    c_def = value_def(critic_src.model)
+    scaling = p.lora_scaling
+    models = PPOModels(Role(a_def, p.actor_lora_dim, scaling, p.only_optimize_lora),
+                       Role(c_def, p.critic_lora_dim, scaling, p.only_optimize_lora), a_def, c_def, P, A, eos, pad)
+    num_rows = p.generation_batch_size * p.generation_batches
+    updates = p.ppo_epochs * (num_rows // p.train_batch_size)
+    total = train_cfg.steps * updates
+    actor_tx, actor_schedule = _optimizer(config, p.actor_learning_rate, p.actor_lora_learning_rate,
+                                          p.actor_lora_dim, total)
+    critic_tx, critic_schedule = _optimizer(config, p.critic_learning_rate, p.critic_lora_learning_rate,
+                                            p.critic_lora_dim, total)
+    with jax.set_mesh(mesh):
+        a_layout = state_layout(mesh, _trainable_def(a_def, p.actor_lora_dim, p.lora_module_name), actor_tx, zero)
+        c_layout = state_layout(mesh, _trainable_def(c_def, p.critic_lora_dim, p.lora_module_name), critic_tx, zero)
+    shardings, abstract = _state_layout(a_layout, c_layout, p.enable_ema)
+
+    pidx, pcount = jax.process_index(), jax.process_count()
+    iterator = make_train_iterator(prompts, p.generation_batch_size, config.seed, pidx, pcount)
+    ptx_data = make_train_dataset(ptx_rows, p.train_batch_size, config.seed + 1, pidx, pcount) if ptx_rows else None
+    meta = common.base_meta(actor_src.model, "ppo", tokenizer, critic_model=common.model_meta(critic_src.model),
+                            actor={"workdir": str(actor_src.workdir), "step": actor_src.step},
+                            critic={"workdir": str(critic_src.workdir), "step": critic_src.step},
+                            structure=_structure(config))
+    with jax.set_mesh(mesh):
+        if start is not None:
+            ckpt.check_compatible(start, meta["model"])
+            state = ckpt.restore(start, abstract, iterator)
+        else:
+            start = 0
+            state = _initial_state(config, models, actor_tx, critic_tx, actor_src.params, critic_src.params, shardings)
+        generate = make_generate(models, p, mesh)
+        score = make_score(models, p, mesh)
+        train = make_train(models, p, actor_tx, critic_tx, actor_schedule, critic_schedule, shardings, num_rows,
+                           ptx_data is not None, p.enable_ema)
+        greedy = make_generate(models, p, mesh, temperature=0.0) if len(eval_prompts) else None
+
+    def evaluate(state) -> dict[str, float]:
+        return _evaluate(config, mesh, greedy, score, state, actor_src.params, critic_src.params, eval_prompts)
+
+    with jax.set_mesh(mesh):
+        return _loop(config, workdir, mesh, ckpt, iterator, meta, state, start, generate, score, train, evaluate,
+                     ptx_data, actor_src.params, critic_src.params, updates)
+
+
+def _state_layout(a_layout, c_layout, ema: bool) -> tuple[dict, dict]:
+    def pick(tree, layout_tree):
+        out = {"step": layout_tree["step"], "skipped_steps": layout_tree["skipped_steps"],
+               "actor": {"params": tree[0]["params"], "opt_state": tree[0]["opt_state"]},
+               "critic": {"params": tree[1]["params"], "opt_state": tree[1]["opt_state"]}}
+        if ema:
+            out["actor_ema"] = tree[0]["params"]
+        return out
+
+    return (pick((a_layout.state, c_layout.state), a_layout.state),
+            pick((a_layout.abstract, c_layout.abstract), a_layout.abstract))
+
+
+def _initial_state(config: RLHFConfig, models: PPOModels, actor_tx, critic_tx, actor_params, critic_params,
+                   shardings) -> dict[str, Any]:
+    p = config.ppo
+    key = jax.random.key(config.seed)
+
+    def trainable(params, role: Role, index: int):
+        if not role.lora_dim:
+            return params
+        factors = lora.init_lora(params, role.model_def.logical_axes, p.lora_module_name, role.lora_dim,
+                                 jax.random.fold_in(key, index))
+        return {"base": params, "lora": factors}
+
+    def init(actor_params, critic_params):
+        a = trainable(actor_params, models.actor, 0)
+        c = trainable(critic_params, models.critic, 1)
+        zero = jnp.zeros((), jnp.int32)
+        state = {"step": zero, "skipped_steps": zero, "actor": {"params": a, "opt_state": actor_tx.init(a)},
+                 "critic": {"params": c, "opt_state": critic_tx.init(c)}}
+        if p.enable_ema:
+            state["actor_ema"] = jax.tree.map(jnp.copy, a)
+        return state
+
+    return jax.jit(init, out_shardings=shardings)(actor_params, critic_params)
+
+
+def _ptx_rows(config: RLHFConfig, records, eval_records, tokenizer, actor_cfg: ModelConfig) -> SFTRows | None:
+    source = config.ppo.unsupervised_data
+    if not source:
+        return None
+    width = config.data.max_seq_len
+    if width > actor_cfg.max_len:
+        raise UserError(f"config key 'data.max_seq_len': {width} exceeds the actor's max_len={actor_cfg.max_len} "
+                        "(PTX rows use data.max_seq_len)")
+    if source == "sft":
+        sft_rows, _ = common.stage_split(config, records, eval_records, "sft")
+        rows = SFTRows.from_records(sft_rows, tokenizer, width, loss_on_prompt=True, name="ptx (step-1 rows)")
+    else:
+        rows = read_text_rows(source, tokenizer, width)
+    common.say(rows.report.line())
+    if len(rows) < config.ppo.train_batch_size:
+        raise UserError(f"config key 'ppo.unsupervised_data': {len(rows)} rows, fewer than ppo.train_batch_size="
+                        f"{config.ppo.train_batch_size}")
+    return rows
+
+
+def _ptx_batch(ptx_data, step: int, updates: int, mesh, rows: int) -> dict[str, jax.Array]:
+    """The PTX rows of round `step` (0-based), one batch per update: `[rows, updates, width]` arrays.
+    Batches are indexed by the update count, so a resumed run reads the same ones."""
+    batches = [ptx_data[step * updates + u] for u in range(updates)]
+    local = {k: np.stack([b[k] for b in batches], axis=1) for k in batches[0]}
+    return common.to_global(local, mesh, rows)
+
+
+def _evaluate(config, mesh, greedy, score, state, ref_params, reward_params, prompts: PromptRows) -> dict[str, float]:
+    """Greedy answers to the held-out prompts, scored by the reward model."""
+    if greedy is None:
+        return {}
+    from jaxllm.rlhf.loop import eval_batches
+
+    rows = config.ppo.generation_batch_size
+    total, weight, length = 0.0, 0.0, 0.0
+    key = jax.random.key(0)
+    for batch in eval_batches(prompts, rows, config.eval.batches, jax.process_index(), jax.process_count()):
+        w = batch["weight"]
+        batch = common.to_global({k: batch[k] for k in ("prompt", "prompt_length")}, mesh, rows)
+        out = greedy(state["actor"]["params"], batch["prompt"], batch["prompt_length"], key)
+        exp, _ = score(state["actor"]["params"], ref_params, state["critic"]["params"], reward_params,
+                       batch["prompt"], batch["prompt_length"], out.tokens, out.lengths)
+        scores, lengths = jax.device_get((exp.score, exp.answer_length))  # one process: all rows
+        w = w if len(w) == len(scores) else np.ones(len(scores), np.float32)
+        total += float(np.sum(scores * w))
+        length += float(np.sum(lengths * w))
+        weight += float(np.sum(w))
+    n = max(weight, 1.0)
+    return {"eval_reward_mean": total / n, "eval_answer_length": length / n}
+
+
+def _loop(config: RLHFConfig, workdir: Path, mesh, ckpt: Checkpointer, iterator, meta, state, start: int, generate,
+          score, train, evaluate, ptx_data, ref_params, reward_params, updates: int) -> dict[str, Any]:
+    from jaxllm.rlhf.common import Writer
+
+    p = config.ppo
+    lead = jax.process_index() == 0
+    total = config.train.steps
+    if lead:
+        truncate_after(workdir / "metrics.jsonl", start)
+    writer = Writer(workdir, total, start, config.log.tensorboard, config.log.progress_bar,
+                    ("reward_mean", "kl", "generation_fraction")) if lead else None
+    base_key = jax.random.key(config.seed)
+    sums: dict[str, float] = {}
+    rounds, last, step = 0, {}, start
+    try:
+        while step < total:
+            round_key = jax.random.fold_in(base_key, step)
+            times = {"generation_time": 0.0, "scoring_time": 0.0, "training_time": 0.0}
+            experiences, exp_metrics = [], []
+            for g in range(p.generation_batches):
+                batch = common.to_global(next(iterator), mesh, p.generation_batch_size)
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(generate(state["actor"]["params"], batch["prompt"],
+                                                     batch["prompt_length"], jax.random.fold_in(round_key, g)))
+                t1 = time.perf_counter()
+                exp, metrics = jax.block_until_ready(score(
+                    state["actor"]["params"], ref_params, state["critic"]["params"], reward_params, batch["prompt"],
+                    batch["prompt_length"], out.tokens, out.lengths))
+                times["generation_time"] += t1 - t0
+                times["scoring_time"] += time.perf_counter() - t1
+                experiences.append(exp)
+                exp_metrics.append(jax.device_get(metrics))
+            exp = experiences[0] if len(experiences) == 1 else \
+                jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *experiences)
+            ptx = None if ptx_data is None else _ptx_batch(ptx_data, step, updates, mesh, p.train_batch_size)
+            t2 = time.perf_counter()
+            train_key = jax.random.fold_in(round_key, p.generation_batches)  # generation used 0 .. G - 1
+            state, metrics = jax.block_until_ready(train(state, exp, ptx, train_key))
+            times["training_time"] = time.perf_counter() - t2
+            step += 1
+            rounds += 1
+            fault_point("kill_after_step", step)
+            host = jax.device_get(metrics)
+            row_sum = {k: float(np.mean([m[k] for m in exp_metrics])) for k in exp_metrics[0] if k != "answer_tokens"}
+            row_sum["answer_tokens"] = float(sum(m["answer_tokens"] for m in exp_metrics))
+            row_sum.update({k: float(v) for k, v in host.items()}, **times)
+            for k, v in row_sum.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if writer:
+                writer.advance()
+            row: dict[str, Any] = {}
+            if step % config.train.log_every == 0 or step in (start + 1, total):
+                row = _row(sums, rounds, step, int(jax.device_get(state["skipped_steps"])))
+                sums, rounds = {}, 0
+            if (config.eval.every and step % config.eval.every == 0) or step == total:
+                row = {"step": step, **row, **evaluate(state)}
+            if row:
+                last = row
+                if writer:
+                    writer.write(row)
+            if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == total:
+                ckpt.save(step, state, iterator, meta)
+    finally:
+        ckpt.close()
+        if writer:
+            writer.close()
+    return last
+
+
+def _row(sums: dict[str, float], rounds: int, step: int, skipped: int) -> dict[str, Any]:
+    mean = {k: v / rounds for k, v in sums.items()}
+    busy = mean["generation_time"] + mean["scoring_time"] + mean["training_time"]
+    row = {"step": step, **{k: v for k, v in mean.items() if k != "answer_tokens"}}
+    row["generation_fraction"] = mean["generation_time"] / busy
+    row["generated_tokens_per_sec"] = mean["answer_tokens"] / max(mean["generation_time"], 1e-9)
+    row["skipped_steps"] = skipped
+    return row
