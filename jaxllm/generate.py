@@ -48,6 +48,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from jaxllm import mesh as mesh_lib
 from jaxllm.checkpoint import Checkpointer
+from jaxllm.compression import checkpoint as compressed_checkpoint
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, TextTokenizer, load_tokenizer
 from jaxllm.errors import UserError
@@ -328,6 +329,8 @@ def load_workdir(workdir: str | Path, mesh: Mesh, step: int | None = None,
     if step is not None and step not in steps:
         raise UserError(f"--step {step}: no such checkpoint in {directory}; found steps {steps}")
     step = steps[-1] if step is None else step
+    if compressed_checkpoint.is_compressed_checkpoint(workdir, step):  # written by python -m jaxllm.compress
+        return compressed_checkpoint.load_workdir(workdir, mesh, step, compute_dtype)
     ckpt = Checkpointer(directory, async_save=False)
     try:
         saved = ckpt.read_meta(step).get("model")

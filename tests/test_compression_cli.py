@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxllm import compress, train
 from jaxllm import config as config_lib
+from jaxllm import generate as generate_lib
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.compression import checkpoint
 from jaxllm.compression.qtensor import QuantizedWeight
@@ -89,6 +90,9 @@ def test_ptq_checkpoint_reloads_evaluates_and_generates(run, capsys):
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["eval_loss"] == pytest.approx(summary["eval"]["eval_loss"], rel=1e-6)
     assert compress.main(["generate", "--workdir", str(out), "--prompt-ids", "1 2 3", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in [1, 2, 3] + new[0]]
+    # The general generation command recognises a compressed workdir too.
+    assert generate_lib.main(["--workdir", str(out), "--prompt-ids", "1 2 3", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in [1, 2, 3] + new[0]]
 
 
