@@ -9,7 +9,7 @@ parameters; there is no separate code path for them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,6 +29,11 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
+    # Inside attention (Ulysses): the sequence axis moves from the length to the heads, so each device
+    # holds whole rows for a slice of the heads; the moves both ways are all-to-alls.
+    "attn_length": (),
+    "attn_heads": ("tensor", "sequence"),
+    "attn_kv_heads": ("tensor", "sequence"),
     "vocab": ("tensor",),
     "head_dim": (),
     "positions": (),
@@ -141,9 +146,47 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in LOGICAL_RULES["batch"])
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """`with_sharding_constraint` by logical names under the current mesh; a no-op without one."""
+def _current_mesh():
+    """The mesh set by `jax.set_mesh` (abstract inside `jit`), or None when there is no jaxllm mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return None
+    return mesh
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names under the current mesh; a no-op without one."""
+    mesh = _current_mesh()
+    if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
+def _sizes(sizes: Mapping[str, int] | None) -> Mapping[str, int]:
+    if sizes is None:
+        mesh = _current_mesh()
+        sizes = {} if mesh is None else dict(mesh.shape)
+    return sizes
+
+
+def shard_count(logical_name: str, sizes: Mapping[str, int] | None = None) -> int:
+    """How many ways the mesh axes of `logical_name` split a dimension, for mesh axis `sizes` (default:
+    the current mesh; 1 without one)."""
+    sizes = _sizes(sizes)
+    return math.prod(sizes.get(axis, 1) for axis in LOGICAL_RULES[logical_name])
+
+
+def check_attention_heads(heads: int, sizes: Mapping[str, int] | None = None) -> None:
+    """Ulysses sequence parallelism gives each device whole rows of `heads / (tensor x sequence)` heads.
+
+    With `mesh.sequence` > 1 the query heads must split evenly; otherwise attention would silently run
+    replicated over the sequence axis. `sizes` as in `shard_count`.
+    """
+    sizes = _sizes(sizes)
+    sequence, degree = sizes.get("sequence", 1), shard_count("attn_heads", sizes)
+    if sequence > 1 and heads % degree:
+        raise UserError(
+            f"config key 'model.heads': {heads} attention heads do not divide over mesh.sequence={sequence} x "
+            f"mesh.tensor={sizes.get('tensor', 1)} = {degree} devices; Ulysses sequence parallelism splits "
+            f"attention by heads, so use a multiple of {degree} heads or a smaller mesh.sequence"
+        )

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from jaxllm import mesh as mesh_lib
 from jaxllm.compression.linear import embedding_lookup, linear
 from jaxllm.config import ModelConfig
 from jaxllm.ltd import LTDPlan, dropped_layer
@@ -181,13 +182,44 @@ class Attention(nnx.Module):
         v = self._project(x, self.wv, self.bv)
         if cfg.family == "llama":
             q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        # Projections stay split over the length: without these, XLA gathers the whole input for them
+        # instead of moving the (smaller per device) projected heads in all-to-alls.
         q = constrain(q, ("batch", "length", "heads", None))
+        k, v = (constrain(t, ("batch", "length", "kv_heads", None)) for t in (k, v))
+        q, k, v, segment_ids, positions = self._ulysses(q, k, v, segment_ids, positions)
         if kept_index is not None:
+            kept_index = constrain(kept_index, ("batch", "attn_length"))
             out = token_dropped_attention(q, k, v, segment_ids, positions, kept_index, alibi, cfg.compute_dtype,
                                           implementation)
-            return self._output(out)
-        out = (attention or causal_attention)(q, k, v, segment_ids, positions, alibi, cfg.compute_dtype)
-        return self._output(out)
+        else:
+            out = (attention or causal_attention)(q, k, v, segment_ids, positions, alibi, cfg.compute_dtype)
+        # Pinned in the heads layout first, so the move back is one all-to-all after attention.
+        out = constrain(out, ("batch", "attn_length", "attn_heads", None))
+        return self._output(constrain(out, ("batch", "length", "heads", None)))
+
+    def _ulysses(self, q, k, v, segment_ids, positions):
+        """Ulysses sequence parallelism: with `mesh.sequence` > 1, activations arrive split over the length;
+        these constraints re-split q, k and v over heads (tensor x sequence) with whole rows, which XLA
+        does with one all-to-all each (and the caller's constraint on the output with one more back).
+        Masks and ALiBi then see whole rows; RoPE already ran on each token's global position. Without a
+        sequence axis these are the usual tensor-parallel layouts. `docs/sequence_parallel.md`.
+
+        Key/value heads that the attention shards do not divide (grouped-query attention with fewer
+        kv heads than shards) are repeated to the smallest count they do divide, so that each device
+        holds the key/value heads its query heads read; that repeat is exact and costs only traffic.
+        """
+        mesh_lib.check_attention_heads(self.cfg.heads)
+        shards = mesh_lib.shard_count("attn_kv_heads")
+        kv = k.shape[2]
+        if kv % shards and self.cfg.heads % shards == 0:
+            repeat = shards // math.gcd(kv, shards)  # divides heads / kv, so grouping stays aligned
+            # Repeated while still split over the length, so the copies travel in the all-to-all
+            # (1 / shards of the key/values each) rather than as an all-gather of every kv head.
+            k, v = (constrain(jnp.repeat(t, repeat, axis=2), ("batch", "length", "kv_heads", None)) for t in (k, v))
+        q = constrain(q, ("batch", "attn_length", "attn_heads", None))
+        k, v = (constrain(t, ("batch", "attn_length", "attn_kv_heads", None)) for t in (k, v))
+        segment_ids, positions = (constrain(t, ("batch", "attn_length")) for t in (segment_ids, positions))
+        return q, k, v, segment_ids, positions
 
     def _output(self, out):
         batch, length, heads, hd = out.shape
