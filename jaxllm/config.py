@@ -101,6 +101,9 @@ class DataConfig:
             _require(self.path is not None, "data.path", self.path, "a token-shard directory when data.source=tokens")
 
 
+DEFAULT_COMPILE_CACHE = "~/.cache/jaxllm/xla"
+
+
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = 100
@@ -110,6 +113,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 10
     log_every: int = 10
+    # XLA's persistent compilation cache: a second start skips compiling the step. null or "" turns it
+    # off; left at this default, $JAX_COMPILATION_CACHE_DIR (when set) chooses the location instead.
+    compile_cache: str | None = DEFAULT_COMPILE_CACHE
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):

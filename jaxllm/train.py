@@ -98,6 +98,38 @@ def init_distributed(config: Config) -> None:
                         "or distributed.auto=true)")
 
 
+def compile_cache_dir(config: Config) -> str | None:
+    """Where XLA's persistent compilation cache lives for this run, or None when it is off.
+
+    `train.compile_cache` left at its default defers to $JAX_COMPILATION_CACHE_DIR when that is set
+    (tests and shared clusters redirect the cache with it); null or "" turns the cache off.
+    """
+    path = config.train.compile_cache
+    if path == config_lib.DEFAULT_COMPILE_CACHE and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        path = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    return str(Path(path).expanduser()) if path else None
+
+
+def setup_compile_cache(config: Config) -> str | None:
+    """Points the persistent compilation cache at `compile_cache_dir(config)`; returns that directory.
+
+    Every program is cached, however small or quick to compile: a start compiles several small ones
+    (initialisation, the peak-FLOPs matmul, dtype conversions) besides the train step, and on CPU they
+    add up to seconds.
+    """
+    path = compile_cache_dir(config)
+    if path != getattr(jax.config, "jax_compilation_cache_dir", None):
+        from jax.experimental.compilation_cache import compilation_cache
+
+        # JAX opens the cache once, on the first compilation; a new location needs a fresh start.
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", path)
+    if path:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
+
+
 def check_batch(config: Config, mesh: jax.sharding.Mesh) -> None:
     micro = config.train.batch_size // config.train.grad_accum
     shards = mesh_lib.data_parallel_size(mesh)
@@ -113,6 +145,7 @@ def check_batch(config: Config, mesh: jax.sharding.Mesh) -> None:
     if config.data.seq_len % mesh.shape["sequence"]:
         raise UserError(f"config key 'data.seq_len': {config.data.seq_len} does not divide over "
                         f"mesh.sequence={mesh.shape['sequence']}")
+    mesh_lib.check_attention_heads(config.model.heads, dict(mesh.shape))
 
 
 def model_meta(config: Config) -> dict[str, Any]:
@@ -198,6 +231,7 @@ def _state_from_hf(config: Config, tx, layout) -> dict[str, Any]:
 def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
     """Runs (or resumes) training; returns the last logged metrics row."""
     config = resolve_init_from(config)
+    setup_compile_cache(config)
     init_distributed(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     check_batch(config, mesh)

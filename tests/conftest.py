@@ -14,6 +14,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# The Pallas kernel tests run interpreted (any backend); JAXLLM_PALLAS_INTERPRET=0 compiles them for the
+# accelerator instead (scripts/device_check.sh on a GPU).
+PALLAS_INTERPRET = os.environ.get("JAXLLM_PALLAS_INTERPRET", "1") != "0"
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,12 @@ from jaxllm.compression.linear import linear
 from jaxllm.compression.qtensor import QuantSpec, quantize_weight
 from jaxllm.compression.quantizers import quantize_tokens
 from pallas_kernels.quantized_matmul import column_scales, int8_matmul, quantized_matmul
+from tests.conftest import PALLAS_INTERPRET
 
-# Tiny blocks so that every shape below spans several blocks and none divides them.
-BLOCKS = dict(block_m=8, block_n=8, block_k=4, interpret=True)
+# Tiny blocks so that every shape below spans several blocks and none divides them. Compiled for a GPU
+# (JAXLLM_PALLAS_INTERPRET=0), Triton's dots need tiles of at least 16.
+BLOCKS = (dict(block_m=8, block_n=8, block_k=4, interpret=True) if PALLAS_INTERPRET
+          else dict(block_m=16, block_n=16, block_k=16, interpret=False))
 
 
 def weight(bits, groups, symmetric, k, n, seed=0):

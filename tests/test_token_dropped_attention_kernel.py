@@ -15,6 +15,7 @@ from jaxllm.ops.token_dropped_attention import (
     token_dropped_attention_reference,
 )
 from pallas_kernels.token_dropped_attention import token_dropped_attention as kernel
+from tests.conftest import PALLAS_INTERPRET
 
 
 def inputs(batch, length, kept, heads, kv_heads, dim, seed=0, dtype=jnp.float32):
@@ -67,7 +68,7 @@ def test_kernel_matches_reference_forward_and_backward(case):
         return out, vjp(cot)
 
     want, want_grads = run(token_dropped_attention_reference)
-    got, got_grads = run(lambda *a: kernel(*a, block=block, interpret=True))
+    got, got_grads = run(lambda *a: kernel(*a, block=block, interpret=PALLAS_INTERPRET))
     np.testing.assert_allclose(np.asarray(got) * real, np.asarray(want) * real, rtol=1e-5, atol=2e-6)
     for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=5e-6, err_msg=f"d{name}")

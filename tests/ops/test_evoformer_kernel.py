@@ -15,6 +15,7 @@ from jaxllm.errors import UserError
 from jaxllm.ops import evoformer_attention
 from jaxllm.ops.evoformer import evoformer_attention_reference
 from pallas_kernels.evoformer_attention import evoformer_attention as pallas_attention
+from tests.conftest import PALLAS_INTERPRET
 
 
 def inputs(seed, shape, bias_shapes, dtype, lk=None):
@@ -42,7 +43,7 @@ def vjp_all(fn, q, k, v, biases, cot):
 
 
 def kernel(q, k, v, biases):
-    return pallas_attention(q, k, v, biases, block_q=16, block_k=16, interpret=True)
+    return pallas_attention(q, k, v, biases, block_q=16, block_k=16, interpret=PALLAS_INTERPRET)
 
 
 def test_f32_values_and_gradients_match_reference():
