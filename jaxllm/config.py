@@ -593,13 +593,21 @@ def _known_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str) -> UserError:
-    close = difflib.get_close_matches(key, _known_keys(Config), n=1, cutoff=0.6)
+def _unknown_key(key: str, root: type) -> UserError:
+    close = difflib.get_close_matches(key, _known_keys(root), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return UserError(f"unknown config key '{key}'{hint}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+def build_config(root: type, values: dict[str, Any]) -> Any:
+    """The dataclass tree `root` from nested `values`, strictly: an unknown key (with the closest known
+    one of `root` as a hint), a wrong type or a non-mapping section is a `UserError` naming the key.
+    Shared by every command's config (`jaxllm.rlhf.config`, `jaxllm.multimodal.config`)."""
+    return _build(root, values, "", root)
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "", root: type | None = None) -> Any:
+    root = root or cls
     if not isinstance(values, dict):
         raise UserError(f"config key '{prefix.rstrip('.')}': got {values!r}; expected a mapping of keys")
     hints = typing.get_type_hints(cls)
@@ -608,15 +616,15 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for name, value in values.items():
         key = prefix + str(name)
         if name not in names:
-            raise _unknown_key(key)
+            raise _unknown_key(key, root)
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value or {}, key + ".")
+            kwargs[name] = _build(annotation, value or {}, key + ".", root)
         elif typing.get_origin(annotation) is dict:  # a mapping of user-chosen names to sections
             if not isinstance(value or {}, dict):
                 raise UserError(f"config key '{key}': got {value!r}; expected a mapping of names to sections")
             inner = typing.get_args(annotation)[1]
-            kwargs[name] = {str(k): _build(inner, v or {}, f"{key}.{k}.") for k, v in (value or {}).items()}
+            kwargs[name] = {str(k): _build(inner, v or {}, f"{key}.{k}.", root) for k, v in (value or {}).items()}
         else:
             kwargs[name] = _coerce(key, value, annotation)
     return cls(**kwargs)
@@ -684,7 +692,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def from_dict(values: dict[str, Any]) -> Config:
-    return _build(Config, values).validate()
+    return build_config(Config, values).validate()
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -347,7 +347,8 @@ def check_optimizer_state(saved: dict | None, wanted: dict | None, where: Any) -
 
 
 def _no_global_update(updates, state, params=None):
-    raise NotImplementedError("CompressedTraining.state_tx only initialises state; use CompressedTraining.train_step")
+    raise RuntimeError("CompressedTraining.state_tx only initialises state; "
+                       "its updates run in CompressedTraining.train_step")
 
 
 def _local_update(opt_state: Any) -> Any:

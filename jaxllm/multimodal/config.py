@@ -9,8 +9,6 @@ Shared sections reuse `jaxllm.config` (`model` is the language model: any jaxllm
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,13 +20,12 @@ from jaxllm.config import (
     ModelConfig,
     OptimizerConfig,
     TrainConfig,
-    _coerce,
     _merge,
     _require,
+    build_config,
     parse_overrides,
     read_yaml,
 )
-from jaxllm.errors import UserError
 
 MAX_IMAGES = 8  # DeepSpeed-VisualChat's limit ("### Image 1:" .. "### Image 8:")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -221,47 +218,12 @@ class VisualChatConfig:
         return dataclasses.asdict(self)
 
 
-def _known_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        keys.append(prefix + field.name)
-        if dataclasses.is_dataclass(hints[field.name]):
-            keys.extend(_known_keys(hints[field.name], prefix + field.name + "."))
-    return keys
-
-
-def _build(cls: type, values: Any, prefix: str = "") -> Any:
-    if not isinstance(values, dict):
-        raise UserError(f"config key '{prefix.rstrip('.')}': got {values!r}; expected a mapping of keys")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in values.items():
-        key = prefix + str(name)
-        if name not in names:
-            close = difflib.get_close_matches(key, _known_keys(VisualChatConfig), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"unknown config key '{key}'{hint}")
-        annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value or {}, key + ".")
-        elif typing.get_origin(annotation) is dict:  # user-named sections (data.datasets)
-            if not isinstance(value or {}, dict):
-                raise UserError(f"config key '{key}': got {value!r}; expected a mapping of names to sections")
-            inner = typing.get_args(annotation)[1]
-            kwargs[name] = {str(k): _build(inner, v or {}, f"{key}.{k}.") for k, v in (value or {}).items()}
-        else:
-            kwargs[name] = _coerce(key, value, annotation)
-    return cls(**kwargs)
-
-
 def from_dict(values: dict[str, Any]) -> VisualChatConfig:
     base = dataclasses.asdict(VisualChatConfig())["model"]  # the section's own defaults, not ModelConfig's
     values = dict(values)
     if isinstance(values.get("model") or {}, dict):
         values["model"] = {**base, **(values.get("model") or {})}
-    return _build(VisualChatConfig, values).validate()
+    return build_config(VisualChatConfig, values).validate()
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> VisualChatConfig:

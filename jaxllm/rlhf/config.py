@@ -10,8 +10,6 @@ arguments). Unknown keys, wrong types and invalid values raise `UserError` namin
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,9 +21,9 @@ from jaxllm.config import (
     ModelConfig,
     OptimizerConfig,
     TrainConfig,
-    _coerce,
     _merge,
     _require,
+    build_config,
     parse_overrides,
     read_yaml,
 )
@@ -194,38 +192,8 @@ class RLHFConfig:
         return dataclasses.asdict(self)
 
 
-def _known_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        keys.append(prefix + field.name)
-        if dataclasses.is_dataclass(hints[field.name]):
-            keys.extend(_known_keys(hints[field.name], prefix + field.name + "."))
-    return keys
-
-
-def _build(cls: type, values: Any, prefix: str = "") -> Any:
-    if not isinstance(values, dict):
-        raise UserError(f"config key '{prefix.rstrip('.')}': got {values!r}; expected a mapping of keys")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in values.items():
-        key = prefix + str(name)
-        if name not in names:
-            close = difflib.get_close_matches(key, _known_keys(RLHFConfig), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"unknown config key '{key}'{hint}")
-        annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value or {}, key + ".")
-        else:
-            kwargs[name] = _coerce(key, value, annotation)
-    return cls(**kwargs)
-
-
 def from_dict(values: dict[str, Any]) -> RLHFConfig:
-    return _build(RLHFConfig, values).validate()
+    return build_config(RLHFConfig, values).validate()
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RLHFConfig:
