@@ -11,7 +11,10 @@ docstrings, tokenized once before any timing), with the same peak learning rate 
   baseline's steps, `curriculum.token_budget`: steps continue until B tokens, LR decays by tokens;
 * random-LTD: layers 1-4 of 6 keep 128 -> 512 tokens (seq_per_step 128) over 70% of the baseline's
   steps; LayerToken LR; steps continue until B layer-tokens (spec section 2);
-* both: the two together (one budget, counted in layer-tokens).
+* both: the two together (one budget, counted in layer-tokens);
+* reduced budgets (`--reduced NAME=FRACTION`): a feature arm again, on that fraction of B, with its
+  schedules and its learning-rate decay fitted to the smaller budget. This is how DeepSpeed states its
+  savings (the baseline's quality from less data and time) and what a user who adopts the feature does.
 
 Wall-clock is the whole `train()` call (compilations included: one per distinct length / kept length).
 The training loop does no evaluation; each arm saves checkpoints at eighths of its run, and after all
@@ -50,9 +53,9 @@ MODEL = ["model.family=gpt2", "model.layers=6", "model.d_model=256", "model.head
          "eval.every=0", "checkpoint.keep=20"]
 
 
-def arms(steps: int, seq_len: int, layers: int) -> dict[str, list[str]]:
-    """Curriculum S/4 -> S in steps of S/4 over half the baseline's steps; random-LTD on every layer but the
-    first and last, S/4 -> S in steps of S/4 over 70% of them. Coarse buckets keep compilations few (4 each)."""
+def features(steps: int, seq_len: int, layers: int) -> dict[str, list[str]]:
+    """Curriculum S/4 -> S in steps of S/4 over half of `steps`; random-LTD on every layer but the first and
+    last, S/4 -> S in steps of S/4 over 70% of them. Coarse buckets keep compilations few (4 each)."""
     seqlen = "curriculum.curriculum_metrics.seqlen_truncate."
     curriculum = ["curriculum.enabled=true", "curriculum.token_budget=true", f"{seqlen}clustering_type=single_cluster",
                   f"{seqlen}min_difficulty={seq_len // 4}", f"{seqlen}max_difficulty={seq_len}",
@@ -63,7 +66,33 @@ def arms(steps: int, seq_len: int, layers: int) -> dict[str, list[str]]:
            f"{schedule}min_value={seq_len // 4}", f"{schedule}max_value={seq_len}",
            f"{schedule}schedule_config.require_steps={int(0.7 * steps)}",
            f"{schedule}schedule_config.seq_per_step={seq_len // 4}", "random_ltd.layer_token_lr_schedule.enabled=true"]
-    return {"baseline": [], "curriculum": curriculum, "random-LTD": ltd, "curriculum + random-LTD": curriculum + ltd}
+    return {"curriculum": curriculum, "random-LTD": ltd, "curriculum + random-LTD": curriculum + ltd}
+
+
+def arms(steps: int, seq_len: int, layers: int, reduced: dict[str, float]) -> dict[str, tuple[int, list[str]]]:
+    """Every arm as (its baseline-equivalent steps, its overrides): baseline, the three features on the
+    baseline's budget, and each feature named in `reduced` again on that fraction of the budget (its
+    schedules and learning-rate decay scaled to the smaller budget, as a user who trains less would)."""
+    out = {"baseline": (steps, [])}
+    out.update({name: (steps, extra) for name, extra in features(steps, seq_len, layers).items()})
+    for name, fraction in reduced.items():
+        short = max(1, round(fraction * steps))
+        out[f"{name} @{fraction:g}"] = (short, features(short, seq_len, layers)[name])
+    return out
+
+
+def parse_reduced(specs: list[str]) -> dict[str, float]:
+    """`random-LTD=0.6` -> {"random-LTD": 0.6}; names must be feature arms."""
+    known, out = features(8, 512, 6), {}
+    for spec in specs:
+        name, sep, value = spec.rpartition("=")
+        if not sep or name not in known:
+            raise SystemExit(f"--reduced {spec!r}: expected NAME=FRACTION with NAME one of {sorted(known)}")
+        fraction = float(value)
+        if not 0 < fraction <= 1:
+            raise SystemExit(f"--reduced {spec!r}: the fraction must be in (0, 1]")
+        out[name] = fraction
+    return out
 
 
 def step_times(workdir: Path, cfg) -> dict[int, float]:
@@ -119,6 +148,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=96, help="baseline steps (the token budget)")
     parser.add_argument("--out", default="runs/bench_data_efficiency")
     parser.add_argument("--eval-batches", type=int, default=6)
+    parser.add_argument("--reduced", action="append", metavar="NAME=FRACTION",
+                        help="also train feature NAME on FRACTION of the baseline's budget (repeatable; default "
+                             "'random-LTD=0.6' and 'curriculum + random-LTD=0.5'; 'none' for no such arm)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every arm")
     args = parser.parse_args()
     out = Path(args.out)
@@ -136,13 +168,17 @@ def main() -> None:
           f"device {jax.devices()[0].device_kind}", flush=True)
 
     results = {}
-    for name, extra in arms(args.steps, base_cfg.data.seq_len, base_cfg.model.layers).items():
+    reduced = args.reduced or ["random-LTD=0.6", "curriculum + random-LTD=0.5"]
+    reduced = parse_reduced([] if reduced == ["none"] else reduced)
+    plan_arms = arms(args.steps, base_cfg.data.seq_len, base_cfg.model.layers, reduced)
+    for name, (steps, extra) in plan_arms.items():
+        extra = [*extra, f"train.steps={steps}"]
         cfg = config_lib.load(None, [*common, *extra])
         plan = DataEfficiency.from_config(cfg)
         total = plan.total_steps if plan else cfg.train.steps
         every = max(1, total // 8)
         cfg = config_lib.load(None, [*common, *extra, f"checkpoint.every={every}", "train.log_every=1"])
-        workdir = out / name.replace(" + ", "_").replace(" ", "_")
+        workdir = out / name.replace(" + ", "_").replace(" @", "_at_").replace(" ", "_")
         start = time.perf_counter()
         last = train(cfg, workdir)
         wall = time.perf_counter() - start

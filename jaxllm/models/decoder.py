@@ -35,6 +35,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.ltd import LTDPlan, dropped_layer
 from jaxllm.mesh import constrain
 from jaxllm.ops.attention import alibi_slopes, causal_attention
+from jaxllm.ops.barrier import gradient_barrier
 from jaxllm.ops.token_dropped_attention import token_dropped_attention
 
 
@@ -346,6 +347,7 @@ class Decoder(nnx.Module):
         x = constrain(self._embed(tokens, positions, embeddings), ("batch", "length", None))
         alibi = alibi_slopes(cfg.heads) if cfg.family == "bloom" else None
         for layer, block in enumerate(self.blocks):
+            x = gradient_barrier(x)  # one materialised residual gradient per layer (see jaxllm.ops.barrier)
             kept = None if ltd is None else ltd.kept(layer)
             if kept is not None:
                 x = dropped_layer(self._kept_tokens_block(block, alibi, ltd.implementation), x, positions,
