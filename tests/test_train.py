@@ -145,6 +145,11 @@ def test_bad_data_is_refused(tmp_path, devices):
     with pytest.raises(UserError, match="does not exist|not found|missing"):
         train(config_lib.load(None, [*TINY, *tokens, f"data.path={tmp_path / 'nowhere'}"]), tmp_path / "w3")
 
+    # 1% of 256 rows is 3 held-out rows, fewer than one batch of 8: refused before any step, naming the keys.
+    with pytest.raises(UserError, match=r"data.eval_fraction.*3 rows.*train.batch_size=8"):
+        train(config_lib.load(None, [*TINY, "data.eval_fraction=0.01", "eval.every=1"]), tmp_path / "w5")
+    assert not (tmp_path / "w5" / "checkpoints").exists()
+
     with pytest.raises(UserError, match="data.tokenizer.*nope.model"):
         train(config_lib.load(None, [*TINY, "data.source=text", f"data.tokenizer={tmp_path / 'nope.model'}"]),
               tmp_path / "w4")

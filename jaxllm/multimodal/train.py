@@ -368,9 +368,10 @@ def evaluate_accuracy(config: VisualChatConfig, mdef: ModelDef, params: dict, te
 
 def train(config: VisualChatConfig, workdir: Path) -> dict[str, Any]:
     """Runs (or resumes) training; returns the last logged metrics row (with the final evaluation)."""
-    from jaxllm.train import init_distributed
+    from jaxllm.train import init_distributed, setup_compile_cache
 
     init_distributed(config)
+    setup_compile_cache(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     train_cfg = config.train
     micro = train_cfg.batch_size // train_cfg.grad_accum

@@ -31,6 +31,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(stage: str, config: config_lib.RLHFConfig, workdir: Path) -> dict:
     """Runs one step in-process; returns its last logged metrics row."""
+    from jaxllm.train import setup_compile_cache
+
+    setup_compile_cache(config)  # train.compile_cache, as for python -m jaxllm.train
     if stage == "sft":
         from jaxllm.rlhf import sft
 
