@@ -15,9 +15,9 @@ program (one per optimizer phase) and adds up what crosses the data axis:
 The final eval loss (after the last step, on the held-out split) compares the optimizers. Logging
 reductions (every step here, which also keeps the host from queueing many steps: XLA's CPU
 collectives have been seen to hang with deep queues on an overloaded 2-core machine) and evaluation
-are separate programs and are not counted. Phase settings for the short run
-are flags; the defaults freeze 1-bit Adam after 15% of the steps and give 0/1 Adam the same variance
-phase with a short doubling period and local intervals growing to 16 steps.
+are separate programs and are not counted. Phase settings for the short run are flags; the defaults
+freeze 1-bit Adam after 15% of the steps and give 0/1 Adam the same variance phase (DeepSpeed's
+var_update_scaler 16), then local intervals doubling every 8 steps up to 4 steps.
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--freeze-fraction", type=float, default=0.15,
                         help="1-bit Adam freeze_step and 0/1 Adam var_freeze_step, as a fraction of --steps")
-    parser.add_argument("--var-update-scaler", type=int, default=4)
-    parser.add_argument("--local-step-scaler", type=int, default=8)
-    parser.add_argument("--local-step-clipper", type=int, default=16)
+    parser.add_argument("--var-update-scaler", type=int, default=16, help="0/1 Adam (DeepSpeed's default)")
+    parser.add_argument("--local-step-scaler", type=int, default=8, help="0/1 Adam (DeepSpeed: 32678)")
+    parser.add_argument("--local-step-clipper", type=int, default=4, help="0/1 Adam (DeepSpeed: 16)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
