@@ -105,7 +105,8 @@ class Data:
 
     def train_batches(self, count: int) -> list[dict[str, Any]]:
         """The first `count` batches of training rows, in order (calibration and LKD)."""
-        return make_eval_batches(self.train_rows, self.config.train.batch_size, count)
+        return make_eval_batches(self.train_rows, self.config.train.batch_size, count,
+                                 what="the training rows used for calibration")
 
     def train_iterator(self):
         return make_train_iterator(self.train_rows, self.config.train.batch_size, self.config.seed)

@@ -279,10 +279,6 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
         iterator = make_train_iterator(train_rows, batch_size, config.seed, slot, slots)
     eval_batches = []
     if config.eval.every and eval_rows is not None:
-        if len(eval_rows) < batch_size:
-            raise UserError(f"config key 'data.eval_fraction': the held-out split ({config.data.eval_fraction}) has "
-                            f"{len(eval_rows)} rows, fewer than one batch (train.batch_size={batch_size}); "
-                            "raise data.eval_fraction or set eval.every=0")
         eval_batches = make_eval_batches(eval_rows, batch_size, config.eval.batches, slot, slots)
 
     ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)

@@ -2,8 +2,9 @@
 
     python scripts/bench_train.py [--steps 3] [--json out.json] [section.key=value ...]
 
-Defaults to the reference config: GPT-2, 6 layers, d_model 512, 8 heads, seq 256, vocab 32000,
-global batch 8, synthetic data, one device (whatever `jax.devices()[0]` is). Each dtype compiles,
+Defaults to the reference config `configs/gpt2_6l_512d.yaml`: GPT-2, 6 layers, d_model 512, 8 heads,
+seq 256, vocab 32000, global batch 8, synthetic data, one device (whatever `jax.devices()[0]` is).
+Each dtype compiles,
 runs one warm-up step, then times `--steps` steps; the table gives tokens/s, MFU against the peak of
 the same dtype (measured on CPU), and the bf16/f32 ratio.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,12 +27,11 @@ from jaxllm.optim import build_optimizer
 from jaxllm.state import ModelDef, create_state, state_layout
 from jaxllm.step import make_train_step
 
-REFERENCE = ["model.family=gpt2", "model.layers=6", "model.d_model=512", "model.heads=8", "model.vocab_size=32000",
-             "model.max_len=256", "data.seq_len=256", "train.batch_size=8", "mesh.data=1"]
+REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "gpt2_6l_512d.yaml"
 
 
 def measure(overrides: list[str], steps: int) -> dict[str, float]:
-    cfg = config_lib.load(None, overrides)
+    cfg = config_lib.load(REFERENCE, ["mesh.data=1", *overrides])
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
     model = ModelDef.from_config(cfg.model)
     tx, schedule = build_optimizer(cfg)
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    results = [measure([*REFERENCE, *args.overrides, f"model.compute_dtype={dtype}"], args.steps)
+    results = [measure([*args.overrides, f"model.compute_dtype={dtype}"], args.steps)
                for dtype in ("float32", "bfloat16")]
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), {args.steps} timed steps, median")

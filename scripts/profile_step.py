@@ -2,9 +2,10 @@
 
     python scripts/profile_step.py [--steps 3] [--top 25] [--trace-dir DIR] [section.key=value ...]
 
-Builds the same step as `scripts/bench_train.py` (default: the reference GPT-2, 6 layers, d_model 512,
-seq 256, vocab 32000, batch 8, f32, one device), runs one warm-up step, then traces `--steps` steps
-with `create_perfetto_trace=True` and adds up the duration of every XLA op (thunk) event by op name.
+Builds the train step of `configs/gpt2_6l_512d.yaml` (the reference GPT-2 of `scripts/bench_train.py`
+and `scripts/bench_vs_torch.py`: 6 layers, d_model 512, seq 256, vocab 32000, batch 8; f32, one
+device), runs one warm-up step, then traces `--steps` steps with `create_perfetto_trace=True` and adds
+up the duration of every XLA op (thunk) event by op name.
 Ops are grouped by the pass they belong to (forward, backward, update) and by what their HLO does (the
 compiled module's instruction of that name): matmul (dot, or a fusion holding one), reduction,
 elementwise/other fusion, copy/transpose, and the rest.
@@ -22,6 +23,7 @@ import json
 import re
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -33,8 +35,7 @@ from jaxllm.optim import build_optimizer
 from jaxllm.state import ModelDef, create_state, state_layout
 from jaxllm.step import make_train_step
 
-REFERENCE = ["model.family=gpt2", "model.layers=6", "model.d_model=512", "model.heads=8", "model.vocab_size=32000",
-             "model.max_len=256", "data.seq_len=256", "train.batch_size=8", "mesh.data=1"]
+REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "gpt2_6l_512d.yaml"
 
 
 def op_passes(hlo_text: str) -> dict[str, str]:
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--trace-dir", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cfg = config_lib.load(None, [*REFERENCE, *args.overrides])
+    cfg = config_lib.load(REFERENCE, ["mesh.data=1", *args.overrides])
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
     model = ModelDef.from_config(cfg.model)
     tx, schedule = build_optimizer(cfg)

@@ -223,13 +223,16 @@ def make_train_iterator(source: RowSource, global_batch_size: int, seed: int, pr
 
 
 def make_eval_batches(source: RowSource, global_batch_size: int, num_batches: int, process_index: int = 0,
-                      process_count: int = 1) -> list[Row]:
+                      process_count: int = 1, what: str = "the held-out split (data.eval_fraction)") -> list[Row]:
     """A fixed list of this process's eval batches, in row order (identical on every call).
 
     Global batch ``k`` is rows ``k * global_batch_size ... (k + 1) * global_batch_size - 1``, split
     between processes as in training. If the source holds fewer than ``num_batches`` full batches,
-    only the full ones are returned.
+    only the full ones are returned; fewer rows than one batch is an error that names `what`.
     """
+    if len(source) < global_batch_size:
+        raise UserError(f"{what} has only {len(source)} rows, fewer than one batch (train.batch_size="
+                        f"{global_batch_size}); give it more rows or lower train.batch_size")
     local = _local_batch_size(source, global_batch_size, process_index, process_count)
     if num_batches <= 0:
         raise UserError(f"num_batches: found {num_batches}; allowed: a positive integer")
