@@ -21,6 +21,7 @@ from jaxllm.errors import UserError
 Family = Literal["gpt2", "llama", "bloom"]
 Dtype = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots"]
+Activation = Literal["gelu_tanh", "gelu"]
 
 
 @dataclasses.dataclass
@@ -39,6 +40,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # MLP of gpt2 and bloom: the tanh approximation of GELU (GPT-2's `gelu_new`, BLOOM's) or the exact
+    # erf GELU (Hugging Face `activation_function: gelu`). llama's MLP is SwiGLU and takes neither.
+    activation: Activation = "gelu_tanh"
     # A local Hugging Face directory (config.json + safetensors) whose weights start training; its
     # config.json fixes the architecture (see jaxllm/interop/hf.py `resolve_model_config`).
     init_from: str | None = None
@@ -76,6 +80,9 @@ class ModelConfig:
                      "an even head size (d_model / heads) for rotary embeddings")
         if self.d_ff is not None:
             _require(self.d_ff > 0, "model.d_ff", self.d_ff, "a positive integer or null")
+        if self.family == "llama":
+            _require(self.activation == "gelu_tanh", "model.activation", self.activation,
+                     "left unset for the llama family, whose MLP is SwiGLU")
         if self.init_from is not None:
             _require(bool(self.init_from.strip()), "model.init_from", self.init_from,
                      "a Hugging Face checkpoint directory or null")

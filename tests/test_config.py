@@ -37,6 +37,9 @@ def test_yaml_file_and_scientific_notation(tmp_path):
         (["mesh.data=-1", "mesh.fsdp=-1"], "at most one axis set to -1"),
         (["data.seq_len=1024"], "at most model.max_len=512"),
         (["model.compute_dtype=float16"], "expected one of 'float32', 'bfloat16'"),
+        (["model.activation=relu"], "expected one of 'gelu_tanh', 'gelu'"),
+        (["model.family=llama", "model.activation=gelu"], "config key 'model.activation': got 'gelu'; expected "
+                                                          "left unset for the llama family"),
         (["train.steps=0"], "config key 'train.steps': got 0; expected a positive integer"),
         (["model=3"], "config key 'model': got 3; expected a mapping"),
         (["train.steps"], "expected section.key=value"),

@@ -92,6 +92,23 @@ def test_logits_match_transformers_variants(family, overrides, tmp_path):
     assert cfg.tied == overrides["tie_word_embeddings"]
 
 
+def test_exact_gelu_gpt2_matches_transformers_and_saves_back(tmp_path):
+    """`activation_function: gelu` (erf) loads as model.activation=gelu, matches transformers, and
+    saves back as the same activation; read as the tanh GELU the same weights would not match."""
+    torch_model, path = hf_models.make("gpt2", tmp_path / "m", seed=5, activation_function="gelu")
+    model, cfg = hf.load(path)
+    assert cfg.activation == "gelu"
+    tokens = tokens_for(4, 2, 16)
+    want = hf_models.torch_logits(torch_model, tokens)
+    assert np.abs(forward(model, tokens) - want).max() <= TOL
+    tanh_path = _copy(path, tmp_path / "as_tanh")
+    _edit_config(tanh_path, activation_function="gelu_new")
+    assert np.abs(forward(hf.load(tanh_path)[0], tokens) - want).max() > 10 * TOL
+    out = hf.save(model, cfg, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu"
+    np.testing.assert_array_equal(hf_models.torch_logits(hf_models.load_torch(out), tokens), want)
+
+
 def test_parameters_follow_the_documented_layouts(made, loaded):
     """Each fused / transposed tensor lands where an explicit numpy re-derivation says."""
     for family, (torch_model, _) in made.items():
@@ -439,6 +456,9 @@ def test_failed_saves_write_nothing(made, loaded, tmp_path, monkeypatch):
 
     with pytest.raises(UserError, match="GPT2LMHeadModel has no grouped-query attention"):
         hf.save(model, dataclasses.replace(cfg, heads=4, kv_heads=2), tmp_path / "a")
+    bloom, bloom_cfg = loaded["bloom"]
+    with pytest.raises(UserError, match="model.activation=gelu: Hugging Face BloomForCausalLM always uses the tanh"):
+        hf.save(bloom, dataclasses.replace(bloom_cfg, activation="gelu"), tmp_path / "e")
     # A config that disagrees with the parameters.
     with pytest.raises(UserError, match=r"parameter 'blocks/0/mlp/w_in' has shape \[48, 192\]; the model config "
                                         r"implies \[48, 96\]"):
@@ -456,7 +476,7 @@ def test_failed_saves_write_nothing(made, loaded, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         hf.save(model, cfg, tmp_path / "c", max_shard_size="30KB")
     assert len(calls) == 2
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "e"):
         assert no_leftovers(tmp_path, name)
     # An existing directory is kept unless overwrite is asked for; a failed overwrite keeps the old one.
     (tmp_path / "d").mkdir()

@@ -182,8 +182,8 @@ def load(
     return nnx.merge(graphdef, state), cfg
 
 
-SHAPE_FIELDS = ("family", "layers", "d_model", "heads", "num_kv_heads", "ffn_dim", "vocab_size", "tied",
-                "norm_eps")
+ARCHITECTURE_FIELDS = ("family", "layers", "d_model", "heads", "num_kv_heads", "ffn_dim", "vocab_size", "tied",
+                       "norm_eps", "activation")
 
 
 def resolve_model_config(user: ModelConfig, path: str | os.PathLike) -> ModelConfig:
@@ -199,7 +199,7 @@ def resolve_model_config(user: ModelConfig, path: str | os.PathLike) -> ModelCon
     if ckpt.family == "gpt2":
         user_max_len = None
     hf = ckpt.model_config(user_max_len, user.compute_dtype)
-    fields = SHAPE_FIELDS + (("rope_theta",) if hf.family == "llama" else ())
+    fields = ARCHITECTURE_FIELDS + (("rope_theta",) if hf.family == "llama" else ())
     if hf.family == "gpt2":
         fields += ("max_len",)
     key_names = {"num_kv_heads": "kv_heads", "ffn_dim": "d_ff", "tied": "tie_embeddings"}
@@ -219,7 +219,7 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, shardings: Any) -> di
     """The params pure dict for training `cfg` (which must match the checkpoint), built in `shardings`."""
     ckpt = HFCheckpoint(path)
     hf_cfg = ckpt.model_config(cfg.max_len if cfg.family != "gpt2" else None)
-    for name in SHAPE_FIELDS:
+    for name in ARCHITECTURE_FIELDS:
         if getattr(hf_cfg, name) != getattr(cfg, name):
             raise UserError(f"model {name}={getattr(cfg, name)!r} differs from checkpoint '{ckpt.config_file}' "
                             f"({getattr(hf_cfg, name)!r})")

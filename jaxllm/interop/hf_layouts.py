@@ -41,6 +41,7 @@ BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bloom": "transformer.
 # Buffers some older checkpoints carry that hold no learned values (causal masks, rotary tables).
 IGNORED_SUFFIXES = {"gpt2": (".attn.bias", ".attn.masked_bias"), "llama": (".rotary_emb.inv_freq",), "bloom": ()}
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
+GPT2_EXACT_GELU = "gelu"  # 0.5x(1 + erf(x / sqrt(2)))
 
 
 def _fail(source: str, key: str, value: Any, allowed: str) -> UserError:
@@ -120,14 +121,15 @@ def model_config_from_hf(hf: dict, source: str, max_len: int | None = None,
 
     Raises:
       UserError naming the field for an unsupported model type or a setting the decoder cannot
-      reproduce (e.g. a GPT-2 `activation_function` other than tanh-GELU, Llama `attention_bias`,
+      reproduce (e.g. a GPT-2 `activation_function` other than a GELU, Llama `attention_bias`,
       rotary scaling, BLOOM `apply_residual_connection_post_layernorm`).
     """
     family = family_of(hf, source)
     if family == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        if act not in GPT2_TANH_GELUS:
-            raise _fail(source, "activation_function", act, f"the tanh GELU ({', '.join(GPT2_TANH_GELUS)})")
+        if act not in (*GPT2_TANH_GELUS, GPT2_EXACT_GELU):
+            raise _fail(source, "activation_function", act,
+                        f"a GELU: tanh ({', '.join(GPT2_TANH_GELUS)}) or exact ({GPT2_EXACT_GELU})")
         for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                           ("add_cross_attention", False)):
             if hf.get(key, want) != want:
@@ -141,7 +143,8 @@ def model_config_from_hf(hf: dict, source: str, max_len: int | None = None,
                       heads=_get(hf, source, ("n_head", "num_attention_heads"), int),
                       d_ff=_get(hf, source, ("n_inner",), int, 4 * d), max_len=positions,
                       norm_eps=_get(hf, source, ("layer_norm_epsilon",), float, 1e-5),
-                      tie_embeddings=_get(hf, source, ("tie_word_embeddings",), bool, True))
+                      tie_embeddings=_get(hf, source, ("tie_word_embeddings",), bool, True),
+                      activation="gelu" if act == GPT2_EXACT_GELU else "gelu_tanh")
     elif family == "llama":
         for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             if hf.get(key, want) != want:
@@ -180,8 +183,11 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str = "float32") -> dict[str, 
     """The config.json dict that `transformers` reads back as the same architecture.
 
     Raises UserError when the family's Hugging Face class cannot express the config (grouped-query
-    attention in GPT-2 or BLOOM, or a BLOOM MLP size other than 4 x d_model).
+    attention in GPT-2 or BLOOM, a BLOOM MLP size other than 4 x d_model, or BLOOM with the exact GELU).
     """
+    if cfg.family == "bloom" and cfg.activation != "gelu_tanh":
+        raise UserError(f"model.activation={cfg.activation}: Hugging Face {ARCHITECTURES['bloom']} always uses "
+                        "the tanh GELU; only the gpt2 family can be saved with the exact GELU")
     if cfg.family != "llama" and cfg.num_kv_heads != cfg.heads:
         raise UserError(f"model.kv_heads={cfg.kv_heads}: Hugging Face {ARCHITECTURES[cfg.family]} has no "
                         "grouped-query attention; only the llama family can be saved with kv_heads != heads")
@@ -191,7 +197,8 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str = "float32") -> dict[str, 
     if cfg.family == "gpt2":
         return common | {"n_layer": cfg.layers, "n_embd": cfg.d_model, "n_head": cfg.heads, "n_inner": cfg.ffn_dim,
                          "n_positions": cfg.max_len, "layer_norm_epsilon": cfg.norm_eps,
-                         "activation_function": "gelu_new", "scale_attn_weights": True,
+                         "activation_function": GPT2_EXACT_GELU if cfg.activation == "gelu" else "gelu_new",
+                         "scale_attn_weights": True,
                          "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
                          "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     if cfg.family == "llama":

@@ -270,7 +270,7 @@ class MLP(nnx.Module):
         if self.w_gate is not None:
             h = jax.nn.silu(linear(x, self.w_gate[...], dtype)) * h
         else:
-            h = jax.nn.gelu(h + self.b_in[...], approximate=True)
+            h = jax.nn.gelu(h + self.b_in[...], approximate=self.cfg.activation == "gelu_tanh")
         h = constrain(h, ("batch", "length", "mlp"))
         y = linear(h, self.w_out[...], dtype)
         return y if self.b_out is None else y + self.b_out[...]
