@@ -1,6 +1,7 @@
 """Data efficiency on one token budget: baseline, curriculum, random-LTD, and both, trained in one run.
 
-    python scripts/bench_data_efficiency.py [--steps 96] [--out runs/bench_data_efficiency] [key=value ...]
+    python scripts/bench_data_efficiency.py [--steps 96] [--out runs/bench_data_efficiency] [--arms NAMES]
+        [--reduced NAME=FRACTION] [--curriculum-start N] [--curriculum-fraction F] [key=value ...]
 
 Every arm is a `jaxllm.train` run of the same GPT (default: 6 layers, d_model 256, 4 heads, seq 512,
 vocab 4096, global batch 8, f32, one device) on the offline text corpus (the Python standard library's
@@ -8,7 +9,8 @@ docstrings, tokenized once before any timing), with the same peak learning rate 
 
 * baseline: `--steps` steps of batch x seq_len tokens; that is the token budget B;
 * curriculum: `seqlen_truncate` from 128 to 512 (difficulty_step 128) over the first half of the
-  baseline's steps, `curriculum.token_budget`: steps continue until B tokens, LR decays by tokens;
+  baseline's steps, `curriculum.token_budget`: steps continue until B tokens, LR decays by tokens
+  (`--curriculum-metric`, `--curriculum-start`, `--curriculum-fraction` change the first three);
 * random-LTD: layers 1-4 of 6 keep 128 -> 512 tokens (seq_per_step 128) over 70% of the baseline's
   steps; LayerToken LR; steps continue until B layer-tokens (spec section 2);
 * both: the two together (one budget, counted in layer-tokens);
@@ -20,16 +22,17 @@ Wall-clock is the whole `train()` call (compilations included: one per distinct 
 The persistent compilation cache is off, so every run compiles as a first run does;
 "no-compile" subtracts each program's compilation (its first step less its median step), the figure a
 long run approaches, where a few seconds of compiling per program vanish.
-The training loop does no evaluation; each arm saves checkpoints at eighths of its run, and after all
-arms have trained, each checkpoint is evaluated on the same held-out batches. The time at which an arm
-first reaches the baseline's final eval loss (within 1%, and exactly) is read from the checkpoint
-curve, with the time of each step reconstructed from the logged tokens/s of every step. Results go to
+The training loop does no evaluation; each arm saves `--checkpoints` evenly spaced checkpoints (default
+16), and after all arms have trained, each checkpoint is evaluated on the same held-out batches. The
+time at which an arm first reaches the baseline's final eval loss (within 1%, and exactly) is read from
+the checkpoint curve, with the time of each step reconstructed from the logged tokens/s of every step. Results go to
 OUT/results.json and the comparison plot to OUT/data_efficiency.png (`jaxllm.plot.plot_runs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -57,13 +60,23 @@ MODEL = ["model.family=gpt2", "model.layers=6", "model.d_model=256", "model.head
          "eval.every=0", "checkpoint.keep=20", "train.compile_cache=null"]
 
 
-def features(steps: int, seq_len: int, layers: int) -> dict[str, list[str]]:
-    """Curriculum S/4 -> S in steps of S/4 over half of `steps`; random-LTD on every layer but the first and
-    last, S/4 -> S in steps of S/4 over 70% of them. Coarse buckets keep compilations few (4 each)."""
-    seqlen = "curriculum.curriculum_metrics.seqlen_truncate."
+@dataclasses.dataclass(frozen=True)
+class CurriculumShape:
+    """The sequence-length curriculum of the curriculum arms: `metric` from `start` tokens to the full
+    length, in steps of S/4, over `fraction` of the arm's baseline-equivalent steps."""
+
+    metric: str = "seqlen_truncate"
+    start: int | None = None  # None: S/4
+    fraction: float = 0.5
+
+
+def features(steps: int, seq_len: int, layers: int, shape: CurriculumShape = CurriculumShape()) -> dict[str, list[str]]:
+    """Curriculum (`shape`, by default S/4 -> S over half of `steps`); random-LTD on every layer but the
+    first and last, S/4 -> S in steps of S/4 over 70% of them. Coarse buckets keep compilations few (4 each)."""
+    seqlen = f"curriculum.curriculum_metrics.{shape.metric}."
     curriculum = ["curriculum.enabled=true", "curriculum.token_budget=true", f"{seqlen}clustering_type=single_cluster",
-                  f"{seqlen}min_difficulty={seq_len // 4}", f"{seqlen}max_difficulty={seq_len}",
-                  f"{seqlen}schedule_config.total_curriculum_step={steps // 2}",
+                  f"{seqlen}min_difficulty={shape.start or seq_len // 4}", f"{seqlen}max_difficulty={seq_len}",
+                  f"{seqlen}schedule_config.total_curriculum_step={max(1, int(shape.fraction * steps))}",
                   f"{seqlen}schedule_config.difficulty_step={seq_len // 4}"]
     schedule = "random_ltd.random_ltd_schedule."
     ltd = ["random_ltd.enabled=true", f"random_ltd.random_ltd_layer_id={list(range(1, layers - 1))}",
@@ -73,15 +86,18 @@ def features(steps: int, seq_len: int, layers: int) -> dict[str, list[str]]:
     return {"curriculum": curriculum, "random-LTD": ltd, "curriculum + random-LTD": curriculum + ltd}
 
 
-def arms(steps: int, seq_len: int, layers: int, reduced: dict[str, float]) -> dict[str, tuple[int, list[str]]]:
+def arms(steps: int, seq_len: int, layers: int, reduced: dict[str, float], shape: CurriculumShape = CurriculumShape(),
+         only: set[str] | None = None) -> dict[str, tuple[int, list[str]]]:
     """Every arm as (its baseline-equivalent steps, its overrides): baseline, the three features on the
-    baseline's budget, and each feature named in `reduced` again on that fraction of the budget (its
-    schedules and learning-rate decay scaled to the smaller budget, as a user who trains less would)."""
+    baseline's budget (or those in `only`), and each feature named in `reduced` again on that fraction of
+    the budget (its schedules and learning-rate decay scaled to the smaller budget, as a user who trains
+    less would)."""
     out = {"baseline": (steps, [])}
-    out.update({name: (steps, extra) for name, extra in features(steps, seq_len, layers).items()})
+    out.update({name: (steps, extra) for name, extra in features(steps, seq_len, layers, shape).items()
+                if only is None or name in only})
     for name, fraction in reduced.items():
         short = max(1, round(fraction * steps))
-        out[f"{name} @{fraction:g}"] = (short, features(short, seq_len, layers)[name])
+        out[f"{name} @{fraction:g}"] = (short, features(short, seq_len, layers, shape)[name])
     return out
 
 
@@ -157,9 +173,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=96, help="baseline steps (the token budget)")
     parser.add_argument("--out", default="runs/bench_data_efficiency")
     parser.add_argument("--eval-batches", type=int, default=6)
+    parser.add_argument("--checkpoints", type=int, default=16,
+                        help="checkpoints per arm, evenly spaced: the resolution of the time-to-quality columns")
     parser.add_argument("--reduced", action="append", metavar="NAME=FRACTION",
                         help="also train feature NAME on FRACTION of the baseline's budget (repeatable; default "
                              "'random-LTD=0.6' and 'curriculum + random-LTD=0.5'; 'none' for no such arm)")
+    parser.add_argument("--arms", help="comma-separated feature arms on the full budget (default: all three)")
+    parser.add_argument("--curriculum-metric", choices=("seqlen_truncate", "seqlen_reshape"), default="seqlen_truncate")
+    parser.add_argument("--curriculum-start", type=int, help="first sequence length of the curriculum (default S/4)")
+    parser.add_argument("--curriculum-fraction", type=float, default=0.5,
+                        help="fraction of the arm's steps over which the curriculum reaches the full length")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every arm")
     args = parser.parse_args()
     out = Path(args.out)
@@ -179,13 +202,19 @@ def main() -> None:
     results = {}
     reduced = args.reduced or ["random-LTD=0.6", "curriculum + random-LTD=0.5"]
     reduced = parse_reduced([] if reduced == ["none"] else reduced)
-    plan_arms = arms(args.steps, base_cfg.data.seq_len, base_cfg.model.layers, reduced)
+    shape = CurriculumShape(args.curriculum_metric, args.curriculum_start, args.curriculum_fraction)
+    only = None
+    if args.arms:
+        only = {name.strip() for name in args.arms.split(",")}
+        if not only <= features(8, 512, 6).keys():
+            raise SystemExit(f"--arms {args.arms!r}: choose from {sorted(features(8, 512, 6))}")
+    plan_arms = arms(args.steps, base_cfg.data.seq_len, base_cfg.model.layers, reduced, shape, only)
     for name, (steps, extra) in plan_arms.items():
         extra = [*extra, f"train.steps={steps}"]
         cfg = config_lib.load(None, [*common, *extra])
         plan = DataEfficiency.from_config(cfg)
         total = plan.total_steps if plan else cfg.train.steps
-        every = max(1, total // 8)
+        every = max(1, total // args.checkpoints)
         cfg = config_lib.load(None, [*common, *extra, f"checkpoint.every={every}", "train.log_every=1"])
         workdir = out / name.replace(" + ", "_").replace(" @", "_at_").replace(" ", "_")
         start = time.perf_counter()
