@@ -1,6 +1,6 @@
 """Communication volume, rounds and final loss of AdamW, 1-bit Adam and 0/1 Adam, measured in one run.
 
-    python scripts/bench_comm.py [--steps 200] [--workdir DIR] [--json out.json] [section.key=value ...]
+    python scripts/bench_comm.py [--steps 200] [--workdir DIR] [--json out.json] [--optimizers NAMES] [key=value ...]
 
 Trains the quickstart model (configs/quickstart.yaml: GPT-2, 4 layers, d_model 192, on the Python
 standard library's docstrings) for the same number of steps with each optimizer on 8 devices
@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--var-update-scaler", type=int, default=16, help="0/1 Adam (DeepSpeed's default)")
     parser.add_argument("--local-step-scaler", type=int, default=8, help="0/1 Adam (DeepSpeed: 32678)")
     parser.add_argument("--local-step-clipper", type=int, default=4, help="0/1 Adam (DeepSpeed: 16)")
+    parser.add_argument("--optimizers", default="onebit_adam,zero_one_adam",
+                        help="comma-separated compressed optimizers to run beside AdamW (the baseline, always run)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
@@ -103,6 +105,10 @@ def main() -> None:
                           f"optimizer.local_step_scaler={args.local_step_scaler}",
                           f"optimizer.local_step_clipper={args.local_step_clipper}"],
     }
+    wanted = {name.strip() for name in args.optimizers.split(",") if name.strip()}
+    if not wanted <= runs.keys() - {"adamw"}:
+        raise SystemExit(f"--optimizers {args.optimizers!r}: choose from onebit_adam, zero_one_adam")
+    runs = {name: extra for name, extra in runs.items() if name == "adamw" or name in wanted}
     results = {}
     for name, extra in runs.items():
         config = config_lib.load(REPO / "configs/quickstart.yaml", [*common, *extra])
@@ -142,7 +148,7 @@ def main() -> None:
         print(f"{name:<14} {r['volume_bytes'] / 1e6:10.2f} {1 - r['volume_bytes'] / base['volume_bytes']:9.1%} "
               f"{r['rounds']:>7} {1 - r['rounds'] / base['rounds']:9.1%} {r['eval_loss']:10.4f} "
               f"{r['eval_loss'] / base['eval_loss'] - 1:+9.2%}")
-    if "steps_since_last_sync" in results["zero_one_adam"]:
+    if "steps_since_last_sync" in results.get("zero_one_adam", {}):
         print(f"0/1 Adam: the last sync was {results['zero_one_adam']['steps_since_last_sync']} step(s) before the "
               "end; its eval uses the synchronised parameters")
     if args.json:
