@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -157,8 +157,41 @@ def generate_tokens(
         raise UserError(f"prompt width {width} + max_new_tokens {max_new_tokens} = {width + max_new_tokens} "
                         f"tokens exceed the model's max_len={cfg.max_len}")
     check_sampling(temperature, top_k, top_p)
-    stops = jnp.asarray(list(stop_tokens), jnp.int32)
     graphdef, params = nnx.split(model)
+    start = width - jnp.asarray(prompt_lengths, jnp.int32)
+    cache = KVCache.init(cfg, batch, width + max_new_tokens, start)
+    logits, cache = model.decode(jnp.asarray(prompt_tokens, jnp.int32), cache, last_only=True)
+
+    def next_logits(last, cache):
+        logits, cache = nnx.merge(graphdef, params).decode(last[:, None], cache)
+        return logits[:, 0], cache
+
+    return decode_loop(logits[:, 0], cache, next_logits, key, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id)
+
+
+def decode_loop(
+    first_logits: Float[Array, "batch vocab"],
+    cache: Any,
+    next_logits: Callable[[Int[Array, " batch"], Any], tuple[Float[Array, "batch vocab"], Any]],
+    key: PRNGKeyArray,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+) -> Generation:
+    """The sampling loop after a prefill, shared by every model that decodes with a cache.
+
+    `first_logits` are the prefill's logits at each row's last prompt position; `next_logits(tokens,
+    cache)` runs the model on one new token per row. Step i samples with `fold_in(key, i)`; a row
+    stops after a stop token (kept in the output) and then emits `pad_id` with log-prob 0; the loop
+    ends early once every row has stopped. Log-probs are those of the raw (unfiltered) distribution.
+    """
+    batch = first_logits.shape[0]
+    stops = jnp.asarray(list(stop_tokens), jnp.int32)
 
     def pick(logits, step):
         logits = logits.astype(jnp.float32)
@@ -169,10 +202,7 @@ def generate_tokens(
     def stopped(token):
         return jnp.any(token[:, None] == stops[None, :], axis=-1) if len(stop_tokens) else jnp.zeros_like(token, bool)
 
-    start = width - jnp.asarray(prompt_lengths, jnp.int32)
-    cache = KVCache.init(cfg, batch, width + max_new_tokens, start)
-    logits, cache = model.decode(jnp.asarray(prompt_tokens, jnp.int32), cache, last_only=True)
-    token, logprob = pick(logits[:, 0], 0)
+    token, logprob = pick(first_logits, 0)
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
     logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob)
     state = (jnp.int32(1), token, stopped(token), jnp.ones((batch,), jnp.int32), tokens, logprobs, cache)
@@ -183,8 +213,8 @@ def generate_tokens(
 
     def advance(state):
         step, last, done, lengths, tokens, logprobs, cache = state
-        logits, cache = nnx.merge(graphdef, params).decode(last[:, None], cache)
-        token, logprob = pick(logits[:, 0], step)
+        logits, cache = next_logits(last, cache)
+        token, logprob = pick(logits, step)
         token = jnp.where(done, pad_id, token)
         logprob = jnp.where(done, 0.0, logprob)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))

@@ -37,7 +37,7 @@ from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.data.tokenizer import TextTokenizer, load_tokenizer
 from jaxllm.errors import UserError
-from jaxllm.generate import Generation, check_sampling, sample_logits
+from jaxllm.generate import Generation, check_sampling, decode_loop
 from jaxllm.models.decoder import KVCache
 from jaxllm.multimodal import data as data_lib
 from jaxllm.multimodal.config import MultimodalConfig, VisionConfig
@@ -73,46 +73,20 @@ def generate_tokens(
         raise UserError(f"prompt width {width} + max_new_tokens {max_new_tokens} exceed the model's max_len="
                         f"{cfg.max_len}")
     check_sampling(temperature, top_k, top_p)
-    stops = jnp.asarray(list(stop_tokens), jnp.int32)
     types = jnp.asarray(token_types, jnp.int32)
     start = jnp.argmax(types != 0, axis=1).astype(jnp.int32)
     slot_types = jnp.concatenate([types, jnp.full((batch, max_new_tokens), TEXT, jnp.int32)], axis=1)
     graphdef, params = nnx.split(model)
-
-    def pick(logits, step):
-        logits = logits.astype(jnp.float32)
-        token = sample_logits(jax.random.fold_in(key, step), logits, temperature, top_k, top_p)
-        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
-        return token, logprob
-
-    def stopped(token):
-        return jnp.any(token[:, None] == stops[None, :], axis=-1) if len(stop_tokens) else jnp.zeros_like(token, bool)
-
     cache = KVCache.init(cfg, batch, width + max_new_tokens, start)
     logits, cache = model.decode(jnp.asarray(tokens, jnp.int32), types, images, cache, slot_types, last_only=True)
-    token, logprob = pick(logits[:, 0], 0)
-    out_tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
-    logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob)
-    state = (jnp.int32(1), token, stopped(token), jnp.ones((batch,), jnp.int32), out_tokens, logprobs, cache)
 
-    def running(state):
-        step, _, done, *_ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def advance(state):
-        step, last, done, lengths, out_tokens, logprobs, cache = state
+    def next_logits(last, cache):
         new_types = jnp.full((batch, 1), TEXT, jnp.int32)
         logits, cache = nnx.merge(graphdef, params).decode(last[:, None], new_types, None, cache, slot_types)
-        token, logprob = pick(logits[:, 0], step)
-        token = jnp.where(done, pad_id, token)
-        logprob = jnp.where(done, 0.0, logprob)
-        out_tokens = jax.lax.dynamic_update_slice(out_tokens, token[:, None], (0, step))
-        logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, step))
-        lengths = lengths + (~done).astype(jnp.int32)
-        return step + 1, token, done | stopped(token), lengths, out_tokens, logprobs, cache
+        return logits[:, 0], cache
 
-    _, _, _, lengths, out_tokens, logprobs, _ = jax.lax.while_loop(running, advance, state)
-    return Generation(out_tokens, lengths, logprobs)
+    return decode_loop(logits[:, 0], cache, next_logits, key, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id)
 
 
 def make_generator(mdef: ModelDef, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
