@@ -173,6 +173,9 @@ class OptimizerConfig:
     factor_max: float | None = None
     factor_min: float | None = None
     factor_threshold: float | None = None
+    # onebit_adam and zero_one_adam: Adam's bias correction, 1 / (1 - b1^t) on m and 1 / (1 - b2^k) on v
+    # (k: the variance's updates so far). Off by default, as in DeepSpeed; jaxllm's option.
+    bias_correction: bool = False
 
     def param(self, key: str) -> Any:
         """A DeepSpeed-named parameter's value: the configured one or DeepSpeed's default."""
@@ -192,6 +195,10 @@ class OptimizerConfig:
                 raise UserError(f"config key 'optimizer.{key}' applies to optimizer.name={' or '.join(owners)}, "
                                 f"not {self.name!r}" + (f" (whose parameters are {', '.join(allowed)})" if allowed
                                                          else ""))
+        if self.bias_correction:
+            _require(self.name in ("onebit_adam", "zero_one_adam"), "optimizer.bias_correction", True,
+                     f"false unless optimizer.name is onebit_adam or zero_one_adam (it is {self.name!r}; adamw "
+                     "always corrects, onebit_lamb never does)")
         for key in ("freeze_step", "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper"):
             _require(self.param(key) > 0, f"optimizer.{key}", self.param(key), "a positive integer")
         for key in ("max_coeff", "min_coeff", "factor_max", "factor_min"):

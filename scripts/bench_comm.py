@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--var-update-scaler", type=int, default=16, help="0/1 Adam (DeepSpeed's default)")
     parser.add_argument("--local-step-scaler", type=int, default=8, help="0/1 Adam (DeepSpeed: 32678)")
     parser.add_argument("--local-step-clipper", type=int, default=4, help="0/1 Adam (DeepSpeed: 16)")
+    parser.add_argument("--bias-correction", action="store_true",
+                        help="optimizer.bias_correction for 1-bit and 0/1 Adam (AdamW always corrects)")
     parser.add_argument("--optimizers", default="onebit_adam,zero_one_adam",
                         help="comma-separated compressed optimizers to run beside AdamW (the baseline, always run)")
     parser.add_argument("overrides", nargs="*")
@@ -105,6 +107,9 @@ def main() -> None:
                           f"optimizer.local_step_scaler={args.local_step_scaler}",
                           f"optimizer.local_step_clipper={args.local_step_clipper}"],
     }
+    if args.bias_correction:
+        runs = {name: extra + ([] if name == "adamw" else ["optimizer.bias_correction=true"])
+                for name, extra in runs.items()}
     wanted = {name.strip() for name in args.optimizers.split(",") if name.strip()}
     if not wanted <= runs.keys() - {"adamw"}:
         raise SystemExit(f"--optimizers {args.optimizers!r}: choose from onebit_adam, zero_one_adam")
@@ -134,7 +139,8 @@ def main() -> None:
     base_step = base["phases"]["exact"]["bytes"]
     print(f"quickstart model, {args.steps} steps, mesh data=8 ({jax.devices()[0].platform}); "
           f"freeze/var_freeze_step {freeze}, var_update_scaler {args.var_update_scaler}, "
-          f"local_step_scaler {args.local_step_scaler}, local_step_clipper {args.local_step_clipper}")
+          f"local_step_scaler {args.local_step_scaler}, local_step_clipper {args.local_step_clipper}, "
+          f"bias correction {'on' if args.bias_correction else 'off (DeepSpeed)'}")
     print(f"{'optimizer':<14} {'phase':<20} {'steps':>5} {'MB/step':>9} {'vs AdamW':>9}  "
           "collectives over the data axis")
     for name, r in results.items():

@@ -92,22 +92,25 @@ def zero_errors(sizes):
             for k, n in sizes.items()}
 
 
-def reference_onebit_adam(params, grads, freeze_step):
+def reference_onebit_adam(params, grads, freeze_step, bias_correction=False):
     p = {k: v.copy() for k, v in params.items()}
+    refreshes = 0
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
     errors = zero_errors({k: x.size for k, x in p.items()})
     out = []
     for t, g in enumerate(grads, start=1):
         if t <= freeze_step:  # engine all-reduce, then Adam's moments
+            refreshes += 1
             for k in p:
                 mean = g[k].mean(0)
                 m[k] = B1 * m[k] + (1 - B1) * mean
                 v[k] = B2 * v[k] + (1 - B2) * mean * mean
         else:  # local momentum, compressed all-reduce, v frozen
             m = car_leaves({k: B1 * m[k] + (1 - B1) * g[k] for k in p}, errors)
+        c1, c2 = (1 - B1 ** t, 1 - B2 ** refreshes) if bias_correction else (1.0, 1.0)
         for k in p:
-            u = m[k] / (np.sqrt(v[k]) + EPS) + (WD if p[k].ndim >= 2 else 0.0) * p[k]
+            u = m[k] / c1 / (np.sqrt(v[k] / c2) + EPS) + (WD if p[k].ndim >= 2 else 0.0) * p[k]
             p[k] = p[k] - LR * u
         out.append({k: x.copy() for k, x in p.items()})
     return out
@@ -125,6 +128,19 @@ def test_onebit_adam_matches_deepspeed_transcription(devices):
     fixed = run_sharded(tx, params, grads, phases=[0, 0, 0, 1, 1, 1, 1, 1], devices=devices)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), [h[0] for h in fixed],
                  [h[0] for h in got])
+
+
+def test_onebit_adam_bias_correction_matches_the_transcription_with_adams_factors(devices):
+    params, grads = problem(8, seed=3)
+    tx = onebit_adam(LR, B1, B2, EPS, WD, freeze_step=3, bias_correction=True, axis_name="d",
+                     weight_decay_mask=decay_mask)
+    got = run_sharded(tx, params, grads, devices=devices)
+    want = reference_onebit_adam(params, grads, freeze_step=3, bias_correction=True)
+    plain = reference_onebit_adam(params, grads, freeze_step=3)
+    for t, ((p, _), ref) in enumerate(zip(got, want, strict=True), start=1):
+        for k in ref:
+            np.testing.assert_allclose(p[k], ref[k], rtol=2e-5, atol=2e-6, err_msg=f"step {t} {k}")
+    assert max(np.abs(want[-1][k] - plain[-1][k]).max() for k in SHAPES) > 1e-2
 
 
 def test_onebit_adam_momentum_mask_keeps_masked_entries_zero(devices):
@@ -183,8 +199,10 @@ def test_zero_one_adam_schedule_example():
     assert phases == [e, e, e, e, c, e, c, s, s, s, loc, s, loc, loc, loc, s, loc, loc]
 
 
-def reference_zero_one_adam(params, grads, schedule):
-    """DeepSpeed's ZeroOneAdam per worker: its own parameters, momentum and momentum accumulator."""
+def reference_zero_one_adam(params, grads, schedule, bias_correction=False):
+    """DeepSpeed's ZeroOneAdam per worker: its own parameters, momentum and momentum accumulator;
+    `bias_correction`: jaxllm's option, dividing m by 1 - b1^t and v by 1 - b2^(variance updates)."""
+    refreshes = 0
     phases = schedule.phases(len(grads))
     p = [{k: v.copy() for k, v in params.items()} for _ in range(W)]
     m = [{k: np.zeros_like(v) for k, v in params.items()} for _ in range(W)]
@@ -195,6 +213,7 @@ def reference_zero_one_adam(params, grads, schedule):
     out = []
     for t, (g, phase) in enumerate(zip(grads, phases, strict=True), start=1):
         if phase == EXACT_VARIANCE:
+            refreshes += 1
             mean = {k: g[k].mean(0) for k in v}
             v = {k: B2 * v[k] + (1 - B2) * mean[k] ** 2 for k in v}
             m = [{k: B1 * m[w][k] + (1 - B1) * mean[k] for k in v} for w in range(W)]
@@ -204,9 +223,10 @@ def reference_zero_one_adam(params, grads, schedule):
         else:
             m = [{k: B1 * m[w][k] + (1 - B1) * g[k][w] for k in v} for w in range(W)]
             lrs += LR
+        c1, c2 = (1 - B1 ** t, 1 - B2 ** refreshes) if bias_correction else (1.0, 1.0)
         for w in range(W):
             for k in v:
-                u = m[w][k] / (np.sqrt(v[k]) + EPS) + (WD if p[w][k].ndim >= 2 else 0.0) * p[w][k]
+                u = m[w][k] / c1 / (np.sqrt(v[k] / c2) + EPS) + (WD if p[w][k].ndim >= 2 else 0.0) * p[w][k]
                 p[w][k] = p[w][k] - LR * u
                 if phase in (LOCAL, SYNC):
                     acc[w][k] = acc[w][k] - LR * u
@@ -248,6 +268,24 @@ def test_zero_one_adam_matches_deepspeed_transcription(devices):
     fixed = run_sharded(tx, params, grads, phases=phases, devices=devices)  # compiled apart: equal up to rounding
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), [h[0] for h in fixed],
                  [h[0] for h in got])
+
+
+def test_zero_one_adam_bias_correction_counts_variance_updates(devices):
+    """The correction's k is the number of EXACT_VARIANCE steps, with intervals that double mid-run."""
+    schedule = ZeroOneAdamSchedule(var_freeze_step=9, var_update_scaler=2, local_step_scaler=2, local_step_clipper=4)
+    params, grads = problem(16, seed=4)
+    assert schedule.phases(16).count(COMPRESSED_GRADIENT) >= 2  # so k != t
+    tx = zero_one_adam(LR, B1, B2, EPS, WD, 9, 2, 2, 4, bias_correction=True, axis_name="d",
+                       weight_decay_mask=decay_mask)
+    got = run_sharded(tx, params, grads, devices=devices)
+    want = reference_zero_one_adam(params, grads, schedule, bias_correction=True)
+    plain = reference_zero_one_adam(params, grads, schedule)
+    for t, ((p, state), ref) in enumerate(zip(got, want, strict=True), start=1):
+        for w in range(W):
+            for k in p:
+                here = p[k] + state.local.momentum_accumulator[k][w]
+                np.testing.assert_allclose(here, ref[w][k], rtol=5e-5, atol=5e-6, err_msg=f"step {t} worker {w} {k}")
+    assert max(np.abs(want[-1][0][k] - plain[-1][0][k]).max() for k in SHAPES) > 1e-2
 
 
 def test_zero_one_adam_device_counters_follow_the_schedule():

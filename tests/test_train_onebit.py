@@ -141,6 +141,9 @@ def test_config_errors_and_warnings(tmp_path):
         config_lib.load(None, ["optimizer.freeze_step=3"])
     with pytest.raises(UserError, match="optimizer.local_step_clipper': got 0"):
         config_lib.load(None, ["optimizer.name=zero_one_adam", "optimizer.local_step_clipper=0"])
+    with pytest.raises(UserError, match="'optimizer.bias_correction': got True; expected false unless "
+                                        "optimizer.name is onebit_adam or zero_one_adam \\(it is 'onebit_lamb'"):
+        config_lib.load(None, ["optimizer.name=onebit_lamb", "optimizer.bias_correction=true"])
     with pytest.warns(UserWarning, match="freeze_step=100000 is not below train.steps=100: every step is a warm-up"):
         config_lib.load(None, ["optimizer.name=onebit_lamb"])
     with pytest.warns(UserWarning, match="var_freeze_step=50 is not below train.steps - 1 = 9"):

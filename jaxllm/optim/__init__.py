@@ -67,10 +67,12 @@ def build_optimizer(config: Config, schedule: optax.Schedule | None = None, *, n
         core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                            mask=_decay_mask)
     elif opt.name == "onebit_adam":
-        return onebit_adam(schedule, freeze_step=opt.param("freeze_step"), **common), schedule
+        return onebit_adam(schedule, freeze_step=opt.param("freeze_step"), bias_correction=opt.bias_correction,
+                           **common), schedule
     elif opt.name == "zero_one_adam":
         keys = ("var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper")
-        return zero_one_adam(schedule, **{k: opt.param(k) for k in keys}, **common), schedule
+        return zero_one_adam(schedule, **{k: opt.param(k) for k in keys}, bias_correction=opt.bias_correction,
+                             **common), schedule
     elif opt.name == "onebit_lamb":
         keys = ("freeze_step", "max_coeff", "min_coeff", "coeff_beta", "factor_max", "factor_min", "factor_threshold")
         return onebit_lamb(schedule, **{k: opt.param(k) for k in keys}, norm_axes=norm_axes, **common), schedule

@@ -46,6 +46,7 @@ def onebit_adam(
     weight_decay: float = 0.0,
     freeze_step: int = 100_000,
     *,
+    bias_correction: bool = False,
     axis_name: str | None = None,
     weight_decay_mask: Any = None,
     exp_avg_mask: Any = None,
@@ -59,10 +60,12 @@ def onebit_adam(
         compressed (t > freeze_step): m = CAR(b1 m + (1 - b1) g)  (then m *= exp_avg_mask); v frozen
         update = -lr (m / (sqrt(v) + eps) + weight_decay p)
 
-    As in DeepSpeed there is no bias correction, weight decay is decoupled (AdamW-like), and with a
-    single device nothing is compressed. Unlike DeepSpeed the first step is a real update (DeepSpeed
-    spends it allocating buffers) while the phase switch stays at the same step: steps
-    1..max(freeze_step, 2) are exact, the following ones compressed.
+    As in DeepSpeed there is no bias correction by default (`bias_correction=True`, jaxllm's option,
+    divides m by 1 - b1^t and v by 1 - b2^k, k = min(t, max(freeze_step, 2)) the number of variance
+    updates), weight decay is decoupled (AdamW-like), and with a single device nothing is compressed.
+    Unlike DeepSpeed the first step is a real update (DeepSpeed spends it allocating buffers) while the
+    phase switch stays at the same step: steps 1..max(freeze_step, 2) are exact, the following ones
+    compressed.
 
     Args:
       learning_rate: a float or an Optax schedule of the update count.
@@ -115,8 +118,13 @@ def onebit_adam(
         computed = jnp.where(t > last_warmup_step(freeze_step), COMPRESSED, EXACT)
         typed = lambda branch: lambda: common.cast_like(branch(), (state.mu, state.nu, state.local))  # noqa: E731
         mu, nu, local = common.switch(phase, computed, [typed(exact), typed(compressed)])
+        c1, c2 = 1.0, 1.0
+        if bias_correction:
+            c1 = 1 - b1 ** t.astype(jnp.float32)
+            c2 = 1 - b2 ** jnp.minimum(t, last_warmup_step(freeze_step)).astype(jnp.float32)
         new_updates = jax.tree.map(
-            lambda m, v, p, wd: (-lr * (m / (jnp.sqrt(v) + eps) + wd * p)).astype(p.dtype), mu, nu, params, decay)
+            lambda m, v, p, wd: (-lr * (m / c1 / (jnp.sqrt(v / c2) + eps) + wd * p)).astype(p.dtype),
+            mu, nu, params, decay)
         return new_updates, OneBitAdamState(optax.safe_increment(state.count), mu, nu, local)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -101,6 +101,7 @@ def zero_one_adam(
     local_step_scaler: int = 32678,
     local_step_clipper: int = 16,
     *,
+    bias_correction: bool = False,
     axis_name: str | None = None,
     weight_decay_mask: Any = None,
     exp_avg_mask: Any = None,
@@ -118,7 +119,9 @@ def zero_one_adam(
                              m = -a / lrs; update = a / d; acc = lrs = 0
 
     Error buffers are zeroed once, after the last variance-phase step (they change meaning from
-    gradients to accumulated updates). No bias correction; decoupled weight decay.
+    gradients to accumulated updates). Decoupled weight decay. No bias correction by default, as in
+    DeepSpeed; `bias_correction=True` (jaxllm's option) divides m by 1 - b1^t and v by 1 - b2^k in u,
+    with k the number of EXACT_VARIANCE steps so far (read from the interval counters).
 
     Local progress lives in the state, not in the parameters: between syncs the parameters returned by
     `optax.apply_updates` stay the last synchronised ones, identical on every device, and this
@@ -159,29 +162,38 @@ def zero_one_adam(
         decay = common.decay_rates(weight_decay, weight_decay_mask, params)
         ema = lambda m, g: b1 * m + (1 - b1) * g  # noqa: E731
 
-        def direction(mu, nu):
-            return jax.tree.map(lambda m, v, p, wd: m / (jnp.sqrt(v) + eps) + wd * p, mu, nu, p_local, decay)
+        # Variance updates before this step: step 1's (it advances no counter) plus the counted ones.
+        refreshes = (jnp.log2(state.var_interval.astype(jnp.float32)).round() * var_update_scaler
+                     + state.var_counter + (t > 1))
 
-        def step_with(mu, nu, comm):  # EXACT_VARIANCE and COMPRESSED_GRADIENT apply the update at once
-            u = direction(mu, nu)
+        def direction(mu, nu, refreshed):
+            c1, c2 = 1.0, 1.0
+            if bias_correction:
+                c1 = 1 - b1 ** t.astype(jnp.float32)
+                c2 = 1 - b2 ** jnp.maximum(refreshes + refreshed, 1).astype(jnp.float32)
+            return jax.tree.map(lambda m, v, p, wd: m / c1 / (jnp.sqrt(v / c2) + eps) + wd * p, mu, nu, p_local,
+                                decay)
+
+        def step_with(mu, nu, comm, refreshed):  # EXACT_VARIANCE and COMPRESSED_GRADIENT update at once
+            u = direction(mu, nu, refreshed)
             new_updates = jax.tree.map(lambda u: -lr * u, u)
             return new_updates, nu, state.lrs, ZeroOneAdamLocal(mu, loc.momentum_accumulator, comm)
 
         def exact_variance():
             g = common.exact_mean(updates, axis_name)
             nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, g)
-            return step_with(jax.tree.map(ema, loc.mu, g), nu, loc.comm)
+            return step_with(jax.tree.map(ema, loc.mu, g), nu, loc.comm, 1)
 
         def compressed_gradient():
             g, comm = updates, loc.comm
             if world > 1:
                 g, comm = common.exchange_leaves(g, comm, axis_name)
             g = common.apply_momentum_mask(g, exp_avg_mask)
-            return step_with(jax.tree.map(ema, loc.mu, g), state.nu, comm)
+            return step_with(jax.tree.map(ema, loc.mu, g), state.nu, comm, 0)
 
         def local_step():
             mu = jax.tree.map(ema, loc.mu, updates)
-            u = direction(mu, state.nu)
+            u = direction(mu, state.nu, 0)
             acc = jax.tree.map(lambda a, u: a - lr * u, loc.momentum_accumulator, u)
             zero = jax.tree.map(jnp.zeros_like, updates)
             return zero, state.nu, state.lrs + lr, ZeroOneAdamLocal(mu, acc, loc.comm)
