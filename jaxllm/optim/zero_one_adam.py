@@ -162,15 +162,16 @@ def zero_one_adam(
         decay = common.decay_rates(weight_decay, weight_decay_mask, params)
         ema = lambda m, g: b1 * m + (1 - b1) * g  # noqa: E731
 
-        # Variance updates before this step: step 1's (it advances no counter) plus the counted ones.
-        refreshes = (jnp.log2(state.var_interval.astype(jnp.float32)).round() * var_update_scaler
-                     + state.var_counter + (t > 1))
-
         def direction(mu, nu, refreshed):
+            """u; `refreshed` is 1 when this step updated the variance."""
             c1, c2 = 1.0, 1.0
             if bias_correction:
+                # Variance updates so far, from the counters: step 1's (it advances no counter), the
+                # counted ones (var_update_scaler per doubling of var_interval), and this step's.
+                doublings = jnp.log2(state.var_interval.astype(jnp.float32)).round()
+                refreshes = doublings * var_update_scaler + state.var_counter + (t > 1) + refreshed
                 c1 = 1 - b1 ** t.astype(jnp.float32)
-                c2 = 1 - b2 ** jnp.maximum(refreshes + refreshed, 1).astype(jnp.float32)
+                c2 = 1 - b2 ** jnp.maximum(refreshes, 1).astype(jnp.float32)
             return jax.tree.map(lambda m, v, p, wd: m / c1 / (jnp.sqrt(v / c2) + eps) + wd * p, mu, nu, p_local,
                                 decay)
 
