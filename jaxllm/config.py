@@ -123,6 +123,9 @@ class TrainConfig:
     # XLA's persistent compilation cache: a second start skips compiling the step. null or "" turns it
     # off; left at this default, $JAX_COMPILATION_CACHE_DIR (when set) chooses the location instead.
     compile_cache: str | None = DEFAULT_COMPILE_CACHE
+    # With a curriculum or random-LTD the batch shape changes a few times: compile every later shape's
+    # program on a background thread while the earlier ones train, instead of stopping at each change.
+    background_compile: bool = True
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):

@@ -36,6 +36,7 @@ from jaxllm.optim import build_optimizer
 from jaxllm.state import ModelDef, create_state, state_layout
 from jaxllm.step import make_eval_step, make_train_step
 from jaxllm.step_compressed import CompressedTraining, check_optimizer_state, is_compressed
+from jaxllm.step_programs import StepPrograms
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -313,6 +314,11 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
     if lead:
         truncate_after(workdir / "metrics.jsonl", start)
     total_steps = efficiency.total_steps if efficiency else config.train.steps
+    if efficiency and not compressed and config.train.background_compile:
+        signatures = [(efficiency.rows(t), efficiency.seq_len(t), efficiency.kept(t))
+                      for t in range(start, total_steps)]
+        if len(set(signatures)) > 1:  # later shapes compile while the earlier ones train
+            train_step = StepPrograms(train_step, signatures, mesh, static_kept=ltd_setup is not None)
     writer = MetricsWriter(workdir, total_steps, start, config.log.tensorboard,
                            config.log.progress_bar) if lead else None
 
@@ -333,7 +339,7 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
                 else:
                     batch = efficiency.prepare(next(iterator), step, local_multiple)
                     global_batch = _to_global(batch, sharding, batch["inputs"].shape[0] * slots)
-                    if ltd_setup is None:
+                    if ltd_setup is None and not isinstance(train_step, StepPrograms):
                         state, metrics = train_step(state, global_batch)
                     else:
                         state, metrics = train_step(state, global_batch, efficiency.kept(step))
@@ -371,6 +377,8 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
                 if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == total_steps:
                     ckpt.save(step, state, iterator, meta)
     finally:
+        if isinstance(train_step, StepPrograms):
+            train_step.close()
         ckpt.close()
         if writer:
             writer.close()
@@ -379,6 +387,8 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
 
 def _compilations(jitted) -> int | None:
     """How many programs a jitted function has compiled (one per batch shape / static kept length)."""
+    if isinstance(jitted, StepPrograms):
+        return jitted.compiled
     size = getattr(jitted, "_cache_size", None)
     return size() if callable(size) else None
 

@@ -65,6 +65,13 @@ def test_ltd_and_seqlen_curriculum_run_on_the_token_budget_and_resume_bitwise(tm
     assert "eval_loss" in logged[-1]  # the budget's last step is evaluated
     want = {r["step"]: r["loss"] for r in logged}
 
+    # Programs compiled ahead on a background thread (the default) train exactly as the jitted step does.
+    cfg_jit = config_lib.load(None, [*TINY, *LTD, *CURRICULUM, "train.steps=6", "eval.every=4", "eval.batches=1",
+                                     "checkpoint.every=3", "train.background_compile=false"])
+    train(cfg_jit, tmp_path / "jit")
+    assert {r["step"]: r["loss"] for r in rows(tmp_path / "jit")} == want
+    assert rows(tmp_path / "jit")[-1]["train_step_compilations"] == 3
+
     # Resume from step 3 (drop the later checkpoints): bitwise the same losses, kept tokens included.
     for path in (tmp_path / "checkpoints").iterdir():
         if int(path.name) > 3:
