@@ -13,6 +13,7 @@ A batch whose shape was not planned falls back to the jitted step, which compile
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -28,16 +29,16 @@ def _abstract(tree: Any) -> Any:
 
 
 class StepPrograms:
-    """Calls like the jitted step `jitted(state, batch, kept)`, with every planned program compiled ahead.
+    """Called exactly as the jitted step: `(state, batch)`, or `(state, batch, kept)` with random-LTD's
+    static kept length; every planned program is compiled ahead.
 
-    `signatures`: the run's (rows, length, kept) in order of first use. Compilation starts on the first
-    call, when the state's and the batch's dtypes and shardings are known; the first signature is
-    compiled first, so that call waits only for its own program."""
+    `signatures`: the run's (rows, length, kept) in order of first use (kept None without random-LTD).
+    Compilation starts on the first call, when the state's and the batch's dtypes and shardings are
+    known; the first signature is compiled first, so that call waits only for its own program."""
 
-    def __init__(self, jitted: Callable, signatures: Sequence[Signature], mesh: jax.sharding.Mesh | None = None,
-                 static_kept: bool = True):
+    def __init__(self, jitted: Callable, signatures: Sequence[Signature], mesh: jax.sharding.Mesh | None = None):
         self._jitted = jitted
-        self._static_kept = static_kept  # False: a step without random-LTD, called as jitted(state, batch)
+        self._with_kept = False  # set on the first call: whether the step takes the kept length
         self._signatures = list(dict.fromkeys(signatures))
         self._mesh = mesh
         self._programs: dict[Hashable, concurrent.futures.Future] = {}
@@ -47,17 +48,16 @@ class StepPrograms:
         self.compiled = 0  # programs compiled so far (ahead or in the foreground)
 
     def _compile(self, state_abstract, batch_abstract, kept):
-        args = (state_abstract, batch_abstract, kept) if self._static_kept else (state_abstract, batch_abstract)
-        if self._mesh is None:
-            program = self._jitted.lower(*args).compile()
-        else:  # the mesh context is per thread
-            with jax.set_mesh(self._mesh):
-                program = self._jitted.lower(*args).compile()
+        static = (kept,) if self._with_kept else ()
+        # The mesh context is per thread.
+        with contextlib.nullcontext() if self._mesh is None else jax.set_mesh(self._mesh):
+            program = self._jitted.lower(state_abstract, batch_abstract, *static).compile()
         with self._lock:
             self.compiled += 1
         return program
 
-    def _start(self, state, batch) -> None:
+    def _start(self, state, batch, with_kept: bool) -> None:
+        self._with_kept = with_kept
         state_abstract = _abstract(state)
         template = _abstract(batch)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-compile")
@@ -66,17 +66,17 @@ class StepPrograms:
                 self._compile, state_abstract, _reshaped(template, rows, length), kept)
         self._pool.shutdown(wait=False)  # runs what was submitted; the thread exits when done
 
-    def __call__(self, state, batch, kept=None):
+    def __call__(self, state, batch, *kept):
         if self._pool is None:
-            self._start(state, batch)
-        rows, length = batch["inputs"].shape[:2]
-        future = self._programs.get((rows, length, kept))
+            self._start(state, batch, bool(kept))
+        signature = (*batch["inputs"].shape[:2], kept[0] if kept else None)
+        future = self._programs.get(signature)
         if future is None:  # not planned: jit compiles it in the foreground, once
-            if (rows, length, kept) not in self._unplanned:
-                self._unplanned.add((rows, length, kept))
+            if signature not in self._unplanned:
+                self._unplanned.add(signature)
                 with self._lock:
                     self.compiled += 1
-            return self._jitted(state, batch, kept) if self._static_kept else self._jitted(state, batch)
+            return self._jitted(state, batch, *kept)
         return future.result()(state, batch)  # a compiled program takes no static argument
 
     def close(self) -> None:

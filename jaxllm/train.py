@@ -318,7 +318,7 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
         signatures = [(efficiency.rows(t), efficiency.seq_len(t), efficiency.kept(t))
                       for t in range(start, total_steps)]
         if len(set(signatures)) > 1:  # later shapes compile while the earlier ones train
-            train_step = StepPrograms(train_step, signatures, mesh, static_kept=ltd_setup is not None)
+            train_step = StepPrograms(train_step, signatures, mesh)
     writer = MetricsWriter(workdir, total_steps, start, config.log.tensorboard,
                            config.log.progress_bar) if lead else None
 
@@ -339,7 +339,7 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
                 else:
                     batch = efficiency.prepare(next(iterator), step, local_multiple)
                     global_batch = _to_global(batch, sharding, batch["inputs"].shape[0] * slots)
-                    if ltd_setup is None and not isinstance(train_step, StepPrograms):
+                    if ltd_setup is None:
                         state, metrics = train_step(state, global_batch)
                     else:
                         state, metrics = train_step(state, global_batch, efficiency.kept(step))

@@ -39,9 +39,9 @@ def test_planned_programs_match_the_jitted_step_and_unplanned_shapes_fall_back()
     programs.close()
 
 
-def test_a_step_without_static_kept_is_called_with_two_arguments():
+def test_a_step_without_a_kept_length_is_called_with_two_arguments():
     jitted = jax.jit(lambda state, batch: _step(state, batch))
-    programs = StepPrograms(jitted, [(2, 4, None), (2, 8, None)], static_kept=False)
+    programs = StepPrograms(jitted, [(2, 4, None), (2, 8, None)])
     state, metrics = programs(jnp.float32(1.0), _batch(2, 4))
     state, metrics = programs(state, _batch(2, 8))
     assert float(metrics["loss"]) == float(np.arange(16).sum() * 2.0)
