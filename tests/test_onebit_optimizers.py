@@ -231,15 +231,16 @@ def reference_zero_one_adam(params, grads, schedule, bias_correction=False):
                 if phase in (LOCAL, SYNC):
                     acc[w][k] = acc[w][k] - LR * u
         if phase == SYNC:
+            denom = {k: c1 * (np.sqrt(v[k] / c2) + EPS) for k in v}  # DeepSpeed: sqrt(v) + eps
             for w in range(W):
                 for k in v:
                     p[w][k] = p[w][k] - acc[w][k]
-                    acc[w][k] = acc[w][k] * (np.sqrt(v[k]) + EPS)
+                    acc[w][k] = acc[w][k] * denom[k]
             synced = car_leaves({k: np.stack([acc[w][k] for w in range(W)]) for k in v}, errors)
             for w in range(W):
                 for k in v:
                     m[w][k] = -synced[k] / lrs
-                    p[w][k] = p[w][k] + synced[k] / (np.sqrt(v[k]) + EPS)
+                    p[w][k] = p[w][k] + synced[k] / denom[k]
                     acc[w][k] = np.zeros_like(acc[w][k])
             lrs = 0.0
         if t == max(schedule.var_freeze_step, 1) + 1:

@@ -121,7 +121,9 @@ def zero_one_adam(
     Error buffers are zeroed once, after the last variance-phase step (they change meaning from
     gradients to accumulated updates). Decoupled weight decay. No bias correction by default, as in
     DeepSpeed; `bias_correction=True` (jaxllm's option) divides m by 1 - b1^t and v by 1 - b2^k in u,
-    with k the number of EXACT_VARIANCE steps so far (read from the interval counters).
+    with k the number of EXACT_VARIANCE steps so far (read from the interval counters), and the sync's
+    d is then (1 - b1^t) (sqrt(v / (1 - b2^k)) + eps), so that acc * d is still the accumulated
+    momentum and the momentum restored from it is not rescaled at every sync.
 
     Local progress lives in the state, not in the parameters: between syncs the parameters returned by
     `optax.apply_updates` stay the last synchronised ones, identical on every device, and this
@@ -162,16 +164,20 @@ def zero_one_adam(
         decay = common.decay_rates(weight_decay, weight_decay_mask, params)
         ema = lambda m, g: b1 * m + (1 - b1) * g  # noqa: E731
 
+        def corrections(refreshed):
+            """(1 - b1^t, 1 - b2^k) with bias correction, else (1, 1); `refreshed` is 1 when this step
+            updated the variance."""
+            if not bias_correction:
+                return 1.0, 1.0
+            # Variance updates so far, from the counters: step 1's (it advances no counter), the
+            # counted ones (var_update_scaler per doubling of var_interval), and this step's.
+            doublings = jnp.log2(state.var_interval.astype(jnp.float32)).round()
+            refreshes = doublings * var_update_scaler + state.var_counter + (t > 1) + refreshed
+            return 1 - b1 ** t.astype(jnp.float32), 1 - b2 ** jnp.maximum(refreshes, 1).astype(jnp.float32)
+
         def direction(mu, nu, refreshed):
-            """u; `refreshed` is 1 when this step updated the variance."""
-            c1, c2 = 1.0, 1.0
-            if bias_correction:
-                # Variance updates so far, from the counters: step 1's (it advances no counter), the
-                # counted ones (var_update_scaler per doubling of var_interval), and this step's.
-                doublings = jnp.log2(state.var_interval.astype(jnp.float32)).round()
-                refreshes = doublings * var_update_scaler + state.var_counter + (t > 1) + refreshed
-                c1 = 1 - b1 ** t.astype(jnp.float32)
-                c2 = 1 - b2 ** jnp.maximum(refreshes, 1).astype(jnp.float32)
+            """u = m / c1 / (sqrt(v / c2) + eps) + wd p."""
+            c1, c2 = corrections(refreshed)
             return jax.tree.map(lambda m, v, p, wd: m / c1 / (jnp.sqrt(v / c2) + eps) + wd * p, mu, nu, p_local,
                                 decay)
 
@@ -201,7 +207,10 @@ def zero_one_adam(
 
         def sync():
             _, nu, lrs, new_loc = local_step()
-            denom = jax.tree.map(lambda v: jnp.sqrt(v) + eps, nu)
+            # acc * denom turns the accumulated updates back into accumulated momentum, sum(lr * m), so
+            # the momentum restored below is the momentum itself, bias correction or not.
+            c1, c2 = corrections(0)
+            denom = jax.tree.map(lambda v: c1 * (jnp.sqrt(v / c2) + eps), nu)
             buf = jax.tree.map(jnp.multiply, new_loc.momentum_accumulator, denom)
             comm = new_loc.comm
             if world > 1:
