@@ -23,9 +23,10 @@ The persistent compilation cache is off, so every run compiles as a first run do
 "no-compile" subtracts each program's compilation (its first step less its median step), the figure a
 long run approaches, where a few seconds of compiling per program vanish.
 The training loop does no evaluation; each arm saves `--checkpoints` evenly spaced checkpoints (default
-16), and after all arms have trained, each checkpoint is evaluated on the same held-out batches. The
-time at which an arm first reaches the baseline's final eval loss (within 1%, and exactly) is read from
-the checkpoint curve, with the time of each step reconstructed from the logged tokens/s of every step. Results go to
+48, a few steps apart), and after all arms have trained they are evaluated on the same held-out batches:
+a sixteenth of them for the curve, and every one around the first time the curve falls to the
+baseline's final eval loss (within 1%, and exactly). That checkpoint's time, reconstructed from the
+logged tokens/s of every step, is the arm's time to quality. Results go to
 OUT/results.json and the comparison plot to OUT/data_efficiency.png (`jaxllm.plot.plot_runs`).
 """
 
@@ -132,26 +133,46 @@ def step_times(workdir: Path, cfg) -> tuple[dict[int, float], float]:
     return out, compile_s
 
 
-def evaluate_checkpoints(workdir: Path, cfg, eval_batches) -> dict[int, float]:
-    """Eval loss of every checkpoint of a run, on the same batches for every arm."""
-    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
-    model = ModelDef.from_config(cfg.model)
-    tx, _ = build_optimizer(cfg)
-    out = {}
-    with jax.set_mesh(mesh):
-        layout = state_layout(mesh, model, tx, cfg.mesh.zero_stage)
-        eval_step = make_eval_step(model, layout)
-        manager = ocp.CheckpointManager((workdir / "checkpoints").resolve())
-        for step in manager.all_steps():
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout.abstract)))
-            params = restored["state"]["params"]
-            total, count = 0.0, 0.0
-            for batch in eval_batches:
-                s, n = eval_step(params, {k: jax.device_put(v) for k, v in batch.items()})
-                total, count = total + float(s), count + float(n)
-            out[int(step)] = total / count
-        manager.close()
-    return out
+class CheckpointEvaluator:
+    """Eval loss of a run's checkpoints, each computed on first request, on the same batches for every arm."""
+
+    def __init__(self, workdir: Path, cfg, eval_batches):
+        self.mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
+        model = ModelDef.from_config(cfg.model)
+        tx, _ = build_optimizer(cfg)
+        with jax.set_mesh(self.mesh):
+            self.layout = state_layout(self.mesh, model, tx, cfg.mesh.zero_stage)
+            self.eval_step = make_eval_step(model, self.layout)
+        self.manager = ocp.CheckpointManager((workdir / "checkpoints").resolve())
+        self.steps = sorted(int(s) for s in self.manager.all_steps())
+        self.batches, self.losses = eval_batches, {}
+
+    def __call__(self, step: int) -> float:
+        if step not in self.losses:
+            with jax.set_mesh(self.mesh):
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(self.layout.abstract))
+                params = self.manager.restore(step, args=args)["state"]["params"]
+                total, count = 0.0, 0.0
+                for batch in self.batches:
+                    s, n = self.eval_step(params, {k: jax.device_put(v) for k, v in batch.items()})
+                    total, count = total + float(s), count + float(n)
+            self.losses[step] = total / count
+        return self.losses[step]
+
+    def first_below(self, target: float, coarse: int) -> int | None:
+        """The first checkpoint whose eval loss is <= `target`: every `coarse`-th checkpoint (and the last)
+        is evaluated until one is below, then every checkpoint since the previous coarse one. Exact for a
+        curve that crosses `target` once; evaluating all checkpoints would cost minutes per arm."""
+        grid = sorted({*self.steps[coarse - 1::coarse], self.steps[-1]})
+        previous = 0
+        for step in grid:
+            if self(step) <= target:
+                return next(s for s in self.steps if previous < s <= step and self(s) <= target)
+            previous = step
+        return None
+
+    def close(self) -> None:
+        self.manager.close()
 
 
 def add_eval_rows(workdir: Path, curve: dict[int, float]) -> None:
@@ -161,20 +182,15 @@ def add_eval_rows(workdir: Path, curve: dict[int, float]) -> None:
             f.write(json.dumps({"step": step, "eval_loss": curve[step]}) + "\n")
 
 
-def first_time_below(curve: dict[int, float], times: dict[int, float], setup: float, target: float) -> float | None:
-    for step in sorted(curve):
-        if curve[step] <= target:
-            return setup + times[step]
-    return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=96, help="baseline steps (the token budget)")
     parser.add_argument("--out", default="runs/bench_data_efficiency")
     parser.add_argument("--eval-batches", type=int, default=6)
-    parser.add_argument("--checkpoints", type=int, default=16,
-                        help="checkpoints per arm, evenly spaced: the resolution of the time-to-quality columns")
+    parser.add_argument("--checkpoints", type=int, default=48,
+                        help="checkpoints per arm, evenly spaced: the resolution of the time-to-quality columns "
+                             "(every one is evaluated around the first crossing of each target, a sixteenth of them "
+                             "elsewhere)")
     parser.add_argument("--reduced", action="append", metavar="NAME=FRACTION",
                         help="also train feature NAME on FRACTION of the baseline's budget (repeatable; default "
                              "'random-LTD=0.6' and 'curriculum + random-LTD=0.5'; 'none' for no such arm)")
@@ -215,7 +231,8 @@ def main() -> None:
         plan = DataEfficiency.from_config(cfg)
         total = plan.total_steps if plan else cfg.train.steps
         every = max(1, total // args.checkpoints)
-        cfg = config_lib.load(None, [*common, *extra, f"checkpoint.every={every}", "train.log_every=1"])
+        saving = [f"checkpoint.every={every}", f"checkpoint.keep={total // every + 1}"]
+        cfg = config_lib.load(None, [*common, *extra, *saving, "train.log_every=1"])
         workdir = out / name.replace(" + ", "_").replace(" @", "_at_").replace(" ", "_")
         start = time.perf_counter()
         last = train(cfg, workdir)
@@ -228,13 +245,22 @@ def main() -> None:
                          "final_train_loss": last["loss"]}
         print(f"{name}: {total} steps, {wall:.1f} s, load {os.getloadavg()[0]:.2f}", flush=True)
 
-    for r in results.values():
-        cfg = config_lib.load(None, common)
-        r["curve"] = evaluate_checkpoints(Path(r["workdir"]), cfg, eval_batches)
-        r["final_eval_loss"] = r["curve"][r["steps"]]
+    cfg = config_lib.load(None, common)
+    evaluators = {name: CheckpointEvaluator(Path(r["workdir"]), cfg, eval_batches) for name, r in results.items()}
+    target = evaluators["baseline"](results["baseline"]["steps"])
+    coarse = max(1, args.checkpoints // 16)
+    for name, r in results.items():
+        evaluate = evaluators[name]
+        r["final_eval_loss"] = evaluate(r["steps"])
+        for step in evaluate.steps[coarse - 1::coarse]:  # the plotted curve
+            evaluate(step)
+        for key, level in (("time_within_1pct_s", 1.01 * target), ("time_to_baseline_loss_s", target)):
+            step = evaluate.first_below(level, coarse)
+            r[key] = None if step is None else r["setup_s"] + r["times"][step]
+        r["curve"] = dict(sorted(evaluate.losses.items()))
+        evaluate.close()
         add_eval_rows(Path(r["workdir"]), r["curve"])
     base = results["baseline"]
-    target = base["final_eval_loss"]
     print()
     print(f"budget {base['tokens']:,} tokens; eval on {args.eval_batches} held-out batches of "
           f"{base_cfg.train.batch_size} x {base_cfg.data.seq_len}; load average after: {os.getloadavg()[0]:.2f}")
@@ -243,9 +269,7 @@ def main() -> None:
               f"{'eval loss':>9} {'vs base':>8} {'t(<=1.01 base) s':>17} {'t(<= base) s':>13}")
     print(header)
     for name, r in results.items():
-        near = first_time_below(r["curve"], r["times"], r["setup_s"], 1.01 * target)
-        reach = first_time_below(r["curve"], r["times"], r["setup_s"], target)
-        r["time_within_1pct_s"], r["time_to_baseline_loss_s"] = near, reach
+        near, reach = r["time_within_1pct_s"], r["time_to_baseline_loss_s"]
         fmt = lambda t: f"{t:.1f} ({t / base['wall_s']:.2f}x)" if t is not None else "not reached"  # noqa: E731
         steady, base_steady = r["wall_s"] - r["compile_s"], base["wall_s"] - base["compile_s"]
         print(f"{name:<28} {r['steps']:>5} {r['compilations']:>8} {r['wall_s']:8.1f} "
