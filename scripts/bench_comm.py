@@ -137,12 +137,18 @@ def main() -> None:
 
     base = results["adamw"]
     base_step = base["phases"]["exact"]["bytes"]
-    print(f"quickstart model, {args.steps} steps, mesh data=8 ({jax.devices()[0].platform}); "
+    axes = {axis: getattr(config.mesh, axis) for axis in ("data", "fsdp", "tensor", "sequence")}
+    mesh_text = " ".join(f"{axis}={size}" for axis, size in axes.items() if size != 1 or axis == "data")
+    print(f"quickstart model, {args.steps} steps, mesh {mesh_text} ({jax.devices()[0].platform}); "
           f"freeze/var_freeze_step {freeze}, var_update_scaler {args.var_update_scaler}, "
           f"local_step_scaler {args.local_step_scaler}, local_step_clipper {args.local_step_clipper}, "
           f"bias correction {'on' if args.bias_correction else 'off (DeepSpeed)'}")
+    data_only = all(size == 1 for axis, size in axes.items() if axis != "data")
+    if not data_only:
+        print("other mesh axes > 1: bytes and rounds below count every collective of a step (parameter "
+              "all-gathers too), each as if over all devices; only the eval losses compare with a data-only mesh")
     print(f"{'optimizer':<14} {'phase':<20} {'steps':>5} {'MB/step':>9} {'vs AdamW':>9}  "
-          "collectives over the data axis")
+          + ("collectives over the data axis" if data_only else "collectives"))
     for name, r in results.items():
         for phase, p in r["phases"].items():
             ratio = f"{base_step / p['bytes']:.1f}x" if p["bytes"] else "none"
