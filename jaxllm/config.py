@@ -179,6 +179,10 @@ class OptimizerConfig:
     # onebit_adam and zero_one_adam: Adam's bias correction, 1 / (1 - b1^t) on m and 1 / (1 - b2^k) on v
     # (k: the variance's updates so far). Off by default, as in DeepSpeed; jaxllm's option.
     bias_correction: bool = False
+    # onebit_adam, zero_one_adam, onebit_lamb: the dtype of their exact (uncompressed) gradient averages
+    # (warm-up, 0/1 Adam's variance refreshes). bfloat16 halves those bytes, as DeepSpeed's fp16 engine
+    # all-reduce does; float32 keeps them exact.
+    exact_allreduce_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def param(self, key: str) -> Any:
         """A DeepSpeed-named parameter's value: the configured one or DeepSpeed's default."""
@@ -202,6 +206,10 @@ class OptimizerConfig:
             _require(self.name in ("onebit_adam", "zero_one_adam"), "optimizer.bias_correction", True,
                      f"false unless optimizer.name is onebit_adam or zero_one_adam (it is {self.name!r}; adamw "
                      "always corrects, onebit_lamb never does)")
+        if self.exact_allreduce_dtype != "float32":
+            _require(self.name != "adamw", "optimizer.exact_allreduce_dtype", self.exact_allreduce_dtype,
+                     "float32 with optimizer.name=adamw (its gradient all-reduce is GSPMD's; the option is for "
+                     "onebit_adam, zero_one_adam and onebit_lamb)")
         for key in ("freeze_step", "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper"):
             _require(self.param(key) > 0, f"optimizer.{key}", self.param(key), "a positive integer")
         for key in ("max_coeff", "min_coeff", "factor_max", "factor_min"):

@@ -18,7 +18,9 @@ from jaxllm.optim import (
     padded_size,
     zero_one_adam,
 )
+from jaxllm.optim._common import exact_mean
 from jaxllm.optim.zero_one_adam import COMPRESSED_GRADIENT, EXACT_VARIANCE, LOCAL, SYNC
+from jaxllm.step_compressed import hlo_collectives
 from tests.test_compressed_allreduce import reference_allreduce
 
 W = 4
@@ -128,6 +130,31 @@ def test_onebit_adam_matches_deepspeed_transcription(devices):
     fixed = run_sharded(tx, params, grads, phases=[0, 0, 0, 1, 1, 1, 1, 1], devices=devices)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), [h[0] for h in fixed],
                  [h[0] for h in got])
+
+
+def test_exact_mean_in_bfloat16_sends_half_the_bytes_and_rounds_only_to_bfloat16(devices):
+    mesh = Mesh(np.asarray(devices[:W]), ("d",))
+    x = np.random.default_rng(5).normal(size=(W, 1000)).astype(np.float32)
+    texts, means = {}, {}
+    for dtype in (None, jnp.bfloat16):
+        fn = jax.jit(jax.shard_map(lambda v, dtype=dtype: exact_mean(v[0], "d", dtype)[None], mesh=mesh,
+                                   in_specs=P("d"), out_specs=P("d"), check_vma=False))
+        texts[dtype], means[dtype] = fn.lower(x).compile().as_text(), np.asarray(fn(x))
+    found = {dtype: sorted((c.kind, c.dtypes, c.elements) for c in hlo_collectives(t)) for dtype, t in texts.items()}
+    traffic = {dtype: sum(c.traffic(W) for c in hlo_collectives(t)) for dtype, t in texts.items()}
+    assert found[None] == [("all-reduce", ("f32",), 1000)], found
+    # A reduce-scatter as an all-to-all of 16-bit words, then an all-gather of the reduced quarter.
+    assert found[jnp.bfloat16] == [("all-gather", ("u16",), 1000), ("all-to-all", ("u16",), 1000)], found
+    assert traffic[jnp.bfloat16] == traffic[None] / 2 == 2 * 2000 * (W - 1) / W
+    want = x.mean(0)
+    np.testing.assert_allclose(means[None][0], want, rtol=1e-6, atol=1e-7)
+    got = means[jnp.bfloat16]
+    assert got.dtype == np.float32 and all(np.array_equal(got[0], row) for row in got)  # same on every device
+    # Rounding each share x_i / W and each partial sum to bf16 (8-bit mantissa) costs at most a few
+    # units of 2^-8 of the magnitudes summed.
+    bound = 2.0 ** -6 * np.abs(x).mean(0)
+    assert np.all(np.abs(got[0] - want) <= bound), np.max(np.abs(got[0] - want) / bound)
+    assert np.any(got[0] != want)  # it did travel in bf16
 
 
 def test_onebit_adam_bias_correction_matches_the_transcription_with_adams_factors(devices):

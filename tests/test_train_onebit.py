@@ -144,6 +144,11 @@ def test_config_errors_and_warnings(tmp_path):
     with pytest.raises(UserError, match="'optimizer.bias_correction': got True; expected false unless "
                                         "optimizer.name is onebit_adam or zero_one_adam \\(it is 'onebit_lamb'"):
         config_lib.load(None, ["optimizer.name=onebit_lamb", "optimizer.bias_correction=true"])
+    with pytest.raises(UserError, match="'optimizer.exact_allreduce_dtype': got 'bfloat16'; expected float32 with "
+                                        "optimizer.name=adamw"):
+        config_lib.load(None, ["optimizer.exact_allreduce_dtype=bfloat16"])
+    with pytest.raises(UserError, match="optimizer.exact_allreduce_dtype"):
+        config_lib.load(None, ["optimizer.name=zero_one_adam", "optimizer.exact_allreduce_dtype=float16"])
     with pytest.warns(UserWarning, match="freeze_step=100000 is not below train.steps=100: every step is a warm-up"):
         config_lib.load(None, ["optimizer.name=onebit_lamb"])
     with pytest.warns(UserWarning, match="var_freeze_step=50 is not below train.steps - 1 = 9"):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxllm.config import Config
@@ -62,7 +63,8 @@ def build_optimizer(config: Config, schedule: optax.Schedule | None = None, *, n
     if schedule is None:
         schedule = warmup_cosine(train.lr, train.warmup_steps, train.steps, train.min_lr_ratio)
     common = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, axis_name=DEVICE_AXIS,
-                  weight_decay_mask=_decay_mask)
+                  weight_decay_mask=_decay_mask,
+                  exact_dtype=None if opt.exact_allreduce_dtype == "float32" else jnp.dtype(opt.exact_allreduce_dtype))
     if opt.name == "adamw":
         core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                            mask=_decay_mask)

@@ -38,9 +38,34 @@ def exchange_leaves(tree: Any, comm: Any, axis_name: str | None) -> tuple[Any, A
     return treedef.unflatten(outs), treedef.unflatten(new)
 
 
-def exact_mean(tree: Any, axis_name: str | None) -> Any:
-    """The exact (full-precision) average over the data axis, as DeepSpeed's engine all-reduce."""
-    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+def exact_mean(tree: Any, axis_name: str | None, dtype: Any = None) -> Any:
+    """The uncompressed average over the data axis, as DeepSpeed's engine all-reduce.
+
+    `dtype` None: an f32 `pmean`. A 16-bit `dtype` (e.g. `jnp.bfloat16`, half the bytes, as DeepSpeed's
+    fp16 engine all-reduce): each device rounds its share x / W to `dtype`, the shares cross devices as
+    16-bit words in a reduce-scatter (all-to-all, then a local f32 sum of the W rows) and the rounded
+    sums in an all-gather. A plain all-reduce in bf16 would not do: XLA's CPU backend promotes it to f32.
+    """
+    if axis_name is None:
+        return tree
+    if dtype is None:
+        return jax.lax.pmean(tree, axis_name)
+    if jnp.dtype(dtype).itemsize != 2:
+        raise ValueError(f"exact_mean: dtype {jnp.dtype(dtype).name} is not a 16-bit float")
+    world = world_size(axis_name)
+    leaves, treedef = jax.tree.flatten(tree)
+    flat = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in leaves])
+    n = flat.size
+    shares = jnp.pad(flat / world, (0, -n % world)).astype(dtype).reshape(world, -1)  # row j: device j's part
+    words = jax.lax.all_to_all(jax.lax.bitcast_convert_type(shares, jnp.uint16), axis_name, 0, 0, tiled=True)
+    part = jnp.sum(jax.lax.bitcast_convert_type(words, dtype).astype(jnp.float32), axis=0).astype(dtype)
+    gathered = jax.lax.all_gather(jax.lax.bitcast_convert_type(part, jnp.uint16), axis_name)  # [W, n / W]
+    mean = jax.lax.bitcast_convert_type(gathered, dtype).astype(jnp.float32).reshape(-1)[:n]
+    out, start = [], 0
+    for x in leaves:
+        out.append(mean[start:start + x.size].reshape(x.shape).astype(x.dtype))
+        start += x.size
+    return treedef.unflatten(out)
 
 
 def zero_comm(comm: Any) -> Any:

@@ -48,6 +48,7 @@ def onebit_adam(
     *,
     bias_correction: bool = False,
     axis_name: str | None = None,
+    exact_dtype: Any = None,
     weight_decay_mask: Any = None,
     exp_avg_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -72,6 +73,9 @@ def onebit_adam(
       b1, b2, eps, weight_decay: Adam's coefficients; DeepSpeed's defaults.
       freeze_step: the last exact (warm-up) step (at least step 2 is, as in DeepSpeed).
       axis_name: the data axis of the enclosing `shard_map`; None for a single worker.
+      exact_dtype: the dtype the exact (uncompressed) gradient averages travel in, e.g.
+        `jnp.bfloat16` for half the bytes of f32 (DeepSpeed's engine all-reduces them in fp16);
+        None keeps the gradient's dtype.
       weight_decay_mask: a tree of bools like the params, or a callable returning one; None decays all.
       exp_avg_mask: optional tree of 0/1 arrays multiplied into the momentum after each compressed
         exchange (for entries whose momentum is exactly zero, which 1-bit codes cannot represent).
@@ -103,7 +107,7 @@ def onebit_adam(
         decay = common.decay_rates(weight_decay, weight_decay_mask, params)
 
         def exact():
-            g = common.exact_mean(updates, axis_name)
+            g = common.exact_mean(updates, axis_name, exact_dtype)
             mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, g)
             nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, g)
             return mu, nu, state.local

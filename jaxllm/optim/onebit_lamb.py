@@ -50,6 +50,7 @@ def onebit_lamb(
     factor_threshold: float = 0.1,
     *,
     axis_name: str | None = None,
+    exact_dtype: Any = None,
     weight_decay_mask: Any = None,
     exp_avg_mask: Any = None,
     norm_axes: Any = None,
@@ -110,7 +111,7 @@ def onebit_lamb(
         norm = lambda x, s: jnp.sqrt(s(jnp.square(x.astype(jnp.float32))))  # noqa: E731
 
         def exact():
-            g = common.exact_mean(updates, axis_name)
+            g = common.exact_mean(updates, axis_name, exact_dtype)
             mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, g)
             nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, g)
             nu_fresh = common.tree_select(t == last_warmup_step(freeze_step), nu, state.nu_fresh)

@@ -103,6 +103,7 @@ def zero_one_adam(
     *,
     bias_correction: bool = False,
     axis_name: str | None = None,
+    exact_dtype: Any = None,
     weight_decay_mask: Any = None,
     exp_avg_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -187,7 +188,7 @@ def zero_one_adam(
             return new_updates, nu, state.lrs, ZeroOneAdamLocal(mu, loc.momentum_accumulator, comm)
 
         def exact_variance():
-            g = common.exact_mean(updates, axis_name)
+            g = common.exact_mean(updates, axis_name, exact_dtype)
             nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, g)
             return step_with(jax.tree.map(ema, loc.mu, g), nu, loc.comm, 1)
 
