@@ -1,6 +1,7 @@
 """Communication volume, rounds and final loss of AdamW, 1-bit Adam and 0/1 Adam, measured in one run.
 
-    python scripts/bench_comm.py [--steps 200] [--workdir DIR] [--json out.json] [--optimizers NAMES] [key=value ...]
+    python scripts/bench_comm.py [--steps 200] [--devices 8] [--workdir DIR] [--json out.json] [--optimizers NAMES]
+                                 [key=value ...]
 
 Trains the quickstart model (configs/quickstart.yaml: GPT-2, 4 layers, d_model 192, on the Python
 standard library's docstrings) for the same number of steps with each optimizer on 8 devices
@@ -18,6 +19,10 @@ collectives have been seen to hang with deep queues on an overloaded 2-core mach
 are separate programs and are not counted. Phase settings for the short run are flags; the defaults
 freeze 1-bit Adam after 15% of the steps and give 0/1 Adam the same variance phase (DeepSpeed's
 var_update_scaler 16), then local intervals doubling every 8 steps up to 4 steps.
+
+`--devices 1` runs the same optimizers on one device (mesh.data=1): nothing is compressed and 0/1
+Adam takes no local steps that differ from synchronous ones, so what is left of a loss gap there comes
+from the frozen variance and the phase schedule alone.
 """
 
 from __future__ import annotations
@@ -25,11 +30,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
-# 8 host devices when there is no accelerator. The fake devices are threads that meet in every
+
+def _devices_flag(argv: list[str]) -> int:
+    """--devices, read before JAX starts (it fixes the number of fake host devices)."""
+    for i, arg in enumerate(argv):
+        if arg == "--devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--devices="):
+            return int(arg.split("=", 1)[1])
+    return 8
+
+
+# Host devices when there is no accelerator. The fake devices are threads that meet in every
 # collective; on a busy CPU one can be starved past XLA's 40 s rendezvous limit, so the limit is raised.
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+DEVICES = _devices_flag(sys.argv[1:])
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                    f"--xla_force_host_platform_device_count={DEVICES}",
                                     "--xla_cpu_collective_call_terminate_timeout_seconds=1200"]).strip()
 
 import jax  # noqa: E402
@@ -78,6 +97,8 @@ def programs(config) -> tuple[list[str], list[int], dict[int, dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--devices", type=int, default=8,
+                        help="size of the data axis (fake host devices on a CPU); 1 compresses nothing")
     parser.add_argument("--workdir", default="runs/bench_comm")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--freeze-fraction", type=float, default=0.15,
@@ -87,6 +108,8 @@ def main() -> None:
     parser.add_argument("--local-step-clipper", type=int, default=4, help="0/1 Adam (DeepSpeed: 16)")
     parser.add_argument("--bias-correction", action="store_true",
                         help="optimizer.bias_correction for 1-bit and 0/1 Adam (AdamW always corrects)")
+    parser.add_argument("--exact-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="optimizer.exact_allreduce_dtype for the compressed optimizers (AdamW's stays f32)")
     parser.add_argument("--optimizers", default="onebit_adam,zero_one_adam",
                         help="comma-separated compressed optimizers to run beside AdamW (the baseline, always run)")
     parser.add_argument("overrides", nargs="*")
@@ -96,7 +119,9 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
     freeze = max(2, round(args.freeze_fraction * args.steps))
-    common = [f"train.steps={args.steps}", "mesh.data=8", f"eval.every={args.steps}", "train.log_every=1",
+    if args.devices < 1:
+        raise SystemExit(f"--devices {args.devices}: needs at least 1")
+    common = [f"train.steps={args.steps}", f"mesh.data={args.devices}", f"eval.every={args.steps}", "train.log_every=1",
               "checkpoint.every=0", "log.progress_bar=false", "log.tensorboard=false",
               f"data.cache_dir={workdir / 'data'}", *args.overrides]
     runs = {
@@ -107,9 +132,9 @@ def main() -> None:
                           f"optimizer.local_step_scaler={args.local_step_scaler}",
                           f"optimizer.local_step_clipper={args.local_step_clipper}"],
     }
-    if args.bias_correction:
-        runs = {name: extra + ([] if name == "adamw" else ["optimizer.bias_correction=true"])
-                for name, extra in runs.items()}
+    compressed_only = ((["optimizer.bias_correction=true"] if args.bias_correction else [])
+                       + [f"optimizer.exact_allreduce_dtype={args.exact_dtype}"])
+    runs = {name: extra + ([] if name == "adamw" else compressed_only) for name, extra in runs.items()}
     wanted = {name.strip() for name in args.optimizers.split(",") if name.strip()}
     if not wanted <= runs.keys() - {"adamw"}:
         raise SystemExit(f"--optimizers {args.optimizers!r}: choose from onebit_adam, zero_one_adam")
@@ -133,7 +158,8 @@ def main() -> None:
         }
         if name == "zero_one_adam":
             syncs = [t for t, p in enumerate(phases, start=1) if traffic[p]["bytes"] > 0]
-            results[name]["steps_since_last_sync"] = args.steps - syncs[-1]
+            if syncs:
+                results[name]["steps_since_last_sync"] = args.steps - syncs[-1]
 
     base = results["adamw"]
     base_step = base["phases"]["exact"]["bytes"]
@@ -142,7 +168,8 @@ def main() -> None:
     print(f"quickstart model, {args.steps} steps, mesh {mesh_text} ({jax.devices()[0].platform}); "
           f"freeze/var_freeze_step {freeze}, var_update_scaler {args.var_update_scaler}, "
           f"local_step_scaler {args.local_step_scaler}, local_step_clipper {args.local_step_clipper}, "
-          f"bias correction {'on' if args.bias_correction else 'off (DeepSpeed)'}")
+          f"bias correction {'on' if args.bias_correction else 'off (DeepSpeed)'}, "
+          f"exact averages in {args.exact_dtype}")
     data_only = all(size == 1 for axis, size in axes.items() if axis != "data")
     if not data_only:
         print("other mesh axes > 1: bytes and rounds below count every collective of a step (parameter "
@@ -156,9 +183,12 @@ def main() -> None:
             print(f"{name:<14} {phase:<20} {p['steps']:>5} {p['bytes'] / 1e6:9.4f} {ratio:>9}  {kinds}")
     print(f"\n{'optimizer':<14} {'volume MB':>10} {'vs AdamW':>9} {'rounds':>7} {'vs AdamW':>9} {'eval loss':>10} "
           f"{'vs AdamW':>9}")
+    def saving(value: float, baseline: float) -> str:  # one device communicates nothing at all
+        return f"{1 - value / baseline:9.1%}" if baseline else f"{'-':>9}"
+
     for name, r in results.items():
-        print(f"{name:<14} {r['volume_bytes'] / 1e6:10.2f} {1 - r['volume_bytes'] / base['volume_bytes']:9.1%} "
-              f"{r['rounds']:>7} {1 - r['rounds'] / base['rounds']:9.1%} {r['eval_loss']:10.4f} "
+        print(f"{name:<14} {r['volume_bytes'] / 1e6:10.2f} {saving(r['volume_bytes'], base['volume_bytes'])} "
+              f"{r['rounds']:>7} {saving(r['rounds'], base['rounds'])} {r['eval_loss']:10.4f} "
               f"{r['eval_loss'] / base['eval_loss'] - 1:+9.2%}")
     if "steps_since_last_sync" in results.get("zero_one_adam", {}):
         print(f"0/1 Adam: the last sync was {results['zero_one_adam']['steps_since_last_sync']} step(s) before the "
