@@ -127,6 +127,21 @@ def test_each_phase_moves_only_what_it_should_over_the_data_axis(devices, mesh_s
         assert sum(c.elements for c in exact) == sum(local)
 
 
+def test_bf16_variance_refreshes_cross_the_data_axis_as_16_bit_words(devices):
+    cfg, mesh, model = _setup([*ZERO_ONE, *_mesh((8, 1, 1)), "optimizer.exact_allreduce_dtype=bfloat16"])
+    training = CompressedTraining(cfg, mesh, model)
+    with jax.set_mesh(mesh):
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.batch_sharding(mesh))
+                 for k, v in batches(cfg, 1)[0].items()}
+        text = training.train_step().program(EXACT_VARIANCE).lower(training.layout.abstract, batch).compile().as_text()
+    found = _data_crossing(hlo_collectives(text), mesh)
+    n = sum(int(np.prod(s)) for s in jax.tree.leaves(training.model.shapes, is_leaf=lambda x: isinstance(x, tuple)))
+    padded = n + -n % 8
+    # All of the gradient as bf16 shares in an all-to-all, the reduced eighths back in an all-gather.
+    assert sorted((c.kind, c.dtypes, c.elements) for c in found) == [("all-gather", ("u16",), padded),
+                                                                       ("all-to-all", ("u16",), padded)], found
+
+
 def test_config_errors_and_warnings(tmp_path):
     with pytest.raises(UserError, match="expected one of 'adamw', 'onebit_adam', 'zero_one_adam', 'onebit_lamb'"):
         config_lib.load(None, ["optimizer.name=onebitadam"])
