@@ -228,7 +228,7 @@ class OptimizerConfig:
         if self.name in ("onebit_adam", "onebit_lamb") and self.param("freeze_step") >= steps:
             warnings.warn(
                 f"optimizer.freeze_step={self.param('freeze_step')} is not below train.steps={steps}: every step "
-                f"is a warm-up step with an exact f32 gradient average, nothing is compressed "
+                f"is a warm-up step with an exact {self.exact_allreduce_dtype} gradient average, nothing is compressed "
                 f"({self.name} without compression); set optimizer.freeze_step below train.steps to compress",
                 UserWarning, stacklevel=3)
         if self.name == "zero_one_adam" and self.param("var_freeze_step") + 1 >= steps:

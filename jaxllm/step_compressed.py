@@ -15,7 +15,8 @@ inside, so the model's sharding hints still apply to `fsdp`, `tensor` and `seque
    With `fsdp` (or `tensor`) > 1 a tensor is thus compressed shard by shard, each shard with its own
    RMS scale and error buffers; with the model whole on every device this is exactly DeepSpeed's
    per-tensor compression. Nothing in this step moves a full-precision gradient over the data axis
-   except the exact phases (warm-up, 0/1 Adam's variance refreshes), which average it on purpose.
+   except the exact phases (warm-up, 0/1 Adam's variance refreshes), which average it on purpose (in
+   f32, or as bf16 words with `optimizer.exact_allreduce_dtype: bfloat16`).
 
 Each optimizer phase compiles to its own program, chosen on the host from the step number (the
 phase schedules are pure functions of the step), so a phase without communication has no collective

@@ -30,25 +30,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 
-def _devices_flag(argv: list[str]) -> int:
-    """--devices, read before JAX starts (it fixes the number of fake host devices)."""
-    for i, arg in enumerate(argv):
-        if arg == "--devices" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--devices="):
-            return int(arg.split("=", 1)[1])
-    return 8
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--devices", type=int, default=8,
+                        help="size of the data axis (fake host devices on a CPU); 1 compresses nothing")
+    parser.add_argument("--workdir", default="runs/bench_comm")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--freeze-fraction", type=float, default=0.15,
+                        help="1-bit Adam freeze_step and 0/1 Adam var_freeze_step, as a fraction of --steps")
+    parser.add_argument("--var-update-scaler", type=int, default=16, help="0/1 Adam (DeepSpeed's default)")
+    parser.add_argument("--local-step-scaler", type=int, default=8, help="0/1 Adam (DeepSpeed: 32678)")
+    parser.add_argument("--local-step-clipper", type=int, default=4, help="0/1 Adam (DeepSpeed: 16)")
+    parser.add_argument("--bias-correction", action="store_true",
+                        help="optimizer.bias_correction for 1-bit and 0/1 Adam (AdamW always corrects)")
+    parser.add_argument("--exact-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="optimizer.exact_allreduce_dtype for the compressed optimizers (AdamW's stays f32)")
+    parser.add_argument("--optimizers", default="onebit_adam,zero_one_adam",
+                        help="comma-separated compressed optimizers to run beside AdamW (the baseline, always run)")
+    parser.add_argument("overrides", nargs="*")
+    return parser
 
 
-# Host devices when there is no accelerator. The fake devices are threads that meet in every
-# collective; on a busy CPU one can be starved past XLA's 40 s rendezvous limit, so the limit is raised.
-DEVICES = _devices_flag(sys.argv[1:])
+# Parsed before JAX starts: --devices fixes the number of fake host devices. The fake devices are
+# threads that meet in every collective; on a busy CPU one can be starved past XLA's 40 s rendezvous
+# limit, so the limit is raised.
+ARGS = _parser().parse_args()
+if ARGS.devices < 1:
+    raise SystemExit(f"--devices {ARGS.devices}: needs at least 1")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                    f"--xla_force_host_platform_device_count={DEVICES}",
+                                    f"--xla_force_host_platform_device_count={ARGS.devices}",
                                     "--xla_cpu_collective_call_terminate_timeout_seconds=1200"]).strip()
 
 import jax  # noqa: E402
@@ -95,32 +109,12 @@ def programs(config) -> tuple[list[str], list[int], dict[int, dict]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--devices", type=int, default=8,
-                        help="size of the data axis (fake host devices on a CPU); 1 compresses nothing")
-    parser.add_argument("--workdir", default="runs/bench_comm")
-    parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--freeze-fraction", type=float, default=0.15,
-                        help="1-bit Adam freeze_step and 0/1 Adam var_freeze_step, as a fraction of --steps")
-    parser.add_argument("--var-update-scaler", type=int, default=16, help="0/1 Adam (DeepSpeed's default)")
-    parser.add_argument("--local-step-scaler", type=int, default=8, help="0/1 Adam (DeepSpeed: 32678)")
-    parser.add_argument("--local-step-clipper", type=int, default=4, help="0/1 Adam (DeepSpeed: 16)")
-    parser.add_argument("--bias-correction", action="store_true",
-                        help="optimizer.bias_correction for 1-bit and 0/1 Adam (AdamW always corrects)")
-    parser.add_argument("--exact-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="optimizer.exact_allreduce_dtype for the compressed optimizers (AdamW's stays f32)")
-    parser.add_argument("--optimizers", default="onebit_adam,zero_one_adam",
-                        help="comma-separated compressed optimizers to run beside AdamW (the baseline, always run)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = ARGS
     workdir = Path(args.workdir).resolve()
     jax.config.update("jax_compilation_cache_dir", str(workdir / "xla-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
     freeze = max(2, round(args.freeze_fraction * args.steps))
-    if args.devices < 1:
-        raise SystemExit(f"--devices {args.devices}: needs at least 1")
     common = [f"train.steps={args.steps}", f"mesh.data={args.devices}", f"eval.every={args.steps}", "train.log_every=1",
               "checkpoint.every=0", "log.progress_bar=false", "log.tensorboard=false",
               f"data.cache_dir={workdir / 'data'}", *args.overrides]
@@ -183,6 +177,7 @@ def main() -> None:
             print(f"{name:<14} {phase:<20} {p['steps']:>5} {p['bytes'] / 1e6:9.4f} {ratio:>9}  {kinds}")
     print(f"\n{'optimizer':<14} {'volume MB':>10} {'vs AdamW':>9} {'rounds':>7} {'vs AdamW':>9} {'eval loss':>10} "
           f"{'vs AdamW':>9}")
+
     def saving(value: float, baseline: float) -> str:  # one device communicates nothing at all
         return f"{1 - value / baseline:9.1%}" if baseline else f"{'-':>9}"
 
