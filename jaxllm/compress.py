@@ -42,7 +42,7 @@ from jaxllm.config import Config, MeshConfig
 from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
 from jaxllm.data.sources import build_sources, token_directory
 from jaxllm.errors import UserError
-from jaxllm.state import ModelDef
+from jaxllm.models.definition import ModelDef
 
 COMMANDS = ("ptq", "lkd", "xtc", "eval", "generate")
 

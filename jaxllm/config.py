@@ -156,7 +156,7 @@ ONEBIT_PARAMS: dict[str, tuple[str, ...]] = {
 @dataclasses.dataclass
 class OptimizerConfig:
     # adamw: Optax AdamW. onebit_adam | zero_one_adam | onebit_lamb: DeepSpeed's compressed-communication
-    # optimizers (jaxllm.optim); they switch the run to the per-device train step of jaxllm.step_compressed.
+    # optimizers (jaxllm.optim); they switch the run to the per-device train step of jaxllm.engine.compressed.
     name: Literal["adamw", "onebit_adam", "zero_one_adam", "onebit_lamb"] = "adamw"
     b1: float = 0.9
     b2: float = 0.95

@@ -9,7 +9,7 @@ Three layers, each usable alone:
   hit a stop token or `max_new_tokens` are made. It returns fixed-shape arrays (`Generation`): the new
   tokens, each row's length and the model's log-probabilities of the chosen tokens, which is what
   an RL experience phase needs. Call it inside your own `jax.jit`, e.g. with
-  `jaxllm.state.ModelDef.bind(params)` as the model, or use `generate_jit`.
+  `jaxllm.models.definition.ModelDef.bind(params)` as the model, or use `generate_jit`.
 - `generate(model, prompts, ...)`: lists of token ids in, lists of new token ids out.
 
 And a command: ``python -m jaxllm.generate --workdir DIR --prompt "text" [...]`` (see `main`).
@@ -47,13 +47,13 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from jaxllm import mesh as mesh_lib
-from jaxllm.checkpoint import Checkpointer
 from jaxllm.compression import checkpoint as compressed_checkpoint
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, TextTokenizer, load_tokenizer
+from jaxllm.engine.checkpoint import Checkpointer
 from jaxllm.errors import UserError
 from jaxllm.models.decoder import Decoder, KVCache
-from jaxllm.state import ModelDef
+from jaxllm.models.definition import ModelDef
 
 
 class Generation(NamedTuple):

@@ -81,8 +81,9 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: Path, total_steps: int, start_step: int, tensorboard: bool = True,
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, headline: tuple[str, ...] | None = None):
         self.path = workdir / "metrics.jsonl"
+        self.headline = headline  # row keys the bar shows; None: loss, tokens/s and MFU
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -103,7 +104,13 @@ class MetricsWriter:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, row["step"])
-        if self._bar is not None and "loss" in row:
+        if self._bar is None:
+            return
+        if self.headline is not None:
+            shown = {k: f"{row[k]:.3g}" for k in self.headline if isinstance(row.get(k), (int, float))}
+            if shown:
+                self._bar.set_postfix(shown, refresh=False)
+        elif "loss" in row:
             self._bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_sec', 0):.0f}",
                                   mfu=f"{100 * row.get('mfu', 0):.1f}%", refresh=False)
 

@@ -70,10 +70,8 @@ import numpy as np  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
 from jaxllm import mesh as mesh_lib  # noqa: E402
-from jaxllm.optim import build_optimizer  # noqa: E402
-from jaxllm.state import ModelDef, state_layout  # noqa: E402
-from jaxllm.step import make_train_step  # noqa: E402
-from jaxllm.step_compressed import CompressedTraining, hlo_collectives  # noqa: E402
+from jaxllm.engine.compressed import hlo_collectives  # noqa: E402
+from jaxllm.pretraining import LanguageModelTraining  # noqa: E402
 from jaxllm.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,22 +86,18 @@ def phase_traffic(text: str, devices: int) -> dict:
 def programs(config) -> tuple[list[str], list[int], dict[int, dict]]:
     """Phase names, the phase of every step, and each phase's traffic (from its compiled HLO)."""
     mesh = mesh_lib.make_mesh(config.mesh)
-    model = ModelDef.from_config(config.model)
     rows, length = config.train.batch_size, config.data.seq_len
     with jax.set_mesh(mesh):
         batch = {k: jax.ShapeDtypeStruct((rows, length), np.float32 if k == "loss_mask" else np.int32,
                                          sharding=mesh_lib.batch_sharding(mesh))
                  for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-        if config.optimizer.name == "adamw":
-            tx, schedule = build_optimizer(config)
-            layout = state_layout(mesh, model, tx, config.mesh.zero_stage)
-            step = make_train_step(model, tx, schedule, layout, config.train.grad_accum)
-            text = step.lower(layout.abstract, batch).compile().as_text()
+        task = LanguageModelTraining.build(config, mesh)
+        step, training = task.train_step(), task.optimizer.compressed
+        if training is None:  # AdamW: one program, GSPMD's f32 all-reduce of the gradient
+            text = step.lower(task.layout.abstract, batch).compile().as_text()
             return ["exact"], [0] * config.train.steps, {0: phase_traffic(text, mesh.devices.size)}
-        training = CompressedTraining(config, mesh, model)
-        step = training.train_step(config.train.grad_accum)
         phases = [training.plan.phase(t) for t in range(1, config.train.steps + 1)]
-        traffic = {p: phase_traffic(step.program(p).lower(training.layout.abstract, batch).compile().as_text(),
+        traffic = {p: phase_traffic(step.program(p).lower(task.layout.abstract, batch).compile().as_text(),
                                     mesh.devices.size) for p in sorted(set(phases))}
         return list(training.plan.names), phases, traffic
 

@@ -45,8 +45,8 @@ from jaxllm.compression import rules as rules_lib
 from jaxllm.compression import xtc, zeroquant
 from jaxllm.compression.qtensor import QuantizedWeight, is_compressed
 from jaxllm.generate import generate
+from jaxllm.models.definition import ModelDef
 from jaxllm.optim import build_optimizer
-from jaxllm.state import ModelDef
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

@@ -49,10 +49,9 @@ from jaxllm import mesh as mesh_lib
 from jaxllm.data.pipeline import make_eval_batches
 from jaxllm.data.sources import build_sources, token_directory
 from jaxllm.data_efficiency import DataEfficiency
-from jaxllm.optim import build_optimizer
+from jaxllm.engine.step import evaluate
 from jaxllm.plot import plot_runs
-from jaxllm.state import ModelDef, state_layout
-from jaxllm.step import make_eval_step
+from jaxllm.pretraining import LanguageModelTraining
 from jaxllm.train import train
 
 MODEL = ["model.family=gpt2", "model.layers=6", "model.d_model=256", "model.heads=4", "model.vocab_size=4096",
@@ -138,11 +137,9 @@ class CheckpointEvaluator:
 
     def __init__(self, workdir: Path, cfg, eval_batches):
         self.mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
-        model = ModelDef.from_config(cfg.model)
-        tx, _ = build_optimizer(cfg)
         with jax.set_mesh(self.mesh):
-            self.layout = state_layout(self.mesh, model, tx, cfg.mesh.zero_stage)
-            self.eval_step = make_eval_step(model, self.layout)
+            task = LanguageModelTraining.build(cfg, self.mesh)
+            self.layout, self.eval_step = task.layout, task.eval_step()
         self.manager = ocp.CheckpointManager((workdir / "checkpoints").resolve())
         self.steps = sorted(int(s) for s in self.manager.all_steps())
         self.batches, self.losses = eval_batches, {}
@@ -152,11 +149,8 @@ class CheckpointEvaluator:
             with jax.set_mesh(self.mesh):
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(self.layout.abstract))
                 params = self.manager.restore(step, args=args)["state"]["params"]
-                total, count = 0.0, 0.0
-                for batch in self.batches:
-                    s, n = self.eval_step(params, {k: jax.device_put(v) for k, v in batch.items()})
-                    total, count = total + float(s), count + float(n)
-            self.losses[step] = total / count
+                batches = [{k: jax.device_put(v) for k, v in batch.items()} for batch in self.batches]
+                self.losses[step] = evaluate(self.eval_step, params, batches)["loss"]
         return self.losses[step]
 
     def first_below(self, target: float, coarse: int) -> int | None:

@@ -67,9 +67,7 @@ def train(smoke: bool, steps: int, batch_per_device: int, overrides: list[str]) 
     from jaxllm import config as config_lib
     from jaxllm import mesh as mesh_lib
     from jaxllm.metrics import flops_per_token, peak_flops
-    from jaxllm.optim import build_optimizer
-    from jaxllm.state import ModelDef, create_state, state_layout
-    from jaxllm.step import make_train_step
+    from jaxllm.pretraining import LanguageModelTraining
 
     devices = jax.devices()
     batch = batch_per_device * len(devices)
@@ -78,8 +76,6 @@ def train(smoke: bool, steps: int, batch_per_device: int, overrides: list[str]) 
         *overrides])
     seq, vocab = cfg.data.seq_len, cfg.model.vocab_size
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    model = ModelDef.from_config(cfg.model)
-    tx, schedule = build_optimizer(cfg)
     rng = np.random.default_rng(0)
 
     def make_batch():
@@ -89,9 +85,8 @@ def train(smoke: bool, steps: int, batch_per_device: int, overrides: list[str]) 
                 "loss_mask": np.ones((batch, seq), np.float32)}
 
     with jax.set_mesh(mesh):
-        layout = state_layout(mesh, model, tx, cfg.mesh.zero_stage)
-        state = create_state(cfg.model, cfg.seed, tx, layout)
-        step = make_train_step(model, tx, schedule, layout, cfg.train.grad_accum)
+        task = LanguageModelTraining.build(cfg, mesh)
+        state, step = task.init_state(), task.train_step()
         sharding = mesh_lib.batch_sharding(mesh)
         batches = [{k: jax.device_put(v, sharding) for k, v in make_batch().items()} for _ in range(2)]
         start = time.perf_counter()

@@ -36,8 +36,8 @@ from flax import nnx
 from jaxllm import config as config_lib
 from jaxllm.generate import generate_jit, left_pad
 from jaxllm.models.decoder import Decoder
+from jaxllm.models.definition import ModelDef, init_params
 from jaxllm.ops.attention import alibi_slopes
-from jaxllm.state import ModelDef, init_params
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "gpt2_6l_512d.yaml"

@@ -23,9 +23,7 @@ from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
 from jaxllm.data.pipeline import SyntheticRows, stack_rows
 from jaxllm.metrics import flops_per_token, peak_flops
-from jaxllm.optim import build_optimizer
-from jaxllm.state import ModelDef, create_state, state_layout
-from jaxllm.step import make_train_step
+from jaxllm.pretraining import LanguageModelTraining
 
 REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "gpt2_6l_512d.yaml"
 
@@ -33,15 +31,12 @@ REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "gpt2_6l_512d.yaml
 def measure(overrides: list[str], steps: int) -> dict[str, float]:
     cfg = config_lib.load(REFERENCE, ["mesh.data=1", *overrides])
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
-    model = ModelDef.from_config(cfg.model)
-    tx, schedule = build_optimizer(cfg)
     rows = SyntheticRows(cfg.model.vocab_size, cfg.data.seq_len, cfg.train.batch_size * (steps + 1))
     batches = [stack_rows([rows[i * cfg.train.batch_size + j] for j in range(cfg.train.batch_size)])
                for i in range(steps + 1)]
     with jax.set_mesh(mesh):
-        layout = state_layout(mesh, model, tx, cfg.mesh.zero_stage)
-        state = create_state(cfg.model, cfg.seed, tx, layout)
-        step = make_train_step(model, tx, schedule, layout, cfg.train.grad_accum)
+        task = LanguageModelTraining.build(cfg, mesh)
+        state, step = task.init_state(), task.train_step()
         sharding = mesh_lib.batch_sharding(mesh)
         put = lambda b: {k: jax.device_put(v, sharding) for k, v in b.items()}  # noqa: E731
         start = time.perf_counter()

@@ -31,9 +31,7 @@ import numpy as np
 from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
 from jaxllm.data.pipeline import SyntheticRows, stack_rows
-from jaxllm.optim import build_optimizer
-from jaxllm.state import ModelDef, create_state, state_layout
-from jaxllm.step import make_train_step
+from jaxllm.pretraining import LanguageModelTraining
 
 REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "gpt2_6l_512d.yaml"
 
@@ -96,15 +94,12 @@ def main() -> None:
     args = parser.parse_args()
     cfg = config_lib.load(REFERENCE, ["mesh.data=1", *args.overrides])
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
-    model = ModelDef.from_config(cfg.model)
-    tx, schedule = build_optimizer(cfg)
     rows = SyntheticRows(cfg.model.vocab_size, cfg.data.seq_len, cfg.train.batch_size)
     batch = stack_rows([rows[j] for j in range(cfg.train.batch_size)])
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="jaxllm-profile-")
     with jax.set_mesh(mesh):
-        layout = state_layout(mesh, model, tx, cfg.mesh.zero_stage)
-        state = create_state(cfg.model, cfg.seed, tx, layout)
-        step = make_train_step(model, tx, schedule, layout, cfg.train.grad_accum)
+        task = LanguageModelTraining.build(cfg, mesh)
+        state, step = task.init_state(), task.train_step()
         batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh)) for k, v in batch.items()}
         hlo = step.lower(state, batch).compile().as_text()
         state, metrics = step(state, batch)

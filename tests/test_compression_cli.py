@@ -8,17 +8,17 @@ import pytest
 import yaml
 from flax import nnx
 
-from jaxllm import compress, train
+from jaxllm import compress
 from jaxllm import config as config_lib
 from jaxllm import generate as generate_lib
-from jaxllm.checkpoint import Checkpointer
 from jaxllm.compression import checkpoint
 from jaxllm.compression.qtensor import QuantizedWeight
 from jaxllm.config import ModelConfig
 from jaxllm.data.pipeline import SyntheticRows, make_train_iterator
+from jaxllm.engine.checkpoint import Checkpointer, run_meta
 from jaxllm.errors import UserError
 from jaxllm.generate import generate
-from jaxllm.state import ModelDef, init_params
+from jaxllm.models.definition import ModelDef, init_params
 
 CONFIG = {
     "model": {"layers": 2, "d_model": 32, "heads": 4, "vocab_size": 64, "max_len": 32},
@@ -49,7 +49,7 @@ def run(tmp_path_factory):
     rows = SyntheticRows(64, 32, 128, seed=0)
     ckpt = Checkpointer(root / "teacher" / "checkpoints", async_save=False)
     ckpt.save(8, {"step": 8, "skipped_steps": 0, "params": params}, make_train_iterator(rows, 8, 0),
-              train.model_meta(config))
+              run_meta(config.model))
     ckpt.close()
     return root, path
 

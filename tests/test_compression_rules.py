@@ -5,7 +5,7 @@ import pytest
 from jaxllm.compression.rules import Rule, from_deepspeed, model_modules, module_shapes, plan
 from jaxllm.config import ModelConfig
 from jaxllm.errors import UserError
-from jaxllm.state import ModelDef
+from jaxllm.models.definition import ModelDef
 
 CFG = ModelConfig(family="gpt2", layers=2, d_model=32, heads=4, vocab_size=64, max_len=16)
 SHAPES = module_shapes(ModelDef.from_config(CFG).shapes, CFG)

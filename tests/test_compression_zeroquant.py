@@ -12,7 +12,7 @@ from jaxllm.compression.qtensor import QuantizedWeight
 from jaxllm.compression.rules import Rule, module_shapes, plan
 from jaxllm.config import ModelConfig
 from jaxllm.errors import UserError
-from jaxllm.state import ModelDef, init_params
+from jaxllm.models.definition import ModelDef, init_params
 
 FAMILIES = {"gpt2": {}, "llama": dict(kv_heads=2), "bloom": dict(heads=2)}
 

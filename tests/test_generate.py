@@ -16,7 +16,7 @@ from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.errors import UserError
 from jaxllm.generate import filter_logits, generate, generate_jit, left_pad, main, sample_logits
 from jaxllm.models.decoder import CACHE_AXES, KVCache
-from jaxllm.state import ModelDef, init_params
+from jaxllm.models.definition import ModelDef, init_params
 
 FAMILIES = {
     "gpt2": dict(family="gpt2"),
@@ -258,7 +258,7 @@ def _restored_model(run):
     """The trained params read back as numpy by Orbax's plain PyTree reader, independent of the CLI."""
     import orbax.checkpoint as ocp
 
-    from jaxllm.checkpoint import Checkpointer
+    from jaxllm.engine.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run / "checkpoints")
     cfg = ModelConfig(**ckpt.read_meta(3)["model"])

@@ -21,7 +21,7 @@ from jaxllm import mesh as mesh_lib
 from jaxllm.config import MeshConfig
 from jaxllm.errors import UserError
 from jaxllm.interop import convert, hf, hf_io
-from jaxllm.state import ModelDef
+from jaxllm.models.definition import ModelDef
 from tests.fixtures import hf_models
 
 FAMILIES = ("gpt2", "llama", "bloom")  # llama: 4 query heads over 2 kv heads; bloom: 6 heads (not 2^k)
@@ -499,7 +499,7 @@ TRAIN = ["data.seq_len=16", "data.synthetic_rows=64", "train.batch_size=8", "tra
 def _first_batch(config):
     from jaxllm.data.pipeline import make_train_iterator
     from jaxllm.data.sources import build_sources
-    from jaxllm.train import resolve_init_from
+    from jaxllm.interop.hf import resolve_init_from
 
     rows, _ = build_sources(resolve_init_from(config), None)
     return next(make_train_iterator(rows, config.train.batch_size, config.seed))

@@ -4,9 +4,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
+from jaxllm.engine.state import state_layout
 from jaxllm.errors import UserError
+from jaxllm.models.definition import ModelDef
 from jaxllm.optim import build_optimizer
-from jaxllm.state import ModelDef, state_layout
 
 
 def test_axis_sizes_fill_the_free_axis_and_reject_bad_products():

@@ -16,7 +16,8 @@ import pytest
 
 from jaxllm import config as config_lib
 from jaxllm.errors import UserError
-from jaxllm.train import DIST_ENV, init_distributed, train
+from jaxllm.runtime import DIST_ENV, init_distributed
+from jaxllm.train import train
 from tests.conftest import PYTHON, subprocess_env
 
 TINY = ["data.source=synthetic", "model.layers=2", "model.d_model=32", "model.heads=4", "model.vocab_size=128",

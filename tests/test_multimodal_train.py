@@ -1,5 +1,6 @@
 """VisualChat end to end: cached MMCA generation against full recomputation, a short train + resume, chat."""
 
+import functools
 import json
 import shutil
 
@@ -128,18 +129,20 @@ def test_command_line_errors_name_the_problem(tmp_path, capsys):
 def test_text_embedding_starts_as_a_copy_and_only_trainable_groups_change(devices):
     config = from_dict(tiny_config(warmup_steps=0))
     model, vision = config.model, config.vision
+    from jaxllm.engine import optimizer
+    from jaxllm.engine.state import initial_state
+    from jaxllm.engine.step import make_train_step
     from jaxllm.multimodal.model import model_def
-    from jaxllm.optim import build_optimizer
 
     mdef = model_def(model, vision, config.multimodal)
     mesh = jax.sharding.Mesh(np.asarray(devices[:2]).reshape(2, 1, 1, 1), ("data", "fsdp", "tensor", "sequence"),
                              axis_types=(jax.sharding.AxisType.Auto,) * 4)
-    tx, schedule = build_optimizer(config)
-    default = MultimodalConfig()
+    frozen = tuple(k for k in mdef.shapes if k not in MultimodalConfig().trainable())  # the default groups
     with jax.set_mesh(mesh):
-        layout = train_lib.state_layout(mesh, mdef, tx, default.trainable(), 3)
-        state = train_lib.initial_state(config, model, vision, tx, layout, mdef)
-    assert layout.groups == {"params": ("projection", "text_embed"), "frozen": ("decoder", "vision")}
+        opt = optimizer.build(config, mesh, mdef, frozen)
+        layout = opt.layout(mesh, mdef, 3, frozen)
+        state = initial_state(layout, opt.tx, train_lib.initial_params(config, model, vision, layout))
+    assert sorted(layout.state["params"]) == ["projection", "text_embed"] and layout.frozen == ("decoder", "vision")
     np.testing.assert_array_equal(np.asarray(state["params"]["text_embed"]),
                                   np.asarray(state["frozen"]["decoder"]["embed"]))
     rng = np.random.default_rng(0)
@@ -149,7 +152,7 @@ def test_text_embedding_starts_as_a_copy_and_only_trainable_groups_change(device
     batch["token_types"][:, 3:3 + vision.tokens] = 2
     before = jax.device_get(state)
     with jax.set_mesh(mesh):
-        step = train_lib.make_train_step(mdef, tx, schedule, layout)
+        step = make_train_step(functools.partial(train_lib.loss_sums, mdef), opt, layout)
         state, _ = step(state, {k: jnp.asarray(v, jnp.float32 if v.dtype.kind == "f" else jnp.int32)
                                 for k, v in batch.items()})
     after = jax.device_get(state)

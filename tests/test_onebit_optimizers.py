@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxllm.engine.compressed import hlo_collectives
 from jaxllm.optim import (
     ZeroOneAdamSchedule,
     ZeroOneAdamState,
@@ -20,7 +21,6 @@ from jaxllm.optim import (
 )
 from jaxllm.optim._common import exact_mean
 from jaxllm.optim.zero_one_adam import COMPRESSED_GRADIENT, EXACT_VARIANCE, LOCAL, SYNC
-from jaxllm.step_compressed import hlo_collectives
 from tests.test_compressed_allreduce import reference_allreduce
 
 W = 4

@@ -8,10 +8,10 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.generate import generate_tokens
+from jaxllm.models.definition import ModelDef, init_params
 from jaxllm.rlhf import lora
 from jaxllm.rlhf.models import ValueModel, actor_def, init_value_params, sequence_inputs, value_def
 from jaxllm.rlhf.ppo_step import answer_logprobs, answer_values
-from jaxllm.state import ModelDef, init_params
 
 TINY = dict(layers=2, d_model=32, heads=4, vocab_size=48, max_len=32)
 

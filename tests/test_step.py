@@ -8,8 +8,7 @@ import pytest
 from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
 from jaxllm.optim import build_optimizer, warmup_cosine
-from jaxllm.state import ModelDef, create_state, state_layout
-from jaxllm.step import make_train_step
+from jaxllm.pretraining import LanguageModelTraining
 
 STEPS = 3
 
@@ -41,12 +40,10 @@ def _cfg(family, overrides=()):
 def run(family, overrides=(), devices=None, data=None):
     cfg = _cfg(family, overrides)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    model = ModelDef.from_config(cfg.model)
-    tx, schedule = build_optimizer(cfg)
     with jax.set_mesh(mesh):
-        layout = state_layout(mesh, model, tx, cfg.mesh.zero_stage)
-        state = create_state(cfg.model, cfg.seed, tx, layout)
-        step = make_train_step(model, tx, schedule, layout, cfg.train.grad_accum)
+        task = LanguageModelTraining.build(cfg, mesh)
+        state = task.init_state()
+        step = task.train_step()
         losses = []
         for batch in data or batches(cfg):
             batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh)) for k, v in batch.items()}

@@ -3,7 +3,7 @@
 import subprocess
 
 from jaxllm import config as config_lib
-from jaxllm.train import compile_cache_dir
+from jaxllm.runtime import compile_cache_dir
 from tests.conftest import PYTHON, REPO, subprocess_env
 
 TINY = ["model.layers=2", "model.d_model=32", "model.heads=4", "model.vocab_size=128", "model.max_len=32",

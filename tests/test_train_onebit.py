@@ -10,11 +10,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
+from jaxllm.engine.compressed import CompressedTraining, _local_shape, hlo_collectives
 from jaxllm.errors import UserError
+from jaxllm.models.definition import ModelDef
 from jaxllm.optim import padded_size
 from jaxllm.optim.zero_one_adam import COMPRESSED_GRADIENT, EXACT_VARIANCE, LOCAL, SYNC
-from jaxllm.state import ModelDef, create_state
-from jaxllm.step_compressed import CompressedTraining, _local_shape, hlo_collectives
+from jaxllm.pretraining import LanguageModelTraining
 from jaxllm.train import train
 from tests.test_step import batches
 from tests.test_train import TINY, losses
@@ -32,7 +33,7 @@ LAMB = [*TINY, "model.layers=1", "train.steps=12", "train.lr=1e-2", "optimizer.n
 def test_zero_one_adam_with_fsdp_learns_and_resumes_bitwise_mid_interval(tmp_path, devices):
     args = [*ZERO_ONE, "train.log_every=1", "checkpoint.every=9", "mesh.data=2", "mesh.fsdp=4",
             "checkpoint.async_save=false"]
-    plan = CompressedTraining(*_setup(args)).plan
+    plan = _task(*_setup(args)[:2]).optimizer.compressed.plan
     assert [plan.phase(t) for t in range(1, 13)] == ZERO_ONE_PHASES
     straight = tmp_path / "straight"
     train(config_lib.load(None, args), straight)
@@ -59,16 +60,21 @@ def _setup(overrides):
     return cfg, mesh_lib.make_mesh(cfg.mesh), ModelDef.from_config(cfg.model)
 
 
+def _task(cfg, mesh):
+    with jax.set_mesh(mesh):
+        return LanguageModelTraining.build(cfg, mesh)
+
+
 def _mesh(shape):
     return [f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"]
 
 
 def _run(overrides, steps, data):
-    cfg, mesh, model = _setup(overrides)
-    training = CompressedTraining(cfg, mesh, model)
+    cfg, mesh, _ = _setup(overrides)
+    task = _task(cfg, mesh)
     with jax.set_mesh(mesh):
-        state = create_state(cfg.model, cfg.seed, training.state_tx, training.layout)
-        step = training.train_step()
+        state = task.init_state()
+        step = task.train_step()
         out = []
         for batch in data[:steps]:
             batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh)) for k, v in batch.items()}
@@ -97,19 +103,20 @@ def _data_crossing(collectives, mesh):
 @pytest.mark.parametrize("mesh_shape, phases", [((2, 4, 1), (EXACT_VARIANCE, COMPRESSED_GRADIENT, LOCAL, SYNC)),
                                                 ((8, 1, 1), (LOCAL, SYNC))])
 def test_each_phase_moves_only_what_it_should_over_the_data_axis(devices, mesh_shape, phases):
-    cfg, mesh, model = _setup([*ZERO_ONE, *_mesh(mesh_shape)])
-    training = CompressedTraining(cfg, mesh, model)
+    cfg, mesh, _ = _setup([*ZERO_ONE, *_mesh(mesh_shape)])
+    task = _task(cfg, mesh)
+    training = task.optimizer.compressed
     data = mesh_shape[0]
     with jax.set_mesh(mesh):
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.batch_sharding(mesh))
                  for k, v in batches(cfg, 1)[0].items()}
-        step = training.train_step()
-        text = {phase: step.program(phase).lower(training.layout.abstract, batch).compile().as_text()
+        step = task.train_step()
+        text = {phase: step.program(phase).lower(task.layout.abstract, batch).compile().as_text()
                 for phase in phases}
     found = {phase: _data_crossing(hlo_collectives(t), mesh) for phase, t in text.items()}
     # What each device holds of every parameter: its shards under the optimizer-state layout.
     local = [int(np.prod(_local_shape(shape, spec, mesh))) for shape, spec in zip(
-        jax.tree.leaves(training.model.shapes, is_leaf=lambda x: isinstance(x, tuple)),
+        jax.tree.leaves(task.model_def.shapes, is_leaf=lambda x: isinstance(x, tuple)),
         jax.tree.leaves(training.opt_specs, is_leaf=lambda x: isinstance(x, P)), strict=True)]
     assert found[LOCAL] == [], found[LOCAL]  # a local step communicates nothing over the data axis
     for phase in {COMPRESSED_GRADIENT, SYNC} & set(phases):
@@ -128,14 +135,14 @@ def test_each_phase_moves_only_what_it_should_over_the_data_axis(devices, mesh_s
 
 
 def test_bf16_variance_refreshes_cross_the_data_axis_as_16_bit_words(devices):
-    cfg, mesh, model = _setup([*ZERO_ONE, *_mesh((8, 1, 1)), "optimizer.exact_allreduce_dtype=bfloat16"])
-    training = CompressedTraining(cfg, mesh, model)
+    cfg, mesh, _ = _setup([*ZERO_ONE, *_mesh((8, 1, 1)), "optimizer.exact_allreduce_dtype=bfloat16"])
+    task = _task(cfg, mesh)
     with jax.set_mesh(mesh):
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.batch_sharding(mesh))
                  for k, v in batches(cfg, 1)[0].items()}
-        text = training.train_step().program(EXACT_VARIANCE).lower(training.layout.abstract, batch).compile().as_text()
+        text = task.train_step().program(EXACT_VARIANCE).lower(task.layout.abstract, batch).compile().as_text()
     found = _data_crossing(hlo_collectives(text), mesh)
-    n = sum(int(np.prod(s)) for s in jax.tree.leaves(training.model.shapes, is_leaf=lambda x: isinstance(x, tuple)))
+    n = sum(int(np.prod(s)) for s in jax.tree.leaves(task.model_def.shapes, is_leaf=lambda x: isinstance(x, tuple)))
     padded = n + -n % 8
     # All of the gradient as bf16 shares in an all-to-all, the reduced eighths back in an all-gather.
     assert sorted((c.kind, c.dtypes, c.elements) for c in found) == [("all-gather", ("u16",), padded),

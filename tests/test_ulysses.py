@@ -11,9 +11,9 @@ import pytest
 from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
 from jaxllm.errors import UserError
-from jaxllm.state import ModelDef, init_params
-from jaxllm.step import loss_sums
-from jaxllm.train import check_batch
+from jaxllm.losses import lm_loss_sums
+from jaxllm.models.definition import ModelDef, init_params
+from jaxllm.runtime import check_batch
 
 
 def _cfg(family, overrides=()):
@@ -43,7 +43,7 @@ def _loss_and_grads(cfg, devices):
         params = jax.device_put(init_params(cfg.model, cfg.seed),
                                 mesh_lib.tree_shardings(mesh, model.logical_axes, model.shapes))
         batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh)) for k, v in _batch(cfg).items()}
-        compiled = jax.jit(jax.value_and_grad(lambda p, b: loss_sums(model, p, b)[0])).lower(params, batch).compile()
+        compiled = jax.jit(jax.value_and_grad(lambda p, b: lm_loss_sums(model, p, b)[0])).lower(params, batch).compile()
         loss, grads = compiled(params, batch)
     return float(loss), jax.tree.map(np.asarray, grads), compiled.as_text()
 
@@ -83,4 +83,4 @@ def test_heads_must_divide_over_the_sequence_axis(devices):
     params = jax.eval_shape(lambda: init_params(cfg.model, 0))
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(cfg))
     with jax.set_mesh(mesh), pytest.raises(UserError, match="mesh.sequence=8"):
-        jax.eval_shape(lambda p, b: loss_sums(model, p, b), params, batch)
+        jax.eval_shape(lambda p, b: lm_loss_sums(model, p, b), params, batch)

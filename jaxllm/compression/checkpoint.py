@@ -31,17 +31,13 @@ from jaxllm.compression.model import get_path, module_path, set_path
 from jaxllm.compression.qtensor import FakeQuantWeight, QuantizedWeight, QuantSpec
 from jaxllm.compression.quantizers import ActRange
 from jaxllm.config import ModelConfig
+from jaxllm.engine.checkpoint import model_meta
 from jaxllm.errors import UserError
 from jaxllm.models.decoder import Decoder
-from jaxllm.state import ModelDef
+from jaxllm.models.definition import ModelDef
 
 FORMAT = 1
 TOKENIZER = "tokenizer.model"
-
-
-def model_section(cfg: ModelConfig) -> dict[str, Any]:
-    """The `meta["model"]` of a checkpoint, with defaults resolved (as `jaxllm.train.model_meta` writes it)."""
-    return dataclasses.asdict(cfg) | {"kv_heads": cfg.num_kv_heads, "d_ff": cfg.ffn_dim, "tie_embeddings": cfg.tied}
 
 
 def _serialize(tree: dict, specs: dict[str, QuantSpec]) -> dict:
@@ -87,7 +83,7 @@ def save(workdir: str | Path, step: int, tree: dict, cfg: ModelConfig, specs: di
     """Writes a compressed params tree (from `compress_params(..., storage=True)`) as checkpoint `step`."""
     workdir = Path(workdir)
     directory = (workdir / "checkpoints").resolve()
-    meta = {"model": model_section(cfg), "jaxllm_version": jaxllm.__version__,
+    meta = {"model": model_meta(cfg), "jaxllm_version": jaxllm.__version__,
             "compression": {"format": FORMAT, "specs": {k: dataclasses.asdict(v) for k, v in specs.items()},
                             **(info or {})}}
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(

@@ -4,7 +4,7 @@ A compressed model is the ordinary `Decoder` bound to a params dict in which som
 `FakeQuantWeight`s or `QuantizedWeight`s (`jaxllm.compression.qtensor`); every matmul and the
 embedding lookup go through `jaxllm.compression.linear`, which understands both. So
 `ModelDef.bind(compress_params(params, specs, ...))` is the compressed model, for training steps,
-evaluation (`jaxllm.step.loss_sums`) and generation (`jaxllm.generate.generate`) alike.
+evaluation (`jaxllm.losses.lm_loss_sums`) and generation (`jaxllm.generate.generate`) alike.
 
 `forward_states` runs the decoder block by block and returns what distillation compares: the hidden
 states (index 0 = embedding output, index i = output of block i - 1), each block's attention
@@ -14,6 +14,7 @@ probabilities and the logits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -206,14 +207,12 @@ def is_quantized_tree(tree: Any) -> bool:
 
 def evaluate(model_def: Any, tree: Any, batches: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Mean token cross-entropy and perplexity of a (possibly compressed) params tree over batches."""
-    from jaxllm.step import loss_sums
+    from jaxllm.engine.step import evaluate as evaluate_batches
+    from jaxllm.engine.step import make_eval_step
+    from jaxllm.losses import lm_loss_sums
 
-    step = jax.jit(lambda tree, batch: loss_sums(model_def, tree, batch))
-    total, count = 0.0, 0.0
-    for batch in batches:
-        s, n = step(tree, {k: jnp.asarray(v) for k, v in batch.items()})
-        total, count = total + float(s), count + float(n)
-    if not count:
+    step = make_eval_step(functools.partial(lm_loss_sums, model_def))
+    out = evaluate_batches(step, tree, [{k: jnp.asarray(v) for k, v in batch.items()} for batch in batches])
+    if not out.get("count"):
         raise UserError("evaluation needs at least one batch with counted tokens")
-    loss = total / count
-    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 80.0)))}
+    return {"eval_loss": out["loss"], "eval_perplexity": float(np.exp(min(out["loss"], 80.0)))}

@@ -38,7 +38,7 @@ from jaxllm.compression.model import States, compress_params, forward_states
 from jaxllm.compression.qtensor import QuantSpec
 from jaxllm.compression.quantizers import ActRange
 from jaxllm.errors import UserError
-from jaxllm.state import ModelDef
+from jaxllm.models.definition import ModelDef
 
 
 class KDWeights(NamedTuple):

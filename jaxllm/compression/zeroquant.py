@@ -40,7 +40,7 @@ from jaxllm.compression.model import (
 from jaxllm.compression.qtensor import QuantSpec
 from jaxllm.compression.quantizers import ActRange
 from jaxllm.errors import UserError
-from jaxllm.state import ModelDef
+from jaxllm.models.definition import ModelDef
 
 Batch = dict[str, jax.Array]
 

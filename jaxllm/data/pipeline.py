@@ -244,3 +244,22 @@ def make_eval_batches(source: RowSource, global_batch_size: int, num_batches: in
         batches.append(stack_rows([source[i] for i in rows]))
     return batches
 
+
+def padded_eval_batches(source: RowSource, batch_size: int, limit: int = 0, process_index: int = 0,
+                        process_count: int = 1) -> list[Row]:
+    """Every held-out row (or the first `limit` batches) in fixed-size batches, in row order.
+
+    Unlike `make_eval_batches`, the last batch is filled up with copies of row 0 whose `weight` is 0, so
+    every real row counts once; each process gets every `process_count`-th row of a global batch.
+    """
+    count = -(-len(source) // batch_size)
+    if limit:
+        count = min(count, limit)
+    batches = []
+    for k in range(count):
+        rows = range(k * batch_size + process_index, (k + 1) * batch_size, process_count)
+        real = [i < len(source) for i in rows]
+        batch = stack_rows([source[i if ok else 0] for i, ok in zip(rows, real, strict=True)])
+        batch["weight"] = np.asarray(real, np.float32)
+        batches.append(batch)
+    return batches

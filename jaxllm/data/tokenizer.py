@@ -419,3 +419,12 @@ def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokeni
     if path.suffix == ".json":
         return HFTokenizer.load(path)
     return SentencePieceTokenizer.load(path)
+
+
+def workdir_tokenizer_file(workdir: str | Path) -> Path | None:
+    """The tokenizer file a run's workdir carries (`data/tokenizer.json` or `data/tokenizer.model`), if any."""
+    for name in (HF_FILE, SENTENCEPIECE_FILE):
+        path = Path(workdir) / "data" / name
+        if path.is_file():
+            return path
+    return None

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from jaxllm.config import ModelConfig
-from jaxllm.errors import UserError
+from jaxllm.errors import UserError, exit_status
 
 
 def _step_dir(run: Path, step: int | None) -> Path:
@@ -106,37 +106,35 @@ def from_hf(hf_dir: Path, workdir: Path, config_path: str | None, overrides: lis
 
     from jaxllm import config as config_lib
     from jaxllm import mesh as mesh_lib
-    from jaxllm.checkpoint import Checkpointer
+    from jaxllm import runtime
     from jaxllm.data.pipeline import SyntheticRows, make_train_iterator
-    from jaxllm.optim import build_optimizer
-    from jaxllm.state import ModelDef, state_layout
-    from jaxllm.train import _state_from_hf, check_batch, data_slot, model_meta, resolve_init_from
+    from jaxllm.engine.checkpoint import Checkpointer, run_meta
+    from jaxllm.interop import hf
+    from jaxllm.pretraining import LanguageModelTraining
 
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
         raise UserError(f"workdir '{workdir}' is not empty; from-hf writes a new workdir")
     if not workdir.parent.is_dir():
         raise UserError(f"workdir '{workdir}': parent directory '{workdir.parent}' does not exist")
     config = config_lib.load(config_path, [*overrides, f"model.init_from={hf_dir}"])
-    config = resolve_init_from(config)
+    config = hf.resolve_init_from(config)
     mesh = mesh_lib.make_mesh(config.mesh)
-    check_batch(config, mesh)
-    model_def = ModelDef.from_config(config.model)
-    tx, _ = build_optimizer(config)
+    runtime.check_batch(config, mesh)
     tmp = workdir.with_name(f".{workdir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         with jax.set_mesh(mesh):
-            layout = state_layout(mesh, model_def, tx, config.mesh.zero_stage)
-            state = _state_from_hf(config, tx, layout)
+            task = LanguageModelTraining.build(config, mesh)
+            state = task.init_state(hf.load_params(config.model.init_from, config.model, task.layout.state["params"]))
         # The saved data item is the iterator's position, which is 0 before the first step for any
         # source; an iterator of the same pipeline over placeholder rows records it without
         # tokenizing the corpus here (the training run prepares its data as usual).
         batch, seq_len = config.train.batch_size, config.data.seq_len
-        slot, slots = data_slot(mesh_lib.batch_sharding(mesh), (batch, seq_len))
+        slot, slots = runtime.data_slot(mesh, (batch, seq_len))
         iterator = make_train_iterator(SyntheticRows(config.model.vocab_size, seq_len, batch), batch, config.seed,
                                        slot, slots)
         ckpt = Checkpointer(tmp / "checkpoints", config.checkpoint.keep, async_save=False)
-        ckpt.save(0, state, iterator, model_meta(config))
+        ckpt.save(0, state, iterator, run_meta(config.model, task.optimizer.signature()))
         ckpt.close()
         saved = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None))
         (tmp / "config.yaml").write_text(yaml.safe_dump(saved.to_dict(), sort_keys=False))
@@ -165,16 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     into.add_argument("--config", help="the training config the workdir will be trained with")
     into.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def run() -> None:
         if args.command == "to-hf":
             done = to_hf(args.run, args.out, args.step, args.dtype, args.max_shard_size, args.overwrite)
         else:
             done = from_hf(args.hf_dir, args.workdir, args.config, args.overrides)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {done}")
-    return 0
+        print(f"wrote {done}")
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from jaxllm.interop import hf_io as io
 from jaxllm.interop import hf_layouts as layouts
 from jaxllm.interop.hf_io import INDEX, HFCheckpoint
 from jaxllm.models.decoder import Decoder
-from jaxllm.state import ModelDef
+from jaxllm.models.definition import ModelDef
 
 # ---------------------------------------------------------------------------------------------
 # Padded vocabularies
@@ -214,6 +214,15 @@ def resolve_model_config(user: ModelConfig, path: str | os.PathLike) -> ModelCon
                             f"'{ckpt.config_file}' has {theirs!r}; remove the key or set it to {theirs!r}")
     return dataclasses.replace(hf, remat=user.remat, init_std=user.init_std, init_from=user.init_from)
 
+
+
+def resolve_init_from(config: Any) -> Any:
+    """A run config whose `model.init_from` names a Hugging Face directory, with its config.json filling
+    the model section (see `resolve_model_config`); unchanged without `init_from`."""
+    if not config.model.init_from:
+        return config
+    model = resolve_model_config(config.model, config.model.init_from)
+    return dataclasses.replace(config, model=model).validate()
 
 def load_params(path: str | os.PathLike, cfg: ModelConfig, shardings: Any) -> dict:
     """The params pure dict for training `cfg` (which must match the checkpoint), built in `shardings`."""

@@ -33,17 +33,17 @@ from flax import nnx
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from jaxllm import mesh as mesh_lib
-from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.data.tokenizer import TextTokenizer, load_tokenizer
+from jaxllm.engine.checkpoint import Checkpointer
 from jaxllm.errors import UserError
 from jaxllm.generate import Generation, check_sampling, decode_loop
 from jaxllm.models.decoder import KVCache
+from jaxllm.models.definition import ModelDef
 from jaxllm.multimodal import data as data_lib
 from jaxllm.multimodal.config import MultimodalConfig, VisionConfig
 from jaxllm.multimodal.mmca import TEXT
 from jaxllm.multimodal.model import VisualChat, model_def
-from jaxllm.state import ModelDef
 
 
 def generate_tokens(

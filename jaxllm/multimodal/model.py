@@ -14,12 +14,10 @@ the (tied) output head; only the copy embeds inputs, as in DeepSpeed-VisualChat,
 projection and the copy are what trains by default (`MultimodalConfig.trainable`).
 
 Parameters are one pure dict `{"vision", "projection", "decoder", "text_embed"}`; `model_def(...)`
-gives the `jaxllm.state.ModelDef` that rebuilds the module from it inside `jit`.
+gives the `jaxllm.models.definition.ModelDef` that rebuilds the module from it inside `jit`.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +26,11 @@ from jaxtyping import Array, Float, Int
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.decoder import Decoder, KVCache, Norm
+from jaxllm.models.definition import ModelDef
 from jaxllm.multimodal.config import MultimodalConfig, VisionConfig
 from jaxllm.multimodal.mmca import IMAGE, PAD, mmca_cached_override, mmca_override
 from jaxllm.multimodal.vit import ViT
 from jaxllm.ops.matmul import matmul
-from jaxllm.state import ModelDef
 
 GROUPS = ("vision", "projection", "decoder", "text_embed")
 
@@ -112,20 +110,7 @@ class VisualChat(nnx.Module):
 
 def model_def(model: ModelConfig, vision: VisionConfig, multimodal: MultimodalConfig) -> ModelDef:
     """The graph, parameter template, logical axes and shapes of a VisualChat model (nothing allocated)."""
-    abstract = nnx.eval_shape(lambda: VisualChat(model, vision, multimodal, rngs=nnx.Rngs(0)))
-    graphdef, template = nnx.split(abstract, nnx.Param)
-    logical: dict = {}
-    shapes: dict = {}
-    for path, variable in nnx.to_flat_state(template):
-        _set_path(logical, path, tuple(variable.logical_axes))
-        _set_path(shapes, path, tuple(variable.shape))
-    return ModelDef(graphdef, template, logical, shapes)
-
-
-def _set_path(tree: dict, path: tuple, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+    return ModelDef.from_module(lambda: VisualChat(model, vision, multimodal, rngs=nnx.Rngs(0)))
 
 
 def init_params(model: ModelConfig, vision: VisionConfig, multimodal: MultimodalConfig, seed: int) -> dict:

@@ -2,7 +2,7 @@
 
 Besides Optax's AdamW, DeepSpeed's communication-efficient optimizers: `onebit_adam`,
 `zero_one_adam` and `onebit_lamb`, built on the error-feedback 1-bit collective
-`compressed_allreduce` (run them inside `jax.shard_map`; see `jaxllm.step_compressed` for the
+`compressed_allreduce` (run them inside `jax.shard_map`; see `jaxllm.engine.compressed` for the
 train step that does).
 """
 
@@ -54,7 +54,7 @@ def build_optimizer(config: Config, schedule: optax.Schedule | None = None, *, n
     """The optimizer for `config.optimizer` and the learning-rate schedule it follows.
 
     adamw: global-norm clipping chained with Optax's AdamW. The compressed optimizers are returned
-    bare, set up for the per-device train step (`jaxllm.step_compressed`, data axis `DEVICE_AXIS`),
+    bare, set up for the per-device train step (`jaxllm.engine.compressed`, data axis `DEVICE_AXIS`),
     which clips each device's own gradient before they see it. `norm_axes` (1-bit LAMB only): the mesh
     axes each parameter's shard is split over inside that step, so norms cover whole tensors.
     `schedule` replaces the step-based warm-up + cosine (random-LTD's LayerToken schedule does).

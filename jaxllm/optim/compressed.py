@@ -35,7 +35,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, UInt8
 
 # The manual mesh axis over which jaxllm's compressed train step runs the optimizer (see
-# `jaxllm.step_compressed`); `jaxllm.optim.build_optimizer` hands it to the compressed optimizers.
+# `jaxllm.engine.compressed`); `jaxllm.optim.build_optimizer` hands it to the compressed optimizers.
 DEVICE_AXIS = "dp"
 
 

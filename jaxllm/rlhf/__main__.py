@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxllm.errors import UserError
+from jaxllm.errors import exit_status
 from jaxllm.rlhf import config as config_lib
 from jaxllm.rlhf.config import STAGES
 
@@ -31,9 +31,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(stage: str, config: config_lib.RLHFConfig, workdir: Path) -> dict:
     """Runs one step in-process; returns its last logged metrics row."""
-    from jaxllm.train import setup_compile_cache
-
-    setup_compile_cache(config)  # train.compile_cache, as for python -m jaxllm.train
     if stage == "sft":
         from jaxllm.rlhf import sft
 
@@ -49,13 +46,8 @@ def run(stage: str, config: config_lib.RLHFConfig, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = config_lib.load(args.config, args.overrides)
-        run(args.stage, config, Path(args.workdir or f"runs/rlhf/{args.stage}"))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    workdir = Path(args.workdir or f"runs/rlhf/{args.stage}")
+    return exit_status(lambda: run(args.stage, config_lib.load(args.config, args.overrides), workdir))
 
 
 if __name__ == "__main__":

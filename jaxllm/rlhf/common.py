@@ -1,5 +1,5 @@
 """What the three RLHF commands share: data preparation, the workdir's tokenizer, loading weights from
-another step's workdir, the optimizer, batches onto the mesh, and the metric writer.
+another step's workdir, and the start of steps 1 and 2 (the engine does the rest).
 
 A step's workdir holds `metrics.jsonl`, `tensorboard/`, `checkpoints/` and `data/`: the tokenizer
 (`data/tokenizer.model` or `data/tokenizer.json`, where `python -m jaxllm.generate` also looks) and,
@@ -19,23 +19,25 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-import jaxllm
 from jaxllm import mesh as mesh_lib
-from jaxllm.checkpoint import SHAPE_KEYS, Checkpointer
-from jaxllm.config import ModelConfig, OptimizerConfig
-from jaxllm.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, TextTokenizer, load_tokenizer, train_tokenizer
+from jaxllm import runtime
+from jaxllm.config import ModelConfig
+from jaxllm.data.tokenizer import (
+    HF_FILE,
+    SENTENCEPIECE_FILE,
+    TextTokenizer,
+    load_tokenizer,
+    train_tokenizer,
+    workdir_tokenizer_file,
+)
+from jaxllm.engine.checkpoint import SHAPE_KEYS, Checkpointer, model_meta, run_meta
 from jaxllm.errors import UserError
-from jaxllm.metrics import MetricsWriter
-from jaxllm.optim.schedules import warmup_cosine
 from jaxllm.rlhf import synthetic
 from jaxllm.rlhf.config import RLHFConfig
 from jaxllm.rlhf.data import Record, read_records, stage_records, tokenizer_corpus
-from jaxllm.state import ModelDef
 
 # ---------------------------------------------------------------------------------------------------
 # Data
@@ -48,7 +50,7 @@ def load_records(config: RLHFConfig, workdir: Path) -> tuple[list[Record], list[
         directory = workdir / "data"
         if jax.process_index() == 0:
             synthetic.write_dataset(directory, data.synthetic_rows, data.synthetic_eval_rows, config.seed)
-        _barrier("synthetic data")
+        runtime.barrier("synthetic data")
         return read_records([directory / "train.jsonl"]), read_records([directory / "eval.jsonl"])
     records = read_records(data.path, "data.path")
     return records, read_records(data.eval_path, "data.eval_path") if data.eval_path else None
@@ -73,24 +75,8 @@ def stage_split(config: RLHFConfig, records: list[Record], eval_records: list[Re
     return train, held_out
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Tokenizer
-
-
-def workdir_tokenizer_file(workdir: str | Path) -> Path | None:
-    """The tokenizer file a workdir carries (`data/tokenizer.json` or `data/tokenizer.model`), if any."""
-    for name in (HF_FILE, SENTENCEPIECE_FILE):
-        path = Path(workdir) / "data" / name
-        if path.is_file():
-            return path
-    return None
 
 
 def file_digest(path: Path) -> str:
@@ -138,17 +124,12 @@ def setup_tokenizer(config: RLHFConfig, workdir: Path, init_workdir: str | None,
             shutil.copyfile(source, target)
         else:
             train_tokenizer(tokenizer_corpus(records), workdir / "data" / "tokenizer", config.model.vocab_size)
-    _barrier("tokenizer")
+    runtime.barrier("tokenizer")
     return load_tokenizer(workdir_tokenizer_file(workdir))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Models from workdirs
-
-
-def model_meta(cfg: ModelConfig) -> dict[str, Any]:
-    """Model settings as saved with a checkpoint, defaults resolved (as `jaxllm.train.model_meta`)."""
-    return dataclasses.asdict(cfg) | {"kv_heads": cfg.num_kv_heads, "d_ff": cfg.ffn_dim, "tie_embeddings": cfg.tied}
 
 
 def model_from_meta(saved: dict[str, Any], user: ModelConfig, where: str) -> ModelConfig:
@@ -258,10 +239,6 @@ def is_shape(x: Any) -> bool:
     return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
-def abstract_params(model_def: ModelDef) -> Any:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), model_def.shapes, is_leaf=is_shape)
-
-
 def check_tokenizer_fits(tokenizer: TextTokenizer, cfg: ModelConfig, what: str) -> None:
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but {what} has only "
@@ -269,60 +246,66 @@ def check_tokenizer_fits(tokenizer: TextTokenizer, cfg: ModelConfig, what: str) 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Training helpers
+# Starting a step
 
 
-def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only (not norms, biases or the value head), as jaxllm.optim does."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+@dataclasses.dataclass
+class Stage:
+    """What steps 1 and 2 start from: the mesh, their rows, the tokenizer and the model settings."""
+
+    mesh: Mesh
+    records: list[Record]
+    train_rows: list[Record]
+    held_out: list[Record]
+    tokenizer: TextTokenizer
+    source: Source | None  # the weights of the `init_workdir`, if one is named
+    model: ModelConfig
 
 
-def adamw(opt: OptimizerConfig, lr: float, warmup_steps: int, total_steps: int,
-          min_lr_ratio: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Global-norm clipping then AdamW on a warm-up + cosine schedule."""
-    schedule = warmup_cosine(lr, warmup_steps, total_steps, min_lr_ratio)
-    core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
-    clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
-    return optax.chain(clip, core), schedule
+def fresh_model_config(config: RLHFConfig, tokenizer: TextTokenizer) -> ModelConfig:
+    """The `model` section for a model trained from scratch or from `model.init_from`.
+
+    From scratch, a vocabulary size left at its default follows the tokenizer.
+    """
+    cfg = config.model
+    if cfg.init_from:
+        from jaxllm.interop import hf
+
+        cfg = hf.resolve_model_config(cfg, cfg.init_from)
+    elif cfg.vocab_size == ModelConfig().vocab_size and tokenizer.vocab_size != cfg.vocab_size:
+        cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
+    cfg.validate()
+    check_tokenizer_fits(tokenizer, cfg, "the model")
+    return cfg
 
 
-def check_divides(rows: int, mesh: Mesh, key: str) -> None:
-    shards = mesh_lib.data_parallel_size(mesh)
-    if rows % shards or rows % jax.process_count():
-        raise UserError(f"config key '{key}': {rows} rows do not divide over the {shards} data shards "
-                        f"(mesh.data x mesh.fsdp) and {jax.process_count()} processes; use a multiple of {shards}")
+def check_seq_len(config: RLHFConfig, cfg: ModelConfig) -> None:
+    if config.data.max_seq_len > cfg.max_len:
+        raise UserError(f"config key 'data.max_seq_len': got {config.data.max_seq_len}; expected at most the "
+                        f"model's max_len={cfg.max_len}")
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> jax.sharding.NamedSharding:
-    """Rows split over the data-parallel axes; other dimensions whole."""
-    return jax.sharding.NamedSharding(mesh, mesh_lib.logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh))
+def start_stage(config: RLHFConfig, workdir: Path, stage: str, init: str | None, init_key: str) -> Stage:
+    """Starts the runtime and prepares step 1 or 2: its share of the data, its tokenizer, and the model it
+    trains, from `init` (a workdir named by `init_key`), `model.init_from` or from scratch."""
+    mesh = runtime.start(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runtime.check_rows_divide(config.train.batch_size, mesh, "train.batch_size", config.train.grad_accum)
+    records, eval_records = load_records(config, workdir)
+    train_rows, held_out = stage_split(config, records, eval_records, stage)
+    tokenizer = setup_tokenizer(config, workdir, init, records)
+    with jax.set_mesh(mesh):
+        source = load_source(init, init_key, "decoder", mesh, config.mesh.zero_stage, config.model) if init else None
+    cfg = source.model if source else fresh_model_config(config, tokenizer)
+    check_tokenizer_fits(tokenizer, cfg, f"the model of {init}" if init else "the model")
+    check_seq_len(config, cfg)
+    return Stage(mesh, records, train_rows, held_out, tokenizer, source, cfg)
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh, rows: int) -> dict[str, jax.Array]:
-    """A host batch (this process's rows) as global arrays of `rows` rows split over the data axes."""
-    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value,
-                                                         (rows, *value.shape[1:]))
-            for name, value in batch.items()}
-
-
-def base_meta(cfg: ModelConfig, stage: str, tokenizer: TextTokenizer, **extra: Any) -> dict[str, Any]:
-    return {"model": model_meta(cfg), "jaxllm_version": jaxllm.__version__,
-            "rlhf": {"stage": stage, "tokenizer": tokenizer_meta(tokenizer), **extra}}
-
-
-class Writer(MetricsWriter):
-    """`jaxllm.metrics.MetricsWriter` whose progress bar shows the step's own headline metrics."""
-
-    def __init__(self, workdir: Path, total: int, start: int, tensorboard: bool, progress_bar: bool,
-                 headline: tuple[str, ...]):
-        super().__init__(workdir, total, start, tensorboard, progress_bar)
-        self.headline = headline
-
-    def write(self, row: dict[str, Any]) -> None:
-        super().write(row)
-        shown = {k: f"{row[k]:.3g}" for k in self.headline if isinstance(row.get(k), (int, float))}
-        if self._bar is not None and shown:
-            self._bar.set_postfix(shown, refresh=False)
+def stage_meta(cfg: ModelConfig, optimizer_state: dict[str, Any] | None, stage: str, tokenizer: TextTokenizer,
+               **extra: Any) -> dict[str, Any]:
+    """A step's checkpoint meta: `jaxllm.engine.checkpoint.run_meta` with the step and its tokenizer."""
+    return run_meta(cfg, optimizer_state, rlhf={"stage": stage, "tokenizer": tokenizer_meta(tokenizer), **extra})
 
 
 def say(text: str) -> None:

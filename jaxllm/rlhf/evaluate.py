@@ -18,16 +18,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxllm import mesh as mesh_lib
-from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import ModelConfig
-from jaxllm.data.tokenizer import TextTokenizer, load_tokenizer
+from jaxllm.data.tokenizer import TextTokenizer, load_tokenizer, workdir_tokenizer_file
+from jaxllm.engine.checkpoint import Checkpointer
 from jaxllm.errors import UserError
 from jaxllm.generate import generate_tokens
+from jaxllm.models.definition import ModelDef
 from jaxllm.rlhf import common, lora
 from jaxllm.rlhf.data import PromptRows, special_ids
 from jaxllm.rlhf.models import actor_def, sequence_inputs
 from jaxllm.rlhf.ppo_step import answer_logprobs
-from jaxllm.state import ModelDef
 
 
 @dataclasses.dataclass
@@ -42,7 +42,7 @@ class Policy:
 def load_policy(workdir: str | Path, mesh, ema: bool = False) -> Policy:
     """The actor of a workdir's latest checkpoint, with plain (LoRA-fused) parameters on `mesh`."""
     workdir = Path(workdir)
-    tokenizer_file = common.workdir_tokenizer_file(workdir)
+    tokenizer_file = workdir_tokenizer_file(workdir)
     if tokenizer_file is None:
         raise UserError(f"workdir '{workdir}' has no tokenizer in data/")
     tokenizer = load_tokenizer(tokenizer_file)

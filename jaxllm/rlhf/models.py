@@ -19,20 +19,9 @@ from jaxtyping import Array, Float, Int
 from jaxllm.config import ModelConfig
 from jaxllm.interop.hf import PaddedVocabDecoder
 from jaxllm.models.decoder import Decoder
-from jaxllm.state import ModelDef, _set_path
+from jaxllm.models.definition import ModelDef
 
 VALUE_HEAD = "value_head"
-
-
-def module_def(abstract: nnx.Module) -> ModelDef:
-    """A `jaxllm.state.ModelDef` (graph, params template, logical axes, shapes) for any NNX module whose
-    parameters carry `logical_axes`, from its abstract (`nnx.eval_shape`) instance."""
-    graphdef, template = nnx.split(abstract, nnx.Param)
-    logical, shapes = {}, {}
-    for path, variable in nnx.to_flat_state(template):
-        _set_path(logical, path, tuple(variable.logical_axes))
-        _set_path(shapes, path, tuple(variable.shape))
-    return ModelDef(graphdef, template, logical, shapes)
 
 
 def actor_def(cfg: ModelConfig, tokenizer_vocab: int | None = None) -> ModelDef:
@@ -40,7 +29,7 @@ def actor_def(cfg: ModelConfig, tokenizer_vocab: int | None = None) -> ModelDef:
     vocabulary), the extra ids get probability 0 so that sampling never produces them."""
     if tokenizer_vocab is None or tokenizer_vocab >= cfg.vocab_size:
         return ModelDef.from_config(cfg)
-    return module_def(nnx.eval_shape(lambda: PaddedVocabDecoder(cfg, tokenizer_vocab, rngs=nnx.Rngs(0))))
+    return ModelDef.from_module(lambda: PaddedVocabDecoder(cfg, tokenizer_vocab, rngs=nnx.Rngs(0)))
 
 
 class HiddenDecoder(Decoder):
@@ -70,7 +59,7 @@ class ValueModel(nnx.Module):
 
 
 def value_def(cfg: ModelConfig) -> ModelDef:
-    return module_def(nnx.eval_shape(lambda: ValueModel(cfg, rngs=nnx.Rngs(0))))
+    return ModelDef.from_module(lambda: ValueModel(cfg, rngs=nnx.Rngs(0)))
 
 
 def init_value_params(cfg: ModelConfig, seed: int) -> dict[str, Any]:

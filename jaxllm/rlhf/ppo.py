@@ -30,18 +30,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxllm import mesh as mesh_lib
-from jaxllm.checkpoint import Checkpointer, fault_point
+from jaxllm import runtime
 from jaxllm.config import ModelConfig
-from jaxllm.data.pipeline import make_train_dataset, make_train_iterator
+from jaxllm.data.pipeline import make_train_dataset, make_train_iterator, padded_eval_batches
+from jaxllm.engine import loop
+from jaxllm.engine.checkpoint import Checkpointer, model_meta
+from jaxllm.engine.compressed import is_compressed
+from jaxllm.engine.state import state_layout
 from jaxllm.errors import UserError
-from jaxllm.metrics import truncate_after
+from jaxllm.optim import build_optimizer, warmup_cosine
 from jaxllm.rlhf import common, lora
 from jaxllm.rlhf.config import RLHFConfig
 from jaxllm.rlhf.data import PromptRows, SFTRows, read_text_rows, special_ids
 from jaxllm.rlhf.models import actor_def, value_def
 from jaxllm.rlhf.ppo_step import PPOModels, Role, make_generate, make_score, make_train
-from jaxllm.state import state_layout
 
 
 def _trainable_def(model_def, dim: int, module_name: str):
@@ -54,11 +56,11 @@ def _trainable_def(model_def, dim: int, module_name: str):
 
 
 def _optimizer(config: RLHFConfig, lr: float, lora_lr: float, dim: int, total: int):
-    train, opt = config.train, config.optimizer
-    tx, schedule = common.adamw(opt, lr, train.warmup_steps, total, train.min_lr_ratio)
+    train = config.train
+    tx, schedule = build_optimizer(config, warmup_cosine(lr, train.warmup_steps, total, train.min_lr_ratio))
     if not dim:
         return tx, schedule
-    lora_tx, _ = common.adamw(opt, lora_lr, train.warmup_steps, total, train.min_lr_ratio)
+    lora_tx, _ = build_optimizer(config, warmup_cosine(lora_lr, train.warmup_steps, total, train.min_lr_ratio))
     base_tx = optax.set_to_zero() if config.ppo.only_optimize_lora else tx
 
     def labels(params):
@@ -90,18 +92,18 @@ def _check_tokenizers(tokenizer_file: Path, actor: common.Source, critic: common
 
 def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
     """Runs (or resumes) step 3; returns the last logged metrics row."""
-    from jaxllm.train import init_distributed
-
     p, train_cfg, zero = config.ppo, config.train, config.mesh.zero_stage
     for key in ("actor_workdir", "critic_workdir"):
         if not getattr(p, key):
             step = "step 1 (sft)" if key == "actor_workdir" else "step 2 (reward)"
             raise UserError(f"config key 'ppo.{key}': required; the workdir of {step}")
-    init_distributed(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
+    if is_compressed(config):
+        raise UserError(f"config key 'optimizer.name': PPO trains its actor and critic with adamw, got "
+                        f"{config.optimizer.name!r}; the compressed optimizers train steps 1 and 2")
+    mesh = runtime.start(config)
     workdir.mkdir(parents=True, exist_ok=True)
-    common.check_divides(p.generation_batch_size, mesh, "ppo.generation_batch_size")
-    common.check_divides(p.train_batch_size, mesh, "ppo.train_batch_size")
+    runtime.check_rows_divide(p.generation_batch_size, mesh, "ppo.generation_batch_size")
+    runtime.check_rows_divide(p.train_batch_size, mesh, "ppo.train_batch_size")
     records, eval_records = common.load_records(config, workdir)
     train_rows, held_out = common.stage_split(config, records, eval_records, "ppo")
     tokenizer = common.setup_tokenizer(config, workdir, p.actor_workdir, records)
@@ -158,29 +160,28 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
     pidx, pcount = jax.process_index(), jax.process_count()
     iterator = make_train_iterator(prompts, p.generation_batch_size, config.seed, pidx, pcount)
     ptx_data = make_train_dataset(ptx_rows, p.train_batch_size, config.seed + 1, pidx, pcount) if ptx_rows else None
-    meta = common.base_meta(actor_src.model, "ppo", tokenizer, critic_model=common.model_meta(critic_src.model),
+    meta = common.stage_meta(actor_src.model, None, "ppo", tokenizer, critic_model=model_meta(critic_src.model),
                             actor={"workdir": str(actor_src.workdir), "step": actor_src.step},
                             critic={"workdir": str(critic_src.workdir), "step": critic_src.step},
                             structure=_structure(config))
     with jax.set_mesh(mesh):
-        if start is not None:
-            ckpt.check_compatible(start, meta["model"])
-            state = ckpt.restore(start, abstract, iterator)
-        else:
-            start = 0
-            state = _initial_state(config, models, actor_tx, critic_tx, actor_src.params, critic_src.params, shardings)
+        state, start = ckpt.resume_or_init(abstract, iterator, meta, lambda: _initial_state(
+            config, models, actor_tx, critic_tx, actor_src.params, critic_src.params, shardings))
         generate = make_generate(models, p, mesh)
         score = make_score(models, p, mesh)
         train = make_train(models, p, actor_tx, critic_tx, actor_schedule, critic_schedule, shardings, num_rows,
                            ptx_data is not None, p.enable_ema)
         greedy = make_generate(models, p, mesh, temperature=0.0) if len(eval_prompts) else None
 
-    def evaluate(state) -> dict[str, float]:
+    def evaluate(state, step) -> dict[str, float]:
         return _evaluate(config, mesh, greedy, score, state, actor_src.params, critic_src.params, eval_prompts)
 
+    round_fn = _round(config, mesh, iterator, generate, score, train, ptx_data, actor_src.params, critic_src.params,
+                      updates)
     with jax.set_mesh(mesh):
-        return _loop(config, workdir, mesh, ckpt, iterator, meta, state, start, generate, score, train, evaluate,
-                     ptx_data, actor_src.params, critic_src.params, updates)
+        _, last = loop.run(config, workdir, loop.Cadence.from_config(config), state, start, round_fn, _row, evaluate,
+                           ckpt, iterator, meta, ("reward_mean", "kl", "generation_fraction"))
+    return last
 
 
 def _state_layout(a_layout, c_layout, ema: bool) -> tuple[dict, dict]:
@@ -246,21 +247,19 @@ def _ptx_batch(ptx_data, step: int, updates: int, mesh, rows: int) -> dict[str, 
     Batches are indexed by the update count, so a resumed run reads the same ones."""
     batches = [ptx_data[step * updates + u] for u in range(updates)]
     local = {k: np.stack([b[k] for b in batches], axis=1) for k in batches[0]}
-    return common.to_global(local, mesh, rows)
+    return runtime.to_global(local, mesh, rows)
 
 
 def _evaluate(config, mesh, greedy, score, state, ref_params, reward_params, prompts: PromptRows) -> dict[str, float]:
     """Greedy answers to the held-out prompts, scored by the reward model."""
     if greedy is None:
         return {}
-    from jaxllm.rlhf.loop import eval_batches
-
     rows = config.ppo.generation_batch_size
     total, weight, length = 0.0, 0.0, 0.0
     key = jax.random.key(0)
-    for batch in eval_batches(prompts, rows, config.eval.batches, jax.process_index(), jax.process_count()):
+    for batch in padded_eval_batches(prompts, rows, config.eval.batches, jax.process_index(), jax.process_count()):
         w = batch["weight"]
-        batch = common.to_global({k: batch[k] for k in ("prompt", "prompt_length")}, mesh, rows)
+        batch = runtime.to_global({k: batch[k] for k in ("prompt", "prompt_length")}, mesh, rows)
         out = greedy(state["actor"]["params"], batch["prompt"], batch["prompt_length"], key)
         exp, _ = score(state["actor"]["params"], ref_params, state["critic"]["params"], reward_params,
                        batch["prompt"], batch["prompt_length"], out.tokens, out.lengths)
@@ -273,80 +272,51 @@ def _evaluate(config, mesh, greedy, score, state, ref_params, reward_params, pro
     return {"eval_reward_mean": total / n, "eval_answer_length": length / n}
 
 
-def _loop(config: RLHFConfig, workdir: Path, mesh, ckpt: Checkpointer, iterator, meta, state, start: int, generate,
-          score, train, evaluate, ptx_data, ref_params, reward_params, updates: int) -> dict[str, Any]:
-    from jaxllm.rlhf.common import Writer
-
+def _round(config: RLHFConfig, mesh, iterator, generate, score, train, ptx_data, ref_params, reward_params,
+           updates: int):
+    """One training step of step 3 for the engine's loop: generate and score `ppo.generation_batches`
+    batches of answers, then train on them. Its host numbers are the round's means and wall-clock split."""
     p = config.ppo
-    lead = jax.process_index() == 0
-    total = config.train.steps
-    if lead:
-        truncate_after(workdir / "metrics.jsonl", start)
-    writer = Writer(workdir, total, start, config.log.tensorboard, config.log.progress_bar,
-                    ("reward_mean", "kl", "generation_fraction")) if lead else None
     base_key = jax.random.key(config.seed)
-    sums: dict[str, float] = {}
-    rounds, last, step = 0, {}, start
-    try:
-        while step < total:
-            round_key = jax.random.fold_in(base_key, step)
-            times = {"generation_time": 0.0, "scoring_time": 0.0, "training_time": 0.0}
-            experiences, exp_metrics = [], []
-            for g in range(p.generation_batches):
-                batch = common.to_global(next(iterator), mesh, p.generation_batch_size)
-                t0 = time.perf_counter()
-                out = jax.block_until_ready(generate(state["actor"]["params"], batch["prompt"],
-                                                     batch["prompt_length"], jax.random.fold_in(round_key, g)))
-                t1 = time.perf_counter()
-                exp, metrics = jax.block_until_ready(score(
-                    state["actor"]["params"], ref_params, state["critic"]["params"], reward_params, batch["prompt"],
-                    batch["prompt_length"], out.tokens, out.lengths))
-                times["generation_time"] += t1 - t0
-                times["scoring_time"] += time.perf_counter() - t1
-                experiences.append(exp)
-                exp_metrics.append(jax.device_get(metrics))
-            exp = experiences[0] if len(experiences) == 1 else \
-                jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *experiences)
-            ptx = None if ptx_data is None else _ptx_batch(ptx_data, step, updates, mesh, p.train_batch_size)
-            t2 = time.perf_counter()
-            train_key = jax.random.fold_in(round_key, p.generation_batches)  # generation used 0 .. G - 1
-            state, metrics = jax.block_until_ready(train(state, exp, ptx, train_key))
-            times["training_time"] = time.perf_counter() - t2
-            step += 1
-            rounds += 1
-            fault_point("kill_after_step", step)
-            host = jax.device_get(metrics)
-            row_sum = {k: float(np.mean([m[k] for m in exp_metrics])) for k in exp_metrics[0] if k != "answer_tokens"}
-            row_sum["answer_tokens"] = float(sum(m["answer_tokens"] for m in exp_metrics))
-            row_sum.update({k: float(v) for k, v in host.items()}, **times)
-            for k, v in row_sum.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if writer:
-                writer.advance()
-            row: dict[str, Any] = {}
-            if step % config.train.log_every == 0 or step in (start + 1, total):
-                row = _row(sums, rounds, step, int(jax.device_get(state["skipped_steps"])))
-                sums, rounds = {}, 0
-            if (config.eval.every and step % config.eval.every == 0) or step == total:
-                row = {"step": step, **row, **evaluate(state)}
-            if row:
-                last = row
-                if writer:
-                    writer.write(row)
-            if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == total:
-                ckpt.save(step, state, iterator, meta)
-    finally:
-        ckpt.close()
-        if writer:
-            writer.close()
-    return last
+
+    def round_fn(state, step):
+        round_key = jax.random.fold_in(base_key, step)
+        times = {"generation_time": 0.0, "scoring_time": 0.0, "training_time": 0.0}
+        experiences, exp_metrics = [], []
+        for g in range(p.generation_batches):
+            batch = runtime.to_global(next(iterator), mesh, p.generation_batch_size)
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(generate(state["actor"]["params"], batch["prompt"], batch["prompt_length"],
+                                                 jax.random.fold_in(round_key, g)))
+            t1 = time.perf_counter()
+            exp, metrics = jax.block_until_ready(score(
+                state["actor"]["params"], ref_params, state["critic"]["params"], reward_params, batch["prompt"],
+                batch["prompt_length"], out.tokens, out.lengths))
+            times["generation_time"] += t1 - t0
+            times["scoring_time"] += time.perf_counter() - t1
+            experiences.append(exp)
+            exp_metrics.append(jax.device_get(metrics))
+        exp = experiences[0] if len(experiences) == 1 else \
+            jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *experiences)
+        ptx = None if ptx_data is None else _ptx_batch(ptx_data, step, updates, mesh, p.train_batch_size)
+        t2 = time.perf_counter()
+        train_key = jax.random.fold_in(round_key, p.generation_batches)  # generation used 0 .. G - 1
+        state, metrics = jax.block_until_ready(train(state, exp, ptx, train_key))
+        times["training_time"] = time.perf_counter() - t2
+        done = {k: float(np.mean([m[k] for m in exp_metrics])) for k in exp_metrics[0] if k != "answer_tokens"}
+        done["answer_tokens"] = float(sum(m["answer_tokens"] for m in exp_metrics))
+        done.update({k: float(v) for k, v in jax.device_get(metrics).items()}, **times)
+        return state, metrics, done
+
+    return round_fn
 
 
-def _row(sums: dict[str, float], rounds: int, step: int, skipped: int) -> dict[str, Any]:
+def _row(step: int, host, sums: dict[str, float], seconds: float, rounds: int) -> dict[str, Any]:
+    """The logged row: each number's mean over the rounds since the last row, the share of a round spent
+    generating, and the generation speed."""
     mean = {k: v / rounds for k, v in sums.items()}
     busy = mean["generation_time"] + mean["scoring_time"] + mean["training_time"]
-    row = {"step": step, **{k: v for k, v in mean.items() if k != "answer_tokens"}}
+    row = {k: v for k, v in mean.items() if k != "answer_tokens"}
     row["generation_fraction"] = mean["generation_time"] / busy
     row["generated_tokens_per_sec"] = mean["answer_tokens"] / max(mean["generation_time"], 1e-9)
-    row["skipped_steps"] = skipped
     return row

@@ -29,6 +29,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxllm import mesh as mesh_lib
 from jaxllm.generate import Generation, generate_tokens
+from jaxllm.models.definition import ModelDef
 from jaxllm.rlhf import lora
 from jaxllm.rlhf.config import PPOConfig
 from jaxllm.rlhf.losses import (
@@ -40,7 +41,6 @@ from jaxllm.rlhf.losses import (
     value_loss,
 )
 from jaxllm.rlhf.models import sequence_inputs
-from jaxllm.state import ModelDef
 
 
 class Experience(NamedTuple):

@@ -3,7 +3,7 @@
 A curriculum or random-LTD run changes the train step's shapes a few times (one program per distinct
 rows x length x kept length), and each new shape would stop training for a compilation: seconds on a
 CPU, much longer for a large model. The shapes are pure functions of the step
-(`jaxllm.data_efficiency.DataEfficiency`), so all of them are known at the start. `StepPrograms` lowers
+(`jaxllm.data_efficiency.DataEfficiency`), so all of them are known at the start. `BackgroundCompiledStep` lowers
 and compiles them in order of first use on one background thread while the earlier programs train, and
 the training loop takes each program when its first step comes (waiting only if it is not ready yet).
 
@@ -28,7 +28,7 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-class StepPrograms:
+class BackgroundCompiledStep:
     """Called exactly as the jitted step: `(state, batch)`, or `(state, batch, kept)` with random-LTD's
     static kept length; every planned program is compiled ahead.
 

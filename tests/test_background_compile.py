@@ -1,10 +1,11 @@
-"""`jaxllm.step_programs.StepPrograms`: planned programs compiled ahead give the jitted step's results."""
+"""`jaxllm.engine.background_compile.BackgroundCompiledStep`: planned programs compiled ahead give the jitted
+step's results."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.step_programs import StepPrograms
+from jaxllm.engine.background_compile import BackgroundCompiledStep
 
 
 def _step(state, batch, kept=None):
@@ -22,7 +23,7 @@ def test_planned_programs_match_the_jitted_step_and_unplanned_shapes_fall_back()
     jitted = jax.jit(_step, static_argnums=2)
     reference = jax.jit(_step, static_argnums=2)
     plan = [(4, 8, 4), (4, 8, 4), (4, 16, 8), (4, 16, None)]
-    programs = StepPrograms(jitted, plan)
+    programs = BackgroundCompiledStep(jitted, plan)
     state = ref_state = jnp.float32(2.0)
     for i, (rows, length, kept) in enumerate(plan):
         state, metrics = programs(state, _batch(rows, length, i), kept)
@@ -41,7 +42,7 @@ def test_planned_programs_match_the_jitted_step_and_unplanned_shapes_fall_back()
 
 def test_a_step_without_a_kept_length_is_called_with_two_arguments():
     jitted = jax.jit(lambda state, batch: _step(state, batch))
-    programs = StepPrograms(jitted, [(2, 4, None), (2, 8, None)])
+    programs = BackgroundCompiledStep(jitted, [(2, 4, None), (2, 8, None)])
     state, metrics = programs(jnp.float32(1.0), _batch(2, 4))
     state, metrics = programs(state, _batch(2, 8))
     assert float(metrics["loss"]) == float(np.arange(16).sum() * 2.0)

@@ -10,19 +10,50 @@ random choice is derived from `config.seed` and the step, which the state holds.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
 
+import jaxllm
+from jaxllm.config import ModelConfig
 from jaxllm.errors import UserError
 
 # Model keys whose change makes a checkpoint unusable; the rest (dtype, remat) may change on resume.
 SHAPE_KEYS = ("family", "layers", "d_model", "heads", "kv_heads", "d_ff", "vocab_size", "max_len",
               "tie_embeddings")
+
+
+def model_meta(cfg: ModelConfig) -> dict[str, Any]:
+    """The model settings stored with every checkpoint, with defaults resolved to their values."""
+    return dataclasses.asdict(cfg) | {"kv_heads": cfg.num_kv_heads, "d_ff": cfg.ffn_dim, "tie_embeddings": cfg.tied}
+
+
+def run_meta(cfg: ModelConfig, optimizer_state: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """A checkpoint's `meta` item: the model, the jaxllm version, what the optimizer state is bound to
+    (`TrainOptimizer.signature()`: None restores onto any mesh) and the task's own entries."""
+    return {"model": model_meta(cfg), "jaxllm_version": jaxllm.__version__, "optimizer_state": optimizer_state,
+            **extra}
+
+
+def check_optimizer_state(saved: dict | None, wanted: dict | None, where: Any) -> None:
+    """Refuses to resume per-device optimizer state on another mesh or with another optimizer.
+
+    `saved`/`wanted`: `TrainOptimizer.signature()` of the checkpoint and of this run (None for AdamW,
+    whose state restores onto any mesh)."""
+    if saved == wanted:
+        return
+    describe = lambda s: (f"optimizer {s['optimizer']} on mesh {s['mesh']}" if s  # noqa: E731
+                          else "optimizer adamw (no per-device state)")
+    raise UserError(
+        f"workdir checkpoint '{where}' holds the state of {describe(saved)}, but this run uses {describe(wanted)}; "
+        "per-device error buffers only resume on the mesh that wrote them: use the same optimizer.name and "
+        "mesh, or another --workdir")
 
 
 class Checkpointer:
@@ -62,6 +93,26 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                   data=grain.checkpoint.CheckpointRestore(data_iterator))
         return self.manager.restore(step, args=args)["state"]
+
+    def resume_or_init(self, abstract_state: Any, data_iterator: Any, meta: dict[str, Any],
+                       init: Callable[[], Any], check: Callable[[int], None] | None = None) -> tuple[Any, int]:
+        """(state, step): the newest checkpoint restored onto `abstract_state`'s shardings (the iterator
+        rewound with it), or `init()` at step 0 when there is none. Before restoring, the checkpoint must
+        hold the same model shape and optimizer-state binding as `meta`, and pass the task's `check`. On
+        any error the checkpointer is closed before the error propagates."""
+        try:
+            start = self.latest_step()
+            if start is None:
+                return init(), 0
+            self.check_compatible(start, meta["model"])
+            check_optimizer_state(self.read_meta(start).get("optimizer_state"), meta.get("optimizer_state"),
+                                  self.directory / str(start))
+            if check is not None:
+                check(start)
+            return self.restore(start, abstract_state, data_iterator), start
+        except BaseException:
+            self.close()  # the loop that would close it never starts
+            raise
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,6 +1,6 @@
 """The train step for the communication-efficient optimizers (1-bit Adam, 0/1 Adam, 1-bit LAMB).
 
-The AdamW step (`jaxllm.step`) lets GSPMD average the gradient over the data axis with an f32
+The AdamW step (`jaxllm.engine.step`) lets GSPMD average the gradient over the data axis with an f32
 all-reduce. Here each data-parallel slice keeps its own gradient, and the optimizer alone decides what
 crosses the data axis: an exact average, packed 1-bit codes, or nothing. One step is two `shard_map`s
 over a view of the mesh whose data axis is manual (`dp`; the model's own `data` axis has size 1
@@ -53,33 +53,19 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import mesh as mesh_lib
-from jaxllm.config import Config
-from jaxllm.errors import UserError
+from jaxllm.engine.state import ParamTree, StateLayout, is_axes
+from jaxllm.engine.step import gradient_sums, with_ltd_indices
+from jaxllm.ltd import LTDSetup
 from jaxllm.optim import COMPRESSED_OPTIMIZERS, PhasePlan, build_optimizer, phase_plan
 from jaxllm.optim.compressed import DEVICE_AXIS
 from jaxllm.optim.zero_one_adam import ZeroOneAdamState
-from jaxllm.state import ModelDef, StateLayout
-from jaxllm.step import _split_micro
 
 DATA = mesh_lib.MESH_AXES[0]  # the data-parallel axis of the run's mesh
 MODEL_AXES = mesh_lib.MESH_AXES[1:]  # fsdp, tensor, sequence
 INNER_AXES = (DEVICE_AXIS, *mesh_lib.MESH_AXES)  # dp, data (size 1), fsdp, tensor, sequence
 
 
-def slice_loss_sums(model_def: ModelDef, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """`jaxllm.step.loss_sums` for one data slice: summed token cross-entropy over `loss_mask` and the
-    token count. The label logit is picked with a one-hot product instead of a gather (same value and
-    gradient): XLA's partitioner (jax 0.10) aborts on the gather of vocab-sharded logits inside a
-    `shard_map` that is manual over the data axis only, when `fsdp` and `tensor` are both > 1."""
-    logits = model_def.bind(params)(batch["inputs"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
-    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    label = jnp.sum(shifted * jax.nn.one_hot(batch["targets"], logits.shape[-1], dtype=jnp.float32), axis=-1)
-    losses = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - label
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(losses * mask), jnp.sum(mask)
-
-
-def is_compressed(config: Config) -> bool:
+def is_compressed(config: Any) -> bool:
     return config.optimizer.name in COMPRESSED_OPTIMIZERS
 
 
@@ -129,17 +115,18 @@ class _LeafLayout:
 
 
 class CompressedTraining:
-    """Optimizer, state layout and train step of a run with a compressed optimizer.
+    """Optimizer, optimizer-state layout and train step of a run with a compressed optimizer.
 
-    `tx` (for `jaxllm.state.create_state` and friends) initialises the global state, per-device
-    leaves included; `layout` is the `StateLayout` for checkpoints and jit; `train_step()` builds
-    the step.
+    `state_tx` initialises the global optimizer state, per-device leaves included (for
+    `jaxllm.engine.state.initial_state`); `opt_state_layout()` gives its abstract tree and shardings
+    (for `jaxllm.engine.state.state_layout`); `train_step()` builds the step for a task's loss.
+    `params` are the trainable parameters (a `jaxllm.engine.state.ParamTree` or `ModelDef`).
     """
 
-    def __init__(self, config: Config, mesh: Mesh, model: ModelDef, schedule: optax.Schedule | None = None):
+    def __init__(self, config: Any, mesh: Mesh, params: Any, schedule: optax.Schedule | None = None):
         if not is_compressed(config):
             raise ValueError(f"optimizer {config.optimizer.name!r} is not a compressed optimizer")
-        self.config, self.mesh, self.model = config, mesh, model
+        self.config, self.mesh, self.params = config, mesh, ParamTree(params.logical_axes, params.shapes)
         self.inner = inner_mesh(mesh)
         self.data_size = mesh.shape[DATA]
         if self.data_size == 1:
@@ -148,20 +135,14 @@ class CompressedTraining:
                 "there is nothing to compress; the run trains with the same updates as on one device "
                 "(DeepSpeed's single-worker behaviour). Use mesh.data > 1 to compress.", UserWarning, stacklevel=2)
         zero = config.mesh.zero_stage
-        is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
-        self.param_shardings = mesh_lib.tree_shardings(mesh, model.logical_axes, model.shapes,
-                                                       mesh_lib.param_drop(zero))
         self.opt_specs = jax.tree.map(
             lambda axes, shape: mesh_lib.logical_to_spec(axes, shape, mesh, mesh_lib.opt_drop(zero)),
-            model.logical_axes, model.shapes, is_leaf=is_axes)
+            self.params.logical_axes, self.params.shapes, is_leaf=is_axes)
         self.norm_axes = jax.tree.map(_spec_axes, self.opt_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
         self.tx, self.schedule = build_optimizer(config, schedule, norm_axes=self.norm_axes)
         self.plan: PhasePlan = phase_plan(config)
-        self._param_abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), model.shapes,
-                                            is_leaf=lambda x: isinstance(x, tuple) and all(
-                                                isinstance(i, int) for i in x))
+        self._param_abstract = self.params.abstract()
         self._leaves = self._analyse_state()
-        self.layout = self._layout()
         self.state_tx = optax.GradientTransformation(self._global_init, _no_global_update)
 
     def signature(self) -> dict[str, Any]:
@@ -217,26 +198,17 @@ class CompressedTraining:
         self._local_abstract = local
         return jax.tree_util.tree_map_with_path(classify, local)
 
-    def _layout(self) -> StateLayout:
-        replicated = NamedSharding(self.mesh, PartitionSpec())
+    def opt_state_layout(self) -> tuple[Any, Any]:
+        """(abstract tree, shardings) of the global optimizer state, per-device leaves included."""
         is_leaf = lambda x: isinstance(x, _LeafLayout)  # noqa: E731
-        opt_shardings = jax.tree.map(lambda lf: NamedSharding(self.mesh, _to_outer(lf.inner_spec)), self._leaves,
-                                     is_leaf=is_leaf)
-        shardings = {"step": replicated, "skipped_steps": replicated, "params": self.param_shardings,
-                     "opt_state": opt_shardings}
+        shardings = jax.tree.map(lambda lf: NamedSharding(self.mesh, _to_outer(lf.inner_spec)), self._leaves,
+                                 is_leaf=is_leaf)
         local_leaves = jax.tree.leaves(self._local_abstract)
-        opt_abstract = jax.tree.unflatten(
+        abstract = jax.tree.unflatten(
             jax.tree.structure(self._local_abstract),
             [jax.ShapeDtypeStruct(lf.shape, loc.dtype)
              for lf, loc in zip(jax.tree.leaves(self._leaves, is_leaf=is_leaf), local_leaves, strict=True)])
-        scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        abstract_tree = {"step": scalar, "skipped_steps": scalar, "params": self._param_abstract,
-                         "opt_state": opt_abstract}
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree,
-                                shardings)
-        grads = jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), self.opt_specs,
-                             is_leaf=lambda x: isinstance(x, PartitionSpec))
-        return StateLayout(shardings, grads, abstract)
+        return abstract, shardings
 
     def _opt_in_specs(self) -> Any:
         return jax.tree.map(lambda lf: lf.inner_spec, self._leaves, is_leaf=lambda x: isinstance(x, _LeafLayout))
@@ -257,41 +229,34 @@ class CompressedTraining:
 
     # -- step -----------------------------------------------------------------------------------
 
-    def train_step(self, grad_accum: int = 1, summarize: Callable[[int], bool] | None = None) -> CompressedStep:
-        """The step callable; `summarize(step)` says after which (1-based) steps to reduce the
-        per-device metrics to the usual scalars (`loss`, `grad_norm`, `lr`, `tokens`, `skipped`)."""
-        return CompressedStep(self, grad_accum, summarize or (lambda step: True))
+    def train_step(self, loss_fn: Callable, layout: StateLayout, grad_accum: int = 1, ltd: LTDSetup | None = None,
+                   summarize: Callable[[int], bool] | None = None) -> CompressedStep:
+        """The step callable for a task's `loss_fn` (`jaxllm.engine.step.LossFn`); `summarize(step)` says
+        after which (1-based) steps to reduce the per-device metrics to the usual scalars (`loss`,
+        `grad_norm`, `lr`, `tokens`, `skipped` and the loss's aux metrics)."""
+        return CompressedStep(self, loss_fn, layout, grad_accum, ltd, summarize or (lambda step: True))
 
-    def _step_fn(self, phase: int, grad_accum: int) -> Callable:
+    def _step_fn(self, phase: int, loss_fn: Callable, grad_accum: int, ltd: LTDSetup | None,
+                 kept: int | None) -> Callable:
         clip = self.config.optimizer.grad_clip
         model_axes = tuple(a for a in MODEL_AXES if self.mesh.shape[a] > 1)
-        grad_fn = jax.value_and_grad(lambda p, b: slice_loss_sums(self.model, p, b), has_aux=True)
         opt_specs = self.opt_specs
         is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
         replicated_params = jax.tree.map(lambda _: PartitionSpec(), opt_specs, is_leaf=is_spec)
         per_slice = jax.tree.map(lambda _: PartitionSpec(DEVICE_AXIS), opt_specs, is_leaf=is_spec)
         per_slice_full = jax.tree.map(lambda s: PartitionSpec(DEVICE_AXIS, *s), opt_specs, is_leaf=is_spec)
 
-        def gradients(params, offset, batch):
+        def gradients(params, frozen, offset, batch):
             if offset is not None:  # 0/1 Adam: this slice's parameters include its local progress
                 params = jax.tree.map(lambda p, a: p + a[0], params, offset)
-
-            def accumulate(carry, micro):
-                grad_sum, loss_sum, count = carry
-                (loss, n), grads = grad_fn(params, micro)
-                return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, count + n), None
-
-            init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
-            if grad_accum == 1:
-                (grad_sum, loss_sum, count), _ = accumulate(init, batch)
-            else:
-                (grad_sum, loss_sum, count), _ = jax.lax.scan(accumulate, init, _split_micro(batch, grad_accum))
+            grad_sum, loss_sum, count, aux = gradient_sums(loss_fn, params, frozen, batch, grad_accum, ltd)
             grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grad_sum)
             norm = optax.tree.norm(grads)
             if clip > 0:  # as optax.clip_by_global_norm, on this slice's gradient
                 grads = jax.tree.map(lambda g: jnp.where(norm < clip, g, g / norm * clip), grads)
             grads = jax.tree.map(lambda g, s: jax.lax.with_sharding_constraint(g, s), grads, opt_specs)
-            return jax.tree.map(lambda g: g[None], grads), loss_sum[None], count[None], norm[None]
+            return (jax.tree.map(lambda g: g[None], grads), loss_sum[None], count[None], norm[None],
+                    jax.tree.map(lambda a: a[None], aux))
 
         def optimizer(params, grads, opt_state, skipped_steps, loss_sum):
             grads = jax.tree.map(lambda g: g[0], grads)
@@ -313,38 +278,28 @@ class CompressedTraining:
 
         def step(state, batch):
             offset = _local_update(state["opt_state"])
+            frozen = state.get("frozen")
+            if kept is not None:
+                batch = with_ltd_indices(batch, ltd, state["step"], kept)
+            slices = PartitionSpec(DEVICE_AXIS)
             grad_part = jax.shard_map(
                 gradients, mesh=self.inner, axis_names=frozenset({DEVICE_AXIS}), check_vma=False,
-                in_specs=(replicated_params, None if offset is None else per_slice, PartitionSpec(DEVICE_AXIS)),
-                out_specs=(per_slice, PartitionSpec(DEVICE_AXIS), PartitionSpec(DEVICE_AXIS),
-                           PartitionSpec(DEVICE_AXIS)))
-            grads, loss_sum, count, norm = grad_part(state["params"], offset, batch)
+                in_specs=(replicated_params, jax.tree.map(lambda _: PartitionSpec(), frozen),
+                          None if offset is None else per_slice, slices),
+                out_specs=(per_slice, slices, slices, slices, slices))
+            grads, loss_sum, count, norm, aux = grad_part(state["params"], frozen, offset, batch)
             opt_part = jax.shard_map(
                 optimizer, mesh=self.inner, check_vma=False,
                 in_specs=(opt_specs, per_slice_full, opt_in, PartitionSpec(), PartitionSpec(DEVICE_AXIS)),
                 out_specs=(opt_specs, opt_in, PartitionSpec(), PartitionSpec(DEVICE_AXIS)))
             params, opt_state, skipped_steps, skipped = opt_part(state["params"], grads, state["opt_state"],
                                                                  state["skipped_steps"], loss_sum)
-            new_state = {"step": state["step"] + 1, "skipped_steps": skipped_steps, "params": params,
-                         "opt_state": opt_state}
-            return new_state, {"loss_sum": loss_sum, "tokens": count, "grad_norm": norm, "skipped": skipped}
+            new_state = dict(state, step=state["step"] + 1, skipped_steps=skipped_steps, params=params,
+                             opt_state=opt_state)
+            return new_state, {"loss_sum": loss_sum, "tokens": count, "grad_norm": norm, "skipped": skipped,
+                               "aux": aux}
 
         return self._in_inner(step)
-
-
-def check_optimizer_state(saved: dict | None, wanted: dict | None, where: Any) -> None:
-    """Refuses to resume per-device optimizer state on another mesh or with another optimizer.
-
-    `saved`/`wanted`: `CompressedTraining.signature()` of the checkpoint and of this run (None for
-    AdamW, whose state restores onto any mesh)."""
-    if saved == wanted:
-        return
-    describe = lambda s: (f"optimizer {s['optimizer']} on mesh {s['mesh']}" if s  # noqa: E731
-                          else "optimizer adamw (no per-device state)")
-    raise UserError(
-        f"workdir checkpoint '{where}' holds the state of {describe(saved)}, but this run uses {describe(wanted)}; "
-        "per-device error buffers only resume on the mesh that wrote them: use the same optimizer.name and "
-        "mesh, or another --workdir")
 
 
 def _no_global_update(updates, state, params=None):
@@ -367,24 +322,26 @@ class CompressedStep:
     `summarize(step)` is true, then the usual scalars.
     """
 
-    def __init__(self, training: CompressedTraining, grad_accum: int, summarize: Callable[[int], bool]):
+    def __init__(self, training: CompressedTraining, loss_fn: Callable, layout: StateLayout, grad_accum: int,
+                 ltd: LTDSetup | None, summarize: Callable[[int], bool]):
         self.training = training
+        self.loss_fn = loss_fn
         self.grad_accum = grad_accum
+        self.ltd = ltd
         self.summarize = summarize
-        self._compiled: dict[int, Callable] = {}
+        self._compiled: dict[tuple[int, int | None], Callable] = {}
         self._host_step: int | None = None
         self._last: Any = None
-        layout = training.layout
         self._summary = jax.jit(_summarize)
-        self._shardings = (layout.state, None)
+        self._state_shardings = layout.state
 
-    def program(self, phase: int) -> Callable:
-        """The jitted step of one phase (compiled on first use)."""
-        if phase not in self._compiled:
-            fn = self.training._step_fn(phase, self.grad_accum)
-            self._compiled[phase] = jax.jit(fn, in_shardings=self._shardings, out_shardings=(self._shardings[0], None),
-                                            donate_argnums=0)
-        return self._compiled[phase]
+    def program(self, phase: int, kept: int | None = None) -> Callable:
+        """The jitted step of one phase and random-LTD kept length (compiled on first use)."""
+        if (phase, kept) not in self._compiled:
+            fn = self.training._step_fn(phase, self.loss_fn, self.grad_accum, self.ltd, kept)
+            self._compiled[phase, kept] = jax.jit(fn, in_shardings=(self._state_shardings, None),
+                                                  out_shardings=(self._state_shardings, None), donate_argnums=0)
+        return self._compiled[phase, kept]
 
     def _cache_size(self) -> int:
         """Programs compiled so far (one per phase and batch shape)."""
@@ -394,11 +351,11 @@ class CompressedStep:
         """Phase index of 1-based `step` (see `training.plan.names`)."""
         return self.training.plan.phase(step)
 
-    def __call__(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, Any]]:
+    def __call__(self, state: Any, batch: dict[str, jax.Array], kept: int | None = None) -> tuple[Any, dict[str, Any]]:
         if self._host_step is None or state is not self._last:
             self._host_step = int(jax.device_get(state["step"]))
         step = self._host_step + 1
-        new_state, metrics = self.program(self.phase_of(step))(state, batch)
+        new_state, metrics = self.program(self.phase_of(step), kept)(state, batch)
         self._host_step, self._last = step, new_state
         if self.summarize(step):
             summary = self._summary(metrics)
@@ -408,8 +365,10 @@ class CompressedStep:
 
 def _summarize(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
     tokens = jnp.sum(metrics["tokens"])
-    return {"loss": jnp.sum(metrics["loss_sum"]) / jnp.maximum(tokens, 1.0), "tokens": tokens,
-            "grad_norm": jnp.mean(metrics["grad_norm"]), "skipped": jnp.max(metrics["skipped"])}
+    denom = jnp.maximum(tokens, 1.0)
+    return {"loss": jnp.sum(metrics["loss_sum"]) / denom, "tokens": tokens,
+            "grad_norm": jnp.mean(metrics["grad_norm"]), "skipped": jnp.max(metrics["skipped"]),
+            **{k: jnp.sum(v) / denom for k, v in metrics["aux"].items()}}
 
 
 # -- communication volume from compiled HLO ----------------------------------------------------

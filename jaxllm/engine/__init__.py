@@ -1,0 +1,1 @@
+"""The training engine every task runs on: state layout, optimizer, step, loop and checkpoints."""

@@ -1,0 +1,142 @@
+"""The train step, written once for every task: `step(state, batch) -> (state, metrics)` under `jax.jit`.
+
+A task gives its loss as a `LossFn`: `loss_fn(params, batch, ltd) -> (loss_sum, count, aux_sums)`,
+sums over what its batch counts (tokens, pairs, answer tokens), `ltd` the random-LTD plan of the
+batch or None. The step adds everything else: gradient accumulation over `grad_accum` micro-batches,
+the mean over the global count, the skip of a step whose loss or gradient is not finite (parameters
+and optimizer state unchanged, `skipped_steps` + 1), random-LTD's kept positions, and for a
+compressed optimizer its per-device path (`jaxllm.engine.compressed`) behind the same call.
+
+Metrics: `loss` (sum / count), `grad_norm`, `lr`, `tokens` (the count), `skipped`, and each aux sum
+divided by the count (the reward model's `accuracy` is its correct pairs over its pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxllm import ltd as ltd_lib
+from jaxllm.engine.state import StateLayout
+
+LossFn = Callable[[Any, dict[str, jax.Array], "ltd_lib.LTDPlan | None"],
+                  tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+def split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [accum, B / accum, ...], taking rows i * accum + a into micro-batch a so that each
+    device's contiguous block of rows stays on that device (no resharding)."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
+
+
+def with_ltd_indices(batch: dict[str, jax.Array], ltd: ltd_lib.LTDSetup, step: jax.Array, kept: int
+                     ) -> dict[str, jax.Array]:
+    """The batch with random-LTD's kept positions of this step, `[B, layers, kept]` so that they split
+    with the rows. They are drawn from `ltd.seed` and the step (`jaxllm.ltd.ltd_key`), so a resumed run
+    redraws them exactly."""
+    rows, length = batch["inputs"].shape[:2]
+    indices = ltd_lib.sample_kept_indices(ltd_lib.ltd_key(ltd.seed, step), len(ltd.layers), rows, length, kept)
+    return {**batch, "ltd_indices": jnp.swapaxes(indices, 0, 1)}
+
+
+def gradient_sums(loss_fn: LossFn, params: Any, frozen: Any, batch: dict[str, jax.Array], grad_accum: int,
+                  ltd: ltd_lib.LTDSetup | None = None, grad_shardings: Any = None
+                  ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(gradient sum, loss sum, count, aux sums) of `batch` over `grad_accum` micro-batches, the
+    gradient taken with respect to `params` only (`frozen` groups join them in the loss)."""
+
+    def micro_loss(p, b):
+        plan = None
+        if "ltd_indices" in b:
+            plan = ltd_lib.LTDPlan(ltd.layers, jnp.swapaxes(b["ltd_indices"], 0, 1), ltd.implementation)
+            b = {k: v for k, v in b.items() if k != "ltd_indices"}
+        loss, count, aux = loss_fn({**p, **frozen} if frozen else p, b, plan)
+        return loss, (count, aux)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    constrain = (lambda g: g) if grad_shardings is None else (  # noqa: E731
+        lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
+
+    def accumulate(carry, micro):
+        grad_sum, loss_sum, count, aux_sum = carry
+        (loss, (n, aux)), grads = grad_fn(params, micro)
+        return (jax.tree.map(jnp.add, grad_sum, constrain(grads)), loss_sum + loss, count + n,
+                jax.tree.map(jnp.add, aux_sum, aux)), None
+
+    micro = batch if grad_accum == 1 else split_micro(batch, grad_accum)
+    first = micro if grad_accum == 1 else jax.tree.map(lambda x: x[0], micro)
+    _, (_, aux_shape) = jax.eval_shape(micro_loss, params, first)
+    zero = jnp.float32(0)
+    init = (constrain(jax.tree.map(jnp.zeros_like, params)), zero, zero,
+            jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape))
+    if grad_accum == 1:
+        sums, _ = accumulate(init, batch)
+    else:
+        sums, _ = jax.lax.scan(accumulate, init, micro)
+    return sums
+
+
+def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_accum: int = 1,
+                    ltd: ltd_lib.LTDSetup | None = None, summarize: Callable[[int], bool] | None = None) -> Callable:
+    """The train step of a task: `step(state, batch) -> (state, metrics)`, or `step(state, batch, kept)`
+    with random-LTD (`kept`: the static kept length, one compilation per value; None keeps every token).
+
+    `optimizer`: a `jaxllm.engine.optimizer.TrainOptimizer`. Its compressed path returns per-device
+    metrics except after the steps `summarize(step)` names (by default every step)."""
+    if optimizer.compressed is not None:
+        return optimizer.compressed.train_step(loss_fn, layout, grad_accum, ltd, summarize)
+    tx, schedule = optimizer.tx, optimizer.schedule
+
+    def step(state, batch, kept=None):
+        params = state["params"]
+        if kept is not None:
+            batch = with_ltd_indices(batch, ltd, state["step"], kept)
+        grad_sum, loss_sum, count, aux = gradient_sums(loss_fn, params, state.get("frozen"), batch, grad_accum, ltd,
+                                                       layout.grads)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grad_sum)
+        loss = loss_sum / denom
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = dict(state, step=state["step"] + 1,
+                         skipped_steps=state["skipped_steps"] + (~finite).astype(jnp.int32),
+                         params=keep(new_params, params), opt_state=keep(new_opt, state["opt_state"]))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,
+                   "skipped": (~finite).astype(jnp.int32), **{k: v / denom for k, v in aux.items()}}
+        return new_state, metrics
+
+    static = {"static_argnums": 2} if ltd is not None else {}
+    return jax.jit(step, in_shardings=(layout.state, None), out_shardings=(layout.state, None), donate_argnums=0,
+                   **static)
+
+
+def make_eval_step(loss_fn: LossFn, params_shardings: Any = None) -> Callable:
+    """`eval_step(params, batch) -> (loss_sum, count, aux_sums)` (every parameter group in `params`)."""
+    def step(params, batch):
+        return loss_fn(params, batch, None)
+
+    return jax.jit(step) if params_shardings is None else jax.jit(step, in_shardings=(params_shardings, None))
+
+
+def evaluate(eval_step: Callable, params: Any, batches: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """Held-out means over `batches` (global arrays): `loss` and each aux metric per counted unit, and
+    `count` itself; empty without batches."""
+    if not batches:
+        return {}
+    totals: dict[str, float] = {"loss": 0.0, "count": 0.0}
+    for batch in batches:
+        loss, count, aux = eval_step(params, batch)
+        totals["loss"] += float(loss)
+        totals["count"] += float(count)
+        for k, v in aux.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    denom = max(totals["count"], 1.0)
+    return {k: v if k == "count" else v / denom for k, v in totals.items()}
