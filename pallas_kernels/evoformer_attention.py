@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxllm.errors import UserError
-from jaxllm.ops.evoformer import check_inputs
+from pallas_kernels.evoformer_inputs import check_inputs
 from pallas_kernels.tiles import dot_nn, dot_nt, dot_tn
 
 NEG_INF = -jnp.inf
