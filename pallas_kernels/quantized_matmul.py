@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxllm.compression.packing import field_width, packed_rows
+from pallas_kernels.packing import field_width, packed_rows
 from pallas_kernels.tiles import dot
 
 
