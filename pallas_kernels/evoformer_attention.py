@@ -37,28 +37,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxllm.errors import UserError
-from jaxllm.ops.evoformer import check_inputs
+from pallas_kernels.evoformer_inputs import check_inputs
+from pallas_kernels.tiles import dot_nn, dot_nt, dot_tn
 
 NEG_INF = -jnp.inf
 
 
 def _pow2_at_least_16(n: int) -> int:
     return max(16, pl.next_power_of_2(n))
-
-
-def _dot_nt(a, b):
-    """a [m, d] x b [n, d]^T -> [m, n] in f32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-    """a [m, n]^T x b [m, d] -> [n, d] in f32."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-    """a [m, n] x b [n, d] -> [m, d] in f32."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 class _Layout:
@@ -99,7 +85,7 @@ def _bias_tile(ref, spans, rows, cols, lead=()):
 
 def _scores(q, k, bias_tiles, scale, key_start, layout):
     """[bq, bk] f32 scores of one tile, padded keys at -inf."""
-    s = _dot_nt(q, k) * scale
+    s = dot_nt(q, k) * scale
     for tile in bias_tiles:
         s = s + tile
     if layout.key_padding:
@@ -127,7 +113,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, scale, layout):
         p = jnp.exp(s - m_safe[:, None])
         correction = jnp.exp(m_prev - m_safe)
         v = v_ref[cols, :]
-        acc = acc * correction[:, None] + _dot_nn(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + dot_nn(p.astype(v.dtype), v)
         return m_new, l_prev * correction + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((bq,), NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32),
@@ -154,8 +140,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, la
         tiles = [_bias_tile(r, sp, None, cols) for r, sp in zip(bias_refs, layout.spans, strict=True)]
         k = k_ref[cols, :]
         p = jnp.exp(_scores(q, k, tiles, scale, j * bk, layout) - lse[:, None])
-        ds = p * (_dot_nt(do, v_ref[cols, :]) - delta[:, None])
-        return dq + _dot_nn(ds.astype(k.dtype), k)
+        ds = p * (dot_nt(do, v_ref[cols, :]) - delta[:, None])
+        return dq + dot_nn(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, layout.k_blocks, body, jnp.zeros((layout.block_q, layout.padded_d), jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -173,8 +159,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, l
         tiles = [_bias_tile(r, sp, rows, None) for r, sp in zip(bias_refs, layout.spans, strict=True)]
         q, do = q_ref[rows, :], do_ref[rows, :]
         p = jnp.exp(_scores(q, k, tiles, scale, key_start, layout) - lse_ref[rows][:, None])
-        ds = p * (_dot_nt(do, v) - delta_ref[rows][:, None])
-        return dk + _dot_tn(ds.astype(q.dtype), q), dv + _dot_tn(p.astype(do.dtype), do)
+        ds = p * (dot_nt(do, v) - delta_ref[rows][:, None])
+        return dk + dot_tn(ds.astype(q.dtype), q), dv + dot_tn(p.astype(do.dtype), do)
 
     zeros = jnp.zeros((layout.block_k, layout.padded_d), jnp.float32)
     dk, dv = lax.fori_loop(0, layout.q_blocks, body, (zeros, zeros))
@@ -207,7 +193,7 @@ def _dbias_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale,
         q, do = q_ref[b, n, rows, h, :], do_ref[b, n, rows, h, :]
         k, v = k_ref[b, n, cols, h, :], v_ref[b, n, cols, h, :]
         p = jnp.exp(_scores(q, k, tiles, scale, j * bk, layout) - lse_ref[b, n, h, rows][:, None])
-        ds = p * (_dot_nt(do, v) - delta_ref[b, n, h, rows][:, None])
+        ds = p * (dot_nt(do, v) - delta_ref[b, n, h, rows][:, None])
         if not spans[3]:
             ds = jnp.sum(ds, axis=0, keepdims=True)
         if not spans[4]:

@@ -34,7 +34,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxllm.compression.packing import field_width, packed_rows
+from pallas_kernels.packing import field_width, packed_rows
+from pallas_kernels.tiles import dot
 
 
 def column_scales(grid: jax.Array, n: int) -> jax.Array:
@@ -50,10 +51,6 @@ def _block_m(m: int, block_m: int | None) -> int:
     if block_m is not None:
         return block_m
     return min(128, max(16, 1 << (max(m, 1) - 1).bit_length()))
-
-
-def _dot(a, b, dims, out=jnp.float32):
-    return lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=out)
 
 
 def _planes(stored, width: int, signed: bool):
@@ -75,7 +72,7 @@ def _row_values(ref, first_row, rows: int, planes: int, p: int, group_rows: int,
         return ref[0:1, cols]
     k_rows = (first_row + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)) * planes + p
     onehot = (k_rows // group_rows == lax.broadcasted_iota(jnp.int32, (1, ref.shape[0]), 1)).astype(jnp.float32)
-    return _dot(onehot, ref[:, cols], ((1,), (0,)))
+    return dot(onehot, ref[:, cols], ((1,), (0,)))
 
 
 def _dequant(stored, s_ref, z_ref, first_row, cols, *, width, signed, group_rows, groups):
@@ -101,7 +98,7 @@ def _fwd_kernel(x_ref, c_ref, s_ref, *rest, width, signed, group_rows, groups, b
                       group_rows=group_rows, groups=groups)
         for p in range(planes):
             x = x_ref[p, :, rows]
-            acc = acc + _dot(x, ws[p].astype(x.dtype), ((1,), (0,)))
+            acc = acc + dot(x, ws[p].astype(x.dtype), ((1,), (0,)))
         return acc
 
     steps = c_ref.shape[0] // block_k
@@ -118,7 +115,7 @@ def _bwd_kernel(g_ref, c_ref, s_ref, *rest, width, signed, group_rows, groups, b
         ws = _dequant(c_ref[:, cols], s_ref, z_ref, first_row, cols, width=width, signed=signed,
                       group_rows=group_rows, groups=groups)
         g = g_ref[:, cols]
-        return tuple(acc[p] + _dot(g, ws[p].astype(g.dtype), ((1,), (1,))) for p in range(planes))
+        return tuple(acc[p] + dot(g, ws[p].astype(g.dtype), ((1,), (1,))) for p in range(planes))
 
     steps = g_ref.shape[1] // block_n
     init = tuple(jnp.zeros(o_ref.shape[1:], jnp.float32) for _ in range(planes))
@@ -130,7 +127,7 @@ def _bwd_kernel(g_ref, c_ref, s_ref, *rest, width, signed, group_rows, groups, b
 def _i8_kernel(x_ref, c_ref, xs_ref, s_ref, o_ref, *, block_k):
     def body(t, acc):
         rows = pl.ds(pl.multiple_of(t * block_k, block_k), block_k)
-        return acc + _dot(x_ref[:, rows], c_ref[rows, :], ((1,), (0,)), out=jnp.int32)
+        return acc + dot(x_ref[:, rows], c_ref[rows, :], ((1,), (0,)), out=jnp.int32)
 
     acc = lax.fori_loop(0, c_ref.shape[0] // block_k, body, jnp.zeros(o_ref.shape, jnp.int32))
     o_ref[...] = acc.astype(jnp.float32) * xs_ref[...] * s_ref[...]

@@ -34,23 +34,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxllm.errors import UserError
-
-
-def _dot_nt(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+from pallas_kernels.tiles import dot_nn, dot_nt, dot_tn
 
 
 def _scores(q, k, sq, sk, iq, ik, pq, pk, slope, *, scale, key_start, length, alibi):
     """Masked scores of one [bq, bk] tile in f32 (-inf where the key is not visible or is padding)."""
-    s = _dot_nt(q, k) * scale
+    s = dot_nt(q, k) * scale
     if alibi:
         s = s + slope * (pk - pq).astype(jnp.float32)
     cols = key_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
@@ -77,7 +66,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, iq_ref, ik_ref, pq_ref, pk_
         p = jnp.exp(s - m_new)
         correction = jnp.exp(m - m_new)
         denom = denom * correction + jnp.sum(p, axis=1, keepdims=True)
-        acc = acc * correction + _dot_nn(p.astype(v.dtype), v)
+        acc = acc * correction + dot_nn(p.astype(v.dtype), v)
         return m_new, denom, acc
 
     init = (jnp.full((rows, 1), floor, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
@@ -100,8 +89,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, sq_ref, sk_ref, 
         s = _scores(q, k, sq, sk_ref[:, cols], iq, ik_ref[:, cols], pq, pk_ref[:, cols], slope, scale=scale,
                     key_start=j * block, length=length, alibi=alibi)
         p = jnp.exp(s - lse)
-        ds = p * (_dot_nt(do, v) - delta)
-        return dq + _dot_nn(ds.astype(k.dtype), k)
+        ds = p * (dot_nt(do, v) - delta)
+        return dq + dot_nn(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, i + 1, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -120,9 +109,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, sq_ref, sk_ref,
         s = _scores(q, k, sq_ref[rows, :], sk, iq_ref[rows, :], ik, pq_ref[rows, :], pk, slope, scale=scale,
                     key_start=j * block, length=length, alibi=alibi)
         p = jnp.exp(s - lse_ref[rows, :])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_nt(do, v) - delta_ref[rows, :])
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)
+        dv = dv + dot_tn(p.astype(do.dtype), do)
+        ds = p * (dot_nt(do, v) - delta_ref[rows, :])
+        dk = dk + dot_tn(ds.astype(q.dtype), q)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)

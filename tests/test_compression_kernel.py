@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.compression.linear import linear
 from jaxllm.compression.qtensor import QuantSpec, quantize_weight
 from jaxllm.compression.quantizers import quantize_tokens
+from jaxllm.ops.linear import linear
 from pallas_kernels.quantized_matmul import column_scales, int8_matmul, quantized_matmul
 from tests.conftest import PALLAS_INTERPRET
 

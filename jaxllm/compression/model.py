@@ -2,7 +2,7 @@
 
 A compressed model is the ordinary `Decoder` bound to a params dict in which some weights are
 `FakeQuantWeight`s or `QuantizedWeight`s (`jaxllm.compression.qtensor`); every matmul and the
-embedding lookup go through `jaxllm.compression.linear`, which understands both. So
+embedding lookup go through `jaxllm.ops.linear`, whose weight protocol both implement. So
 `ModelDef.bind(compress_params(params, specs, ...))` is the compressed model, for training steps,
 evaluation (`jaxllm.losses.lm_loss_sums`) and generation (`jaxllm.generate.generate`) alike.
 

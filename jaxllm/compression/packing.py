@@ -23,19 +23,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Integer
 
-from jaxllm.compression.quantizers import check_bits
+# The layout (bit widths, field widths, rows per byte) is the kernel's; this module writes and reads it.
+from pallas_kernels.packing import field_width, packed_rows
 
-
-def field_width(bits: int) -> int:
-    """Storage bits per code: 2 for 1-2 bit codes, 4 for 3-4 bits, else 8."""
-    bits = check_bits(bits)
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
-def packed_rows(rows: int, bits: int) -> int:
-    """Byte rows that hold `rows` code rows."""
-    per = 8 // field_width(bits)
-    return -(-rows // per)
+__all__ = ["field_width", "gather_rows", "pack_codes", "packed_rows", "split_fields", "unpack_codes"]
 
 
 def _shifts(width: int) -> jnp.ndarray:

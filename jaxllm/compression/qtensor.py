@@ -1,4 +1,4 @@
-"""Compressed weights as pytrees that `jaxllm.compression.linear` understands.
+"""Compressed weights as pytrees that implement `jaxllm.ops.linear.Weight` (the models' matmul protocol).
 
 A decoder weight can be a plain array (no compression), a `FakeQuantWeight` (f32 master weight,
 quantized in the forward pass with a straight-through gradient: quantization-aware training, LKD and
@@ -23,15 +23,17 @@ trained or distilled with `FakeQuantWeight`s behaves the same after conversion t
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from jaxllm.compression import packing
+from jaxllm.compression.linear import pallas_selected, quantize_input
 from jaxllm.compression.quantizers import (
     ActRange,
     GroupCodes,
@@ -42,6 +44,7 @@ from jaxllm.compression.quantizers import (
     quantize_groups,
 )
 from jaxllm.errors import UserError
+from jaxllm.ops.linear import embedding_lookup, linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +132,42 @@ def expand_blocks(grid: Float[Array, "rs cs"], rows: int, cols: int) -> Float[Ar
     return jnp.repeat(jnp.repeat(grid, rows // grid.shape[0], axis=0), cols // grid.shape[1], axis=1)
 
 
+class _CompressedWeight(abc.ABC):
+    """What both compressed weights share: `[...]` returns the weight itself, and `jaxllm.ops.linear.Weight`
+    with the spec's activation quantization in front of a product with the dequantized weight."""
+
+    spec: QuantSpec
+    act_range: ActRange | None
+
+    def __getitem__(self, index: Any) -> Any:  # `variable[...]` in modules returns the weight itself
+        if index is not Ellipsis:
+            raise TypeError(f"compressed weight '{self.spec.name}' supports only [...] indexing")
+        return self
+
+    @abc.abstractmethod
+    def dequantize(self) -> jax.Array:
+        """The f32 weight in its own shape, as the model would hold it uncompressed."""
+
+    def matmul(self, x: Float[Array, "... k"], compute_dtype: Any, contract: int,
+               transpose_w: bool) -> Float[Array, "... n"]:
+        """`linear(x, self, ...)`: the input quantized as the spec says, then multiplied (see `_product`)."""
+        if not transpose_w and self.spec.contract != contract:
+            raise ValueError(f"module '{self.spec.name}' was quantized for contract={self.spec.contract}, called "
+                             f"with contract={contract}")
+        return self._product(quantize_input(x, self.spec, self.act_range), x, compute_dtype, contract, transpose_w)
+
+    def _product(self, x: jax.Array, raw_x: jax.Array, compute_dtype: Any, contract: int,
+                 transpose_w: bool) -> jax.Array:
+        """`x` (quantized input; `raw_x` before quantization) times the dequantized weight."""
+        return linear(x, self.dequantize(), compute_dtype, contract, transpose_w)
+
+    def lookup(self, tokens: Int[Array, "*dims"]) -> Float[Array, "... d"]:
+        """Rows of the dequantized table."""
+        return embedding_lookup(self.dequantize(), tokens)
+
+
 @jax.tree_util.register_pytree_node_class
-class FakeQuantWeight:
+class FakeQuantWeight(_CompressedWeight):
     """An f32 weight that `linear` fake-quantizes in the forward pass (STE gradients reach `w`)."""
 
     def __init__(self, w: jax.Array, spec: QuantSpec, act_range: ActRange | None = None):
@@ -142,11 +179,6 @@ class FakeQuantWeight:
     @classmethod
     def tree_unflatten(cls, spec, children):
         return cls(children[0], spec, children[1])
-
-    def __getitem__(self, index: Any) -> FakeQuantWeight:  # `variable[...]` in modules returns the weight itself
-        if index is not Ellipsis:
-            raise TypeError(f"compressed weight '{self.spec.name}' supports only [...] indexing")
-        return self
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -160,7 +192,7 @@ class FakeQuantWeight:
 
 
 @jax.tree_util.register_pytree_node_class
-class QuantizedWeight:
+class QuantizedWeight(_CompressedWeight):
     """Integer codes of a weight in its `[K, N]` view, packed along K, with block scales and zero points.
 
     codes: `[packing.packed_rows(K, bits), N]` int8 (symmetric/ternary/binary at 8 bits), uint8 otherwise.
@@ -177,11 +209,6 @@ class QuantizedWeight:
     @classmethod
     def tree_unflatten(cls, aux, children):
         return cls(*children, *aux)
-
-    def __getitem__(self, index: Any) -> QuantizedWeight:
-        if index is not Ellipsis:
-            raise TypeError(f"compressed weight '{self.spec.name}' supports only [...] indexing")
-        return self
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -204,6 +231,41 @@ class QuantizedWeight:
         if self.zero is not None:
             w = w + expand_blocks(self.zero, k, n)
         return w.reshape(self._shape)
+
+    def _product(self, x: jax.Array, raw_x: jax.Array, compute_dtype: Any, contract: int,
+                 transpose_w: bool) -> jax.Array:
+        """The Pallas kernel on the integer codes where the spec's implementation selects it, else XLA."""
+        if transpose_w or not pallas_selected(self.spec.implementation):
+            return super()._product(x, raw_x, compute_dtype, contract, transpose_w)
+        k = math.prod(self._shape[:contract])
+        out = self._kernel_matmul(x.reshape(-1, k).astype(compute_dtype), raw_x.reshape(-1, k))
+        return out.reshape(*x.shape[:-1], *self._shape[contract:])
+
+    def _kernel_matmul(self, x2: jax.Array, raw_x: jax.Array) -> jax.Array:
+        from pallas_kernels import quantized_matmul as kernels
+
+        spec = self.spec
+        k, n = matrix_shape(spec, self._shape)
+        interpret = jax.default_backend() == "cpu"
+        scale = kernels.column_scales(self.scale, n)
+        zero = None if self.zero is None else kernels.column_scales(self.zero, n)
+        w8a8 = (spec.weight_bits == 8 and spec.weight_kind == "symmetric" and scale.shape[0] == 1
+                and spec.act_bits == 8 and spec.act_symmetric and not spec.act_static)
+        if w8a8:  # int8 x int8 with per-token activation scales; the input's quantization is straight-through
+            return kernels.int8_matmul(raw_x, self.codes, scale, interpret=interpret)
+        return kernels.quantized_matmul(x2, self.codes, scale, zero, bits=spec.weight_bits, signed=self.signed, k=k,
+                                        interpret=interpret)
+
+    def lookup(self, tokens: Int[Array, "*dims"]) -> Float[Array, "... d"]:
+        """Rows of the table. Per-row scales (DeepSpeed's embedding groups) gather the code and scale rows
+        and dequantize only those; any other grouping dequantizes the whole table first."""
+        if self.scale.shape != (self._shape[0], 1):
+            return super().lookup(tokens)
+        codes = packing.gather_rows(self.codes, self.spec.weight_bits, tokens, self.signed)
+        rows = codes.astype(jnp.float32) * jnp.take(self.scale, tokens, axis=0)
+        if self.zero is not None:
+            rows = rows + jnp.take(self.zero, tokens, axis=0)
+        return rows
 
     def nbytes(self) -> int:
         leaves = [self.codes, self.scale, self.zero] + ([] if self.act_range is None else list(self.act_range))

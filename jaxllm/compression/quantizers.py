@@ -44,16 +44,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxllm.errors import UserError
+from pallas_kernels.packing import check_bits  # the bit widths the code storage has
 
 KINDS = ("symmetric", "asymmetric", "ternary", "binary")
-
-
-def check_bits(bits: object, where: str = "bits") -> int:
-    """Returns `bits` as an int, or raises UserError unless it is an integer in 1..8."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise UserError(f"{where}: got {bits!r}; expected an integer from 1 to 8 (1 binary, 2 ternary, "
-                        "3-8 symmetric or asymmetric)")
-    return bits
 
 
 def check_groups(size: int, groups: object, where: str = "groups") -> int:

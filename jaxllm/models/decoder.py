@@ -10,9 +10,10 @@ Family switches (from `ModelConfig.family`):
 
 Parameters are f32 master weights tagged with logical axis names (`jaxllm.mesh.LOGICAL_RULES` maps
 them to the mesh); matmuls run in `compute_dtype` with f32 accumulation; softmax and logits are f32.
-Every projection and the token-embedding lookup go through `jaxllm.compression.linear`, which is
-`jaxllm.ops.matmul.matmul` (and a plain gather) for ordinary arrays and also accepts the compressed
-weights of `jaxllm.compression` (fake-quantized or integer codes) bound in place of a parameter.
+Every projection and the token-embedding lookup go through `jaxllm.ops.linear`, which is
+`jaxllm.ops.matmul.matmul` (and a plain gather) for ordinary arrays and defers to any weight object
+bound in place of a parameter (`jaxllm.ops.linear.Weight`), such as the compressed weights of
+`jaxllm.compression` (fake-quantized or integer codes); the model itself knows nothing of them.
 
 Two entry points share the weights: `Decoder.__call__` runs whole (packed) sequences for training, and
 `Decoder.decode` runs a few new tokens per row against a `KVCache` of the keys and values computed so
@@ -30,12 +31,12 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxllm import mesh as mesh_lib
-from jaxllm.compression.linear import embedding_lookup, linear
 from jaxllm.config import ModelConfig
 from jaxllm.ltd import LTDPlan, dropped_layer
 from jaxllm.mesh import constrain
 from jaxllm.ops.attention import alibi_slopes, causal_attention
 from jaxllm.ops.barrier import gradient_barrier
+from jaxllm.ops.linear import embedding_lookup, linear
 from jaxllm.ops.token_dropped_attention import token_dropped_attention
 
 

@@ -10,7 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 
 def alibi_slopes(num_heads: int) -> jax.Array:
@@ -32,13 +32,54 @@ def alibi_slopes(num_heads: int) -> jax.Array:
     return jnp.asarray(slopes, jnp.float32)
 
 
-def attention_mask(segment_ids: Int[Array, "b l"]) -> jax.Array:
-    """[b, 1, l, l] boolean: key j is visible to query i when j <= i in the same (non-padding) document."""
+def attention_mask(segment_ids: Int[Array, "b l"], token_index: Int[Array, "b l"] | None = None) -> jax.Array:
+    """[b, 1, l, l] boolean: key j is visible to query i when j <= i in the same (non-padding) document.
+
+    `token_index` orders the tokens instead of their slots (random-LTD's kept tokens keep their
+    original sequence indices): then j is visible when `token_index[j] <= token_index[i]`.
+    """
     length = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    if token_index is None:
+        causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+    else:
+        causal = token_index[:, None, :] <= token_index[:, :, None]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     real = (segment_ids != 0)[:, None, :]
-    return (causal[None] & same & real)[:, None]
+    return (causal & same & real)[:, None]
+
+
+def masked_attention(
+    q: Float[Array, "b l h d"],
+    k: Float[Array, "b l kv d"],
+    v: Float[Array, "b l kv d"],
+    mask: Bool[Array, "b 1 l l"],
+    positions: Int[Array, "b l"] | None = None,
+    alibi: Float[Array, " h"] | None = None,
+    compute_dtype=jnp.float32,
+) -> Float[Array, "b l h d"]:
+    """softmax(q k^T / sqrt(d) + alibi * (pos_k - pos_q), where `mask`) v, with the softmax in f32.
+
+    The body every attention reference shares; only the mask differs (causal over packed rows here,
+    over the kept tokens' original indices in random-LTD). Heads are grouped: query head h reads
+    key/value head h // (h_q / h_kv). `positions` is needed only with `alibi`. Rows that see no key
+    (padding) get a uniform average, which the loss mask then ignores.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    qg = q.reshape(batch, length, kv_heads, groups, head_dim).astype(compute_dtype)
+    scores = jnp.einsum(
+        "bqkgd,bskd->bkgqs", qg, k.astype(compute_dtype), preferred_element_type=jnp.float32
+    ) / jnp.sqrt(jnp.float32(head_dim))
+    scores = scores.reshape(batch, heads, length, length)
+    if alibi is not None:
+        distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)  # pos_k - pos_q
+        scores = scores + alibi[None, :, None, None] * distance[:, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
+    probs = probs.reshape(batch, kv_heads, groups, length, length)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(compute_dtype), preferred_element_type=jnp.float32)
+    return out.reshape(batch, length, heads, head_dim)
 
 
 def causal_attention_reference(
@@ -53,26 +94,12 @@ def causal_attention_reference(
     """softmax(q k^T / sqrt(d) + alibi * (pos_k - pos_q), masked) v, with the softmax in f32.
 
     Heads are grouped: query head h reads key/value head h // (h_q / h_kv). Rows that see no key
-    (padding) get a uniform average, which the loss mask then ignores.
+    (padding) get a uniform average, which the loss mask then ignores. `positions` default to
+    0..l-1 in every row.
     """
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    groups = heads // kv_heads
-    qg = q.reshape(batch, length, kv_heads, groups, head_dim).astype(compute_dtype)
-    scores = jnp.einsum(
-        "bqkgd,bskd->bkgqs", qg, k.astype(compute_dtype), preferred_element_type=jnp.float32
-    ) / jnp.sqrt(jnp.float32(head_dim))
-    scores = scores.reshape(batch, heads, length, length)
-    if alibi is not None:
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)  # pos_k - pos_q
-        scores = scores + alibi[None, :, None, None] * distance[:, None]
-    scores = jnp.where(attention_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
-    probs = probs.reshape(batch, kv_heads, groups, length, length)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(compute_dtype), preferred_element_type=jnp.float32)
-    return out.reshape(batch, length, heads, head_dim)
+    if alibi is not None and positions is None:
+        positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+    return masked_attention(q, k, v, attention_mask(segment_ids), positions, alibi, compute_dtype)
 
 
 def causal_attention(q, k, v, segment_ids, positions=None, alibi=None, compute_dtype=jnp.float32,

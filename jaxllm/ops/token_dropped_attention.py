@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxllm.errors import UserError
+from jaxllm.ops.attention import attention_mask, masked_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
@@ -35,28 +36,11 @@ def token_dropped_attention_reference(
 ) -> Float[Array, "b r h d"]:
     """softmax(q k^T / sqrt(d) + alibi * (pos_k - pos_q), masked) v with the softmax in f32.
 
-    Heads are grouped as in `causal_attention_reference`. A query that sees no key (padding) gets a
-    uniform average over the kept keys, which the loss mask ignores.
+    Heads are grouped as in `causal_attention_reference`, which differs only in the mask. A query that
+    sees no key (padding) gets a uniform average over the kept keys, which the loss mask ignores.
     """
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    groups = heads // kv_heads
-    qg = q.reshape(batch, length, kv_heads, groups, head_dim).astype(compute_dtype)
-    scores = jnp.einsum(
-        "bqkgd,bskd->bkgqs", qg, k.astype(compute_dtype), preferred_element_type=jnp.float32
-    ) / jnp.sqrt(jnp.float32(head_dim))
-    scores = scores.reshape(batch, heads, length, length)
-    if alibi is not None:
-        distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)  # pos_k - pos_q
-        scores = scores + alibi[None, :, None, None] * distance[:, None]
-    causal = token_index[:, None, :] <= token_index[:, :, None]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    real = (segment_ids != 0)[:, None, :]
-    scores = jnp.where((causal & same & real)[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
-    probs = probs.reshape(batch, kv_heads, groups, length, length)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(compute_dtype), preferred_element_type=jnp.float32)
-    return out.reshape(batch, length, heads, head_dim)
+    mask = attention_mask(segment_ids, token_index)
+    return masked_attention(q, k, v, mask, positions, alibi, compute_dtype)
 
 
 def pallas_selected(implementation: str, platform: str | None = None) -> bool:
