@@ -157,21 +157,14 @@ def generate_tokens(
                        temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id)
 
 
-def decode_loop(
-    model: Any,
-    width: int,
-    start: Int[Array, " batch"],
-    prefill: Callable[[Any, KVCache], tuple[Float[Array, "batch 1 vocab"], KVCache]],
-    step: Callable[[Any, Int[Array, "batch 1"], KVCache], tuple[Float[Array, "batch 1 vocab"], KVCache]],
-    key: PRNGKeyArray,
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    stop_tokens: Sequence[int] = (),
-    pad_id: int = 0,
-) -> Generation:
+Prefill = Callable[[Any, KVCache], tuple[Float[Array, "batch 1 vocab"], KVCache]]
+Step = Callable[[Any, Int[Array, "batch 1"], KVCache], tuple[Float[Array, "batch 1 vocab"], KVCache]]
+
+
+# The settings are required here: their defaults belong to the public functions that call this one.
+def decode_loop(model: Any, width: int, start: Int[Array, " batch"], prefill: Prefill, step: Step, key: PRNGKeyArray,
+                *, max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_tokens: Sequence[int],
+                pad_id: int) -> Generation:
     """Cached generation for any model that decodes with a `KVCache` (`Decoder`, `VisualChat`).
 
     Checks the settings, builds a cache of `width + max_new_tokens` slots in which row b starts at
