@@ -20,13 +20,13 @@ is counted in a `DataReport`, which the commands print.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxllm.data.jsonl import jsonl_lines
 from jaxllm.data.tokenizer import TextTokenizer
 from jaxllm.errors import UserError
 from jaxllm.rlhf.config import parse_data_split
@@ -80,19 +80,7 @@ def jsonl_rows(path: Path, key: str) -> Iterator[tuple[str, Any]]:
     first error a command reports."""
     if not path.is_file():
         raise UserError(f"config key '{key}': file '{path}' does not exist")
-
-    def rows() -> Iterator[tuple[str, Any]]:
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-
-    return rows()
+    return jsonl_lines(path)
 
 
 def split_indices(size: int, data_split: str, seed: int) -> list[np.ndarray]:
