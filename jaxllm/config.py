@@ -544,10 +544,7 @@ class Config:
     compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
 
     def validate(self) -> Config:
-        for field in dataclasses.fields(self):
-            section = getattr(self, field.name)
-            if hasattr(section, "validate"):
-                section.validate()
+        validate_sections(self)
         _require(self.data.seq_len <= self.model.max_len, "data.seq_len", self.data.seq_len,
                  f"at most model.max_len={self.model.max_len}")
         self.optimizer.warn_unreached_phases(self.train.steps)
@@ -562,6 +559,15 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def validate_sections(config: Any) -> None:
+    """Runs the `validate` of every section of a command's root config (`Config`, `RLHFConfig`, ...);
+    the root's own cross-section checks follow it."""
+    for field in dataclasses.fields(config):
+        section = getattr(config, field.name)
+        if hasattr(section, "validate"):
+            section.validate()
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -720,7 +726,13 @@ def from_dict(values: dict[str, Any]) -> Config:
     return build_config(Config, values).validate()
 
 
+def read_values(path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
+    """The nested values of a YAML config (none without a path: the defaults) with `key=value` overrides
+    merged over them; every command's `load` builds and validates its root config from these."""
+    values = read_yaml(path) if path is not None else {}
+    return _merge(values, parse_overrides(overrides or []))
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Reads a YAML config (or the defaults), applies `key=value` overrides and validates the result."""
-    values = read_yaml(path) if path is not None else {}
-    return from_dict(_merge(values, parse_overrides(overrides or [])))
+    return from_dict(read_values(path, overrides))

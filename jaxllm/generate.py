@@ -149,52 +149,45 @@ def generate_tokens(
     block, and each later step one `decode` call on a single token per row, inside a `lax.while_loop`
     that ends early once every row has stopped.
     """
+    tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    width = tokens.shape[1]
+    return decode_loop(model, width, width - jnp.asarray(prompt_lengths, jnp.int32),
+                       lambda model, cache: model.decode(tokens, cache, last_only=True),
+                       lambda model, last, cache: model.decode(last, cache), key, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id)
+
+
+Prefill = Callable[[Any, KVCache], tuple[Float[Array, "batch 1 vocab"], KVCache]]
+Step = Callable[[Any, Int[Array, "batch 1"], KVCache], tuple[Float[Array, "batch 1 vocab"], KVCache]]
+
+
+# The settings are required here: their defaults belong to the public functions that call this one.
+def decode_loop(model: Any, width: int, start: Int[Array, " batch"], prefill: Prefill, step: Step, key: PRNGKeyArray,
+                *, max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_tokens: Sequence[int],
+                pad_id: int) -> Generation:
+    """Cached generation for any model that decodes with a `KVCache` (`Decoder`, `VisualChat`).
+
+    Checks the settings, builds a cache of `width + max_new_tokens` slots in which row b starts at
+    `start[b]`, fills it with `prefill(model, cache)` (the prompt block) and then feeds one new token
+    per row per step with `step(model, tokens [batch, 1], cache)`; both return the logits at their
+    last position `[batch, 1, vocab]` and the cache. Step i samples with `fold_in(key, i)`; a row
+    stops after a stop token (kept in the output) and then emits `pad_id` with log-prob 0; the loop
+    ends early once every row has stopped. Log-probs are those of the raw (unfiltered) distribution.
+    """
     cfg = model.cfg
-    batch, width = prompt_tokens.shape
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens: got {max_new_tokens}; expected a positive integer")
     if width + max_new_tokens > cfg.max_len:
         raise UserError(f"prompt width {width} + max_new_tokens {max_new_tokens} = {width + max_new_tokens} "
                         f"tokens exceed the model's max_len={cfg.max_len}")
     check_sampling(temperature, top_k, top_p)
-    graphdef, params = nnx.split(model)
-    start = width - jnp.asarray(prompt_lengths, jnp.int32)
-    cache = KVCache.init(cfg, batch, width + max_new_tokens, start)
-    logits, cache = model.decode(jnp.asarray(prompt_tokens, jnp.int32), cache, last_only=True)
-
-    def next_logits(last, cache):
-        logits, cache = nnx.merge(graphdef, params).decode(last[:, None], cache)
-        return logits[:, 0], cache
-
-    return decode_loop(logits[:, 0], cache, next_logits, key, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id)
-
-
-def decode_loop(
-    first_logits: Float[Array, "batch vocab"],
-    cache: Any,
-    next_logits: Callable[[Int[Array, " batch"], Any], tuple[Float[Array, "batch vocab"], Any]],
-    key: PRNGKeyArray,
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    stop_tokens: Sequence[int] = (),
-    pad_id: int = 0,
-) -> Generation:
-    """The sampling loop after a prefill, shared by every model that decodes with a cache.
-
-    `first_logits` are the prefill's logits at each row's last prompt position; `next_logits(tokens,
-    cache)` runs the model on one new token per row. Step i samples with `fold_in(key, i)`; a row
-    stops after a stop token (kept in the output) and then emits `pad_id` with log-prob 0; the loop
-    ends early once every row has stopped. Log-probs are those of the raw (unfiltered) distribution.
-    """
-    batch = first_logits.shape[0]
+    batch = start.shape[0]
+    graphdef, params = nnx.split(model)  # the loop body merges them: a module cannot be carried by while_loop
+    first_logits, cache = prefill(model, KVCache.init(cfg, batch, width + max_new_tokens, start))
     stops = jnp.asarray(list(stop_tokens), jnp.int32)
 
     def pick(logits, step):
-        logits = logits.astype(jnp.float32)
+        logits = logits[:, 0].astype(jnp.float32)
         token = sample_logits(jax.random.fold_in(key, step), logits, temperature, top_k, top_p)
         logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
         return token, logprob
@@ -212,18 +205,25 @@ def decode_loop(
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def advance(state):
-        step, last, done, lengths, tokens, logprobs, cache = state
-        logits, cache = next_logits(last, cache)
-        token, logprob = pick(logits, step)
+        i, last, done, lengths, tokens, logprobs, cache = state
+        logits, cache = step(nnx.merge(graphdef, params), last[:, None], cache)
+        token, logprob = pick(logits, i)
         token = jnp.where(done, pad_id, token)
         logprob = jnp.where(done, 0.0, logprob)
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
-        logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, step))
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, i))
         lengths = lengths + (~done).astype(jnp.int32)
-        return step + 1, token, done | stopped(token), lengths, tokens, logprobs, cache
+        return i + 1, token, done | stopped(token), lengths, tokens, logprobs, cache
 
     _, _, _, lengths, tokens, logprobs, _ = jax.lax.while_loop(running, advance, state)
     return Generation(tokens, lengths, logprobs)
+
+
+def sampling_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_tokens: Sequence[int],
+                      pad_id: int) -> dict[str, Any]:
+    """The generation settings as hashable Python values, for static `jit` arguments (one compilation each)."""
+    return dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
+                top_p=float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
 
 
 class _Graph:
@@ -259,8 +259,7 @@ def generate_jit(
     across calls); the parameters keep whatever sharding they have.
     """
     return _generate_jit(_Graph(graphdef), params, prompt_tokens, prompt_lengths, key,
-                         max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-                         top_p=float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
+                         **sampling_settings(max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None,

@@ -10,10 +10,10 @@ are read at a glance. `plot_runs` is the library entry point that benchmarks cal
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from jaxllm.data.jsonl import jsonl_lines
 from jaxllm.errors import UserError
 
 PANELS = (("loss", "training loss"), ("eval_loss", "eval loss"), ("lr", "learning rate"),
@@ -26,19 +26,12 @@ def read_metrics(workdir: str | Path) -> dict[str, list[tuple[int, float]]]:
     if not path.is_file():
         raise UserError(f"{path}: no metrics file; is '{workdir}' a jaxllm.train workdir that has logged a step?")
     series: dict[str, list[tuple[int, float]]] = {}
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not a JSON object ({err.msg})") from None
-            if not isinstance(row, dict) or "step" not in row:
-                raise UserError(f"{path}:{number}: a metrics row needs a 'step' field")
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    for where, row in jsonl_lines(path):
+        if not isinstance(row, dict) or "step" not in row:
+            raise UserError(f"{where}: a metrics row needs a 'step' field")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                series.setdefault(key, []).append((int(row["step"]), float(value)))
     if not series:
         raise UserError(f"{path}: holds no metrics rows")
     return series

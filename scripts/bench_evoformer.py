@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pallas_kernels/ beside jaxllm/
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_device import timed  # noqa: E402
 
 from jaxllm.ops.evoformer import evoformer_attention, evoformer_attention_reference  # noqa: E402
 
@@ -64,14 +66,8 @@ def measure(fn, operands, weight, repeats: int) -> dict[str, float]:
     compiled = grad.lower(*operands).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    jax.block_until_ready(compiled(*operands))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*operands))
-        times.append(time.perf_counter() - start)
     return {"temp_bytes": int(memory.temp_size_in_bytes), "argument_bytes": int(memory.argument_size_in_bytes),
-            "output_bytes": int(memory.output_size_in_bytes), "seconds": statistics.median(times),
+            "output_bytes": int(memory.output_size_in_bytes), "seconds": timed(compiled, *operands, repeats=repeats),
             "compile_seconds": compile_s}
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
+from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -310,7 +310,7 @@ def test_read_block_matches_slices_of_the_full_parameter(made, loaded):
         model, cfg = loaded[family]
         ckpt = hf.HFCheckpoint(path)
         views = ckpt.check(cfg)
-        full = hf._flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        full = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         with ckpt.readers() as read:
             for param, view in views.items():
                 value = np.asarray(full[param])

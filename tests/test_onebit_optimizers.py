@@ -118,14 +118,19 @@ def reference_onebit_adam(params, grads, freeze_step, bias_correction=False):
     return out
 
 
+def assert_params_match(got, want, rtol, atol):
+    """The parameters of each step of `run_sharded` against a transcription's."""
+    for t, ((p, _), ref) in enumerate(zip(got, want, strict=True), start=1):
+        for k in ref:
+            np.testing.assert_allclose(p[k], ref[k], rtol=rtol, atol=atol, err_msg=f"step {t} {k}")
+
+
 def test_onebit_adam_matches_deepspeed_transcription(devices):
     params, grads = problem(8)
     tx = onebit_adam(LR, B1, B2, EPS, WD, freeze_step=3, axis_name="d", weight_decay_mask=decay_mask)
     got = run_sharded(tx, params, grads, devices=devices)
     want = reference_onebit_adam(params, grads, freeze_step=3)
-    for t, ((p, _), ref) in enumerate(zip(got, want, strict=True), start=1):
-        for k in ref:
-            np.testing.assert_allclose(p[k], ref[k], rtol=2e-5, atol=2e-6, err_msg=f"step {t} {k}")
+    assert_params_match(got, want, rtol=2e-5, atol=2e-6)
     # Fixing the phase on the host traces one branch and gives the same numbers.
     fixed = run_sharded(tx, params, grads, phases=[0, 0, 0, 1, 1, 1, 1, 1], devices=devices)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), [h[0] for h in fixed],
@@ -164,9 +169,7 @@ def test_onebit_adam_bias_correction_matches_the_transcription_with_adams_factor
     got = run_sharded(tx, params, grads, devices=devices)
     want = reference_onebit_adam(params, grads, freeze_step=3, bias_correction=True)
     plain = reference_onebit_adam(params, grads, freeze_step=3)
-    for t, ((p, _), ref) in enumerate(zip(got, want, strict=True), start=1):
-        for k in ref:
-            np.testing.assert_allclose(p[k], ref[k], rtol=2e-5, atol=2e-6, err_msg=f"step {t} {k}")
+    assert_params_match(got, want, rtol=2e-5, atol=2e-6)
     assert max(np.abs(want[-1][k] - plain[-1][k]).max() for k in SHAPES) > 1e-2
 
 
@@ -399,9 +402,7 @@ def test_onebit_lamb_matches_deepspeed_transcription(devices):
     tx = onebit_lamb(LR, B1, B2, EPS, WD, freeze_step=4, axis_name="d", weight_decay_mask=decay_mask)
     got = run_sharded(tx, params, grads, devices=devices)
     want = reference_onebit_lamb(params, grads, freeze_step=4)
-    for t, ((p, _), ref) in enumerate(zip(got, want, strict=True), start=1):
-        for k in ref:
-            np.testing.assert_allclose(p[k], ref[k], rtol=5e-5, atol=5e-6, err_msg=f"step {t} {k}")
+    assert_params_match(got, want, rtol=5e-5, atol=5e-6)
     state = got[-1][1]
     assert state.local.worker_error.shape == (W, padded_size(22, W))  # one buffer for all momenta
 

@@ -217,6 +217,20 @@ def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
     return value
 
 
+def _quantization(section: dict[str, Any], name: str, shared_keys: Iterable[str]) -> tuple[dict, dict, str | None]:
+    """`compression_training.<name>` (weight or activation quantization), its checked `shared_parameters`
+    and, when those are enabled, their quantization_type."""
+    part = _mapping(section.get(name, {}), name)
+    _known(part, {"shared_parameters", "different_groups"}, name)
+    shared = _mapping(part.get("shared_parameters", {}), f"{name}.shared_parameters")
+    _known(shared, shared_keys, f"{name}.shared_parameters")
+    if not shared.get("enabled", False):
+        return part, shared, None
+    kind = _choice(shared.get("quantization_type", "symmetric"), ("symmetric", "asymmetric"),
+                   f"{name}.shared_parameters.quantization_type")
+    return part, shared, kind
+
+
 def _groups(section: dict[str, Any], where: str, params_keys: set[str], required: set[str]):
     groups = _mapping(section.get("different_groups", {}), f"{where}.different_groups")
     for name, group in groups.items():
@@ -256,14 +270,9 @@ def from_deepspeed(cfg: dict[str, Any]) -> Recipe:
             raise UserError(f"DeepSpeed config 'compression_training.{name}': pruning is not supported by jaxllm; "
                             "disable it or remove the section")
     rules: list[Rule] = []
-    wq = _mapping(section.get("weight_quantization", {}), "weight_quantization")
-    _known(wq, {"shared_parameters", "different_groups"}, "weight_quantization")
-    shared = _mapping(wq.get("shared_parameters", {}), "weight_quantization.shared_parameters")
-    _known(shared, _WQ_SHARED, "weight_quantization.shared_parameters")
+    wq, shared, kind = _quantization(section, "weight_quantization", _WQ_SHARED)
     if shared.get("enabled", False):
         where = "weight_quantization.shared_parameters"
-        kind = _choice(shared.get("quantization_type", "symmetric"), ("symmetric", "asymmetric"),
-                       where + ".quantization_type")
         _choice(shared.get("rounding", "nearest"), ("nearest",), where + ".rounding")
         groups = shared.get("quantize_groups", 1)
         mixed = shared.get("fp16_mixed_quantize") or {}
@@ -281,14 +290,9 @@ def from_deepspeed(cfg: dict[str, Any]) -> Recipe:
                               f"target_bits={params['target_bits']}", UserWarning, stacklevel=2)
             rules.append(Rule(tuple(modules), weight_bits=params["target_bits"], weight_groups=groups,
                               weight_symmetric=kind == "symmetric", name=f"weight_quantization.{name}"))
-    aq = _mapping(section.get("activation_quantization", {}), "activation_quantization")
-    _known(aq, {"shared_parameters", "different_groups"}, "activation_quantization")
-    shared = _mapping(aq.get("shared_parameters", {}), "activation_quantization.shared_parameters")
-    _known(shared, _AQ_SHARED, "activation_quantization.shared_parameters")
+    aq, shared, kind = _quantization(section, "activation_quantization", _AQ_SHARED)
     if shared.get("enabled", False):
         where = "activation_quantization.shared_parameters"
-        kind = _choice(shared.get("quantization_type", "symmetric"), ("symmetric", "asymmetric"),
-                       where + ".quantization_type")
         calibration = _choice(shared.get("range_calibration", "dynamic"), ("dynamic", "static"),
                               where + ".range_calibration")
         for name, params, modules in _groups(aq, "activation_quantization", {"bits"}, {"bits"}):

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 from jaxtyping import Array, Float
 
@@ -82,9 +82,9 @@ def padded_vocab_size(vocab_size: int, multiple: int | None) -> int:
 
 def _stream(ckpt: HFCheckpoint, views: dict, shapes: dict, shardings: dict) -> dict:
     """Builds every parameter straight into its shards; returns the params pure dict."""
-    params: dict = {}
-    flat_shapes = _flatten(shapes)
-    flat_shardings = _flatten(shardings)
+    params: dict = {}  # flat: path -> array
+    flat_shapes = traverse_util.flatten_dict(shapes)
+    flat_shardings = traverse_util.flatten_dict(shardings)
     with ckpt.readers() as read:
         for path, shape in flat_shapes.items():
             view = views[path]
@@ -97,24 +97,8 @@ def _stream(ckpt: HFCheckpoint, views: dict, shapes: dict, shardings: dict) -> d
                 return cache[key]
 
             array = jax.make_array_from_callback(shape, flat_shardings[path], callback)
-            _set(params, path, array)
-    return params
-
-
-def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
-def _set(tree: dict, path: tuple, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+            params[path] = array
+    return traverse_util.unflatten_dict(params)
 
 
 def _padded(cfg: ModelConfig, vocab: int) -> ModelConfig:
@@ -239,7 +223,7 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, shardings: Any) -> di
 
 def _hf_tensors(params: dict, cfg: ModelConfig, dtype) -> Iterator[tuple[str, Callable[[], np.ndarray], int]]:
     """(name, build, nbytes) for each Hugging Face tensor, assembling fused tensors from their views."""
-    flat = _flatten(params)
+    flat = traverse_util.flatten_dict(params)
     views = layouts.views(cfg)
     missing = [p for p in views if p not in flat]
     extra = [p for p in flat if p not in views]

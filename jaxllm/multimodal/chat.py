@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from jaxllm import mesh as mesh_lib
@@ -37,8 +36,7 @@ from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.data.tokenizer import TextTokenizer, load_tokenizer
 from jaxllm.engine.checkpoint import Checkpointer
 from jaxllm.errors import UserError
-from jaxllm.generate import Generation, check_sampling, decode_loop
-from jaxllm.models.decoder import KVCache
+from jaxllm.generate import Generation, check_sampling, decode_loop, sampling_settings
 from jaxllm.models.definition import ModelDef
 from jaxllm.multimodal import data as data_lib
 from jaxllm.multimodal.config import MultimodalConfig, VisionConfig
@@ -67,33 +65,23 @@ def generate_tokens(
     included in the output, `pad_id` after a row's end, log-probs of the raw distribution) are
     those of `jaxllm.generate.generate_tokens`.
     """
-    cfg = model.cfg
     batch, width = tokens.shape
-    if width + max_new_tokens > cfg.max_len:
-        raise UserError(f"prompt width {width} + max_new_tokens {max_new_tokens} exceed the model's max_len="
-                        f"{cfg.max_len}")
-    check_sampling(temperature, top_k, top_p)
     types = jnp.asarray(token_types, jnp.int32)
-    start = jnp.argmax(types != 0, axis=1).astype(jnp.int32)
     slot_types = jnp.concatenate([types, jnp.full((batch, max_new_tokens), TEXT, jnp.int32)], axis=1)
-    graphdef, params = nnx.split(model)
-    cache = KVCache.init(cfg, batch, width + max_new_tokens, start)
-    logits, cache = model.decode(jnp.asarray(tokens, jnp.int32), types, images, cache, slot_types, last_only=True)
-
-    def next_logits(last, cache):
-        new_types = jnp.full((batch, 1), TEXT, jnp.int32)
-        logits, cache = nnx.merge(graphdef, params).decode(last[:, None], new_types, None, cache, slot_types)
-        return logits[:, 0], cache
-
-    return decode_loop(logits[:, 0], cache, next_logits, key, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id)
+    text = jnp.full((batch, 1), TEXT, jnp.int32)
+    return decode_loop(
+        model, width, jnp.argmax(types != 0, axis=1).astype(jnp.int32),
+        lambda model, cache: model.decode(jnp.asarray(tokens, jnp.int32), types, images, cache, slot_types,
+                                          last_only=True),
+        lambda model, last, cache: model.decode(last, text, None, cache, slot_types), key,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens,
+        pad_id=pad_id)
 
 
 def make_generator(mdef: ModelDef, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                    top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int = 0) -> Callable:
     """A jitted `fn(params, tokens, token_types, images, key) -> Generation` for one model and settings."""
-    settings = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-                    top_p=float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
+    settings = sampling_settings(max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id)
 
     @jax.jit
     def run(params, tokens, token_types, images, key):

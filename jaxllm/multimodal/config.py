@@ -20,11 +20,10 @@ from jaxllm.config import (
     ModelConfig,
     OptimizerConfig,
     TrainConfig,
-    _merge,
     _require,
     build_config,
-    parse_overrides,
-    read_yaml,
+    read_values,
+    validate_sections,
 )
 
 MAX_IMAGES = 8  # DeepSpeed-VisualChat's limit ("### Image 1:" .. "### Image 8:")
@@ -195,10 +194,7 @@ class VisualChatConfig:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
     def validate(self) -> VisualChatConfig:
-        for field in dataclasses.fields(self):
-            section = getattr(self, field.name)
-            if hasattr(section, "validate"):
-                section.validate()
+        validate_sections(self)
         _require(self.optimizer.name == "adamw", "optimizer.name", self.optimizer.name,
                  "'adamw' (VisualChat trains with AdamW; the compressed optimizers need jaxllm.train's step)")
         _require(self.data.max_seq_len <= self.model.max_len, "data.max_seq_len", self.data.max_seq_len,
@@ -228,5 +224,4 @@ def from_dict(values: dict[str, Any]) -> VisualChatConfig:
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> VisualChatConfig:
     """Reads a YAML config (or the defaults), applies `key=value` overrides and validates the result."""
-    values = read_yaml(path) if path is not None else {}
-    return from_dict(_merge(values, parse_overrides(overrides or [])))
+    return from_dict(read_values(path, overrides))

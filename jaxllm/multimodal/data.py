@@ -47,12 +47,12 @@ CLIP's processor does.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from jaxllm.data.jsonl import jsonl_lines
 from jaxllm.data.tokenizer import TextTokenizer
 from jaxllm.errors import UserError
 from jaxllm.multimodal.config import MAX_IMAGES, VisionConfig
@@ -126,16 +126,7 @@ def read_conversations(path: str | Path, image_root: str | Path | None = None, m
     if not path.is_file():
         raise UserError(f"config key '{key}': conversation file '{path}' does not exist")
     root = Path(image_root) if image_root else path.parent
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            out.append(parse_conversation(obj, f"{path}:{number}", root, max_images))
+    out = [parse_conversation(obj, where, root, max_images) for where, obj in jsonl_lines(path)]
     if not out:
         raise UserError(f"config key '{key}': '{path}' holds no conversations")
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +68,28 @@ def exact_mean(tree: Any, axis_name: str | None, dtype: Any = None) -> Any:
     return treedef.unflatten(out)
 
 
+class StepInputs(NamedTuple):
+    world: int  # devices on the data axis (1 outside shard_map)
+    t: jax.Array  # the 1-based step being computed
+    lr: jax.Array  # the learning rate of this step
+    decay: Any  # per-leaf weight decay (`decay_rates`)
+
+
+def step_inputs(count: jax.Array, params: Any, learning_rate: float | optax.Schedule, weight_decay: Any,
+                weight_decay_mask: Any, axis_name: str | None) -> StepInputs:
+    """What every update of these optimizers starts from; they all need the parameters (weight decay)."""
+    if params is None:
+        raise ValueError(NO_PARAMS)
+    return StepInputs(world_size(axis_name), count + 1, learning_rate_at(learning_rate, count),
+                      decay_rates(weight_decay, weight_decay_mask, params))
+
+
+def adam_moments(mu: Any, nu: Any, g: Any, b1: float, b2: float) -> tuple[Any, Any]:
+    """Adam's moment updates, leaf by leaf: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2."""
+    return (jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, mu, g),
+            jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, nu, g))
+
+
 def zero_comm(comm: Any) -> Any:
     return jax.tree.map(jnp.zeros_like, comm)
 
@@ -110,6 +132,12 @@ def switch(phase: int | None, computed: jax.Array, branches: list[Callable[[], A
     return jax.lax.switch(computed, branches)
 
 
+def switch_typed(phase: int | None, computed: jax.Array, branches: list[Callable[[], Any]], reference: Any) -> Any:
+    """`switch` over branches whose outputs are cast to the dtypes of `reference`: `lax.switch` needs
+    every branch to return the same types, and the state must keep its dtypes across phases."""
+    return switch(phase, computed, [lambda branch=branch: cast_like(branch(), reference) for branch in branches])
+
+
 Reducer = Callable[[jax.Array], jax.Array]
 
 
@@ -137,6 +165,8 @@ def leaf_reducers(norm_axes: Any, params: Any) -> tuple[Any, Any]:
 __all__ = [
     "NO_PARAMS",
     "CompressionState",
+    "StepInputs",
+    "adam_moments",
     "apply_momentum_mask",
     "cast_like",
     "decay_rates",
@@ -146,7 +176,9 @@ __all__ = [
     "is_compression_state",
     "leaf_reducers",
     "learning_rate_at",
+    "step_inputs",
     "switch",
+    "switch_typed",
     "tree_select",
     "world_size",
     "zero_comm",

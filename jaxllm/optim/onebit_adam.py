@@ -99,18 +99,12 @@ def onebit_adam(
 
     def update_fn(updates, state, params=None, *, phase: int | None = None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError(common.NO_PARAMS)
-        world = common.world_size(axis_name)
-        t = state.count + 1
-        lr = common.learning_rate_at(learning_rate, state.count)
-        decay = common.decay_rates(weight_decay, weight_decay_mask, params)
+        world, t, lr, decay = common.step_inputs(state.count, params, learning_rate, weight_decay, weight_decay_mask,
+                                                 axis_name)
 
         def exact():
             g = common.exact_mean(updates, axis_name, exact_dtype)
-            mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, g)
-            nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, g)
-            return mu, nu, state.local
+            return *common.adam_moments(state.mu, state.nu, g, b1, b2), state.local
 
         def compressed():
             mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
@@ -120,8 +114,7 @@ def onebit_adam(
             return common.apply_momentum_mask(mu, exp_avg_mask), state.nu, local
 
         computed = jnp.where(t > last_warmup_step(freeze_step), COMPRESSED, EXACT)
-        typed = lambda branch: lambda: common.cast_like(branch(), (state.mu, state.nu, state.local))  # noqa: E731
-        mu, nu, local = common.switch(phase, computed, [typed(exact), typed(compressed)])
+        mu, nu, local = common.switch_typed(phase, computed, [exact, compressed], (state.mu, state.nu, state.local))
         c1, c2 = 1.0, 1.0
         if bias_correction:
             c1 = 1 - b1 ** t.astype(jnp.float32)

@@ -101,19 +101,14 @@ def onebit_lamb(
 
     def update_fn(updates, state, params=None, *, phase: int | None = None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError(common.NO_PARAMS)
-        world = common.world_size(axis_name)
-        t = state.count + 1
-        lr = common.learning_rate_at(learning_rate, state.count)
-        decay = common.decay_rates(weight_decay, weight_decay_mask, params)
+        world, t, lr, decay = common.step_inputs(state.count, params, learning_rate, weight_decay, weight_decay_mask,
+                                                 axis_name)
         sums, maxes = common.leaf_reducers(norm_axes, params)
         norm = lambda x, s: jnp.sqrt(s(jnp.square(x.astype(jnp.float32))))  # noqa: E731
 
         def exact():
             g = common.exact_mean(updates, axis_name, exact_dtype)
-            mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, g)
-            nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, g)
+            mu, nu = common.adam_moments(state.mu, state.nu, g, b1, b2)
             nu_fresh = common.tree_select(t == last_warmup_step(freeze_step), nu, state.nu_fresh)
             u = jax.tree.map(lambda m, v, p, wd: m / (jnp.sqrt(v) + eps) + wd * p, mu, nu, params, decay)
 
@@ -170,10 +165,9 @@ def onebit_lamb(
 
         reference = (params, state.mu, state.nu, state.nu_fresh, state.coeff_freeze, state.last_factor,
                      state.scaling_coeff, state.local)
-        typed = lambda branch: lambda: common.cast_like(branch(), reference)  # noqa: E731
         computed = jnp.where(t > last_warmup_step(freeze_step), COMPRESSED, EXACT)
-        new_updates, mu, nu, nu_fresh, c_freeze, last, sc, local = common.switch(
-            phase, computed, [typed(exact), typed(compressed)])
+        new_updates, mu, nu, nu_fresh, c_freeze, last, sc, local = common.switch_typed(
+            phase, computed, [exact, compressed], reference)
         return new_updates, OneBitLambState(optax.safe_increment(state.count), mu, nu, nu_fresh, c_freeze, last,
                                             sc, local)
 

@@ -155,14 +155,10 @@ def zero_one_adam(
 
     def update_fn(updates, state, params=None, *, phase: int | None = None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError(common.NO_PARAMS)
-        world = common.world_size(axis_name)
-        t = state.count + 1
-        lr = common.learning_rate_at(learning_rate, state.count)
+        world, t, lr, decay = common.step_inputs(state.count, params, learning_rate, weight_decay, weight_decay_mask,
+                                                 axis_name)
         loc = state.local
         p_local = jax.tree.map(jnp.add, params, loc.momentum_accumulator)
-        decay = common.decay_rates(weight_decay, weight_decay_mask, params)
         ema = lambda m, g: b1 * m + (1 - b1) * g  # noqa: E731
 
         def corrections(refreshed):
@@ -189,8 +185,8 @@ def zero_one_adam(
 
         def exact_variance():
             g = common.exact_mean(updates, axis_name, exact_dtype)
-            nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, g)
-            return step_with(jax.tree.map(ema, loc.mu, g), nu, loc.comm, 1)
+            mu, nu = common.adam_moments(loc.mu, state.nu, g, b1, b2)
+            return step_with(mu, nu, loc.comm, 1)
 
         def compressed_gradient():
             g, comm = updates, loc.comm
@@ -223,16 +219,14 @@ def zero_one_adam(
             acc = jax.tree.map(jnp.zeros_like, new_loc.momentum_accumulator)
             return new_updates, nu, jnp.zeros_like(lrs), ZeroOneAdamLocal(mu, acc, comm)
 
-        def typed(branch):  # every branch returns the dtypes of (params, nu, lrs, local state)
-            return lambda: common.cast_like(branch(), (params, state.nu, state.lrs, loc))
-
         last_variance_step = jnp.maximum(var_freeze_step, 1) + 1
         in_variance_phase = t <= last_variance_step
         computed = jnp.where(in_variance_phase,
                              jnp.where(t % state.var_interval == 0, EXACT_VARIANCE, COMPRESSED_GRADIENT),
                              jnp.where(t % state.local_step_interval == 0, SYNC, LOCAL))
-        new_updates, nu, lrs, new_loc = common.switch(
-            phase, computed, [typed(b) for b in (exact_variance, compressed_gradient, local_step, sync)])
+        branches = [exact_variance, compressed_gradient, local_step, sync]
+        types = (params, state.nu, state.lrs, loc)  # every branch returns (updates like params, nu, lrs, local)
+        new_updates, nu, lrs, new_loc = common.switch_typed(phase, computed, branches, types)
         # The error buffers switch from gradients to accumulated updates: reset them once.
         comm = common.tree_select(t == last_variance_step, common.zero_comm(new_loc.comm), new_loc.comm)
         new_loc = new_loc._replace(comm=comm)

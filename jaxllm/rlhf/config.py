@@ -21,11 +21,10 @@ from jaxllm.config import (
     ModelConfig,
     OptimizerConfig,
     TrainConfig,
-    _merge,
     _require,
     build_config,
-    parse_overrides,
-    read_yaml,
+    read_values,
+    validate_sections,
 )
 from jaxllm.errors import UserError
 
@@ -180,10 +179,7 @@ class RLHFConfig:
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
 
     def validate(self) -> RLHFConfig:
-        for field in dataclasses.fields(self):
-            section = getattr(self, field.name)
-            if hasattr(section, "validate"):
-                section.validate()
+        validate_sections(self)
         _require(self.optimizer.name == "adamw", "optimizer.name", self.optimizer.name,
                  "'adamw' (the RLHF steps use AdamW; the compressed optimizers need jaxllm.train's step)")
         return self
@@ -198,5 +194,4 @@ def from_dict(values: dict[str, Any]) -> RLHFConfig:
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RLHFConfig:
     """Reads a YAML config (or the defaults), applies `key=value` overrides and validates the result."""
-    values = read_yaml(path) if path is not None else {}
-    return from_dict(_merge(values, parse_overrides(overrides or [])))
+    return from_dict(read_values(path, overrides))

@@ -20,12 +20,13 @@ is counted in a `DataReport`, which the commands print.
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from jaxllm.data.jsonl import jsonl_lines
 from jaxllm.data.tokenizer import TextTokenizer
 from jaxllm.errors import UserError
 from jaxllm.rlhf.config import parse_data_split
@@ -57,30 +58,29 @@ def read_records(paths: str | Sequence[str | Path], key: str = "data.path") -> l
         raise UserError(f"config key '{key}': no JSONL file given")
     records: list[Record] = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise UserError(f"config key '{key}': file '{path}' does not exist")
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{where}: expected a JSON object with a 'prompt', got {type(row).__name__}")
-                for name in TEXT_KEYS:
-                    if row.get(name) is not None and not isinstance(row[name], str):
-                        raise UserError(f"{where}: '{name}' must be a string, got {type(row[name]).__name__}")
-                if not row.get("prompt"):
-                    what = "is missing" if "prompt" not in row else "is empty"
-                    raise UserError(f"{where}: 'prompt' {what}; every row needs a non-empty prompt")
-                records.append(Record(row["prompt"], row.get("chosen"), row.get("rejected"), row.get("response"),
-                                      where))
+        for where, row in jsonl_rows(path, key):
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object with a 'prompt', got {type(row).__name__}")
+            for name in TEXT_KEYS:
+                if row.get(name) is not None and not isinstance(row[name], str):
+                    raise UserError(f"{where}: '{name}' must be a string, got {type(row[name]).__name__}")
+            if not row.get("prompt"):
+                what = "is missing" if "prompt" not in row else "is empty"
+                raise UserError(f"{where}: 'prompt' {what}; every row needs a non-empty prompt")
+            records.append(Record(row["prompt"], row.get("chosen"), row.get("rejected"), row.get("response"), where))
     if not records:
         raise UserError(f"config key '{key}': {', '.join(map(str, paths))} holds no rows")
     return records
+
+
+def jsonl_rows(path: Path, key: str) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed JSON) of each non-blank line of `path`, the config key `key` names.
+
+    The file's existence is checked at the call, not at the first row, so that a missing file is the
+    first error a command reports."""
+    if not path.is_file():
+        raise UserError(f"config key '{key}': file '{path}' does not exist")
+    return jsonl_lines(path)
 
 
 def split_indices(size: int, data_split: str, seed: int) -> list[np.ndarray]:
@@ -289,29 +289,20 @@ def read_text_rows(path: str | Path, tokenizer: TextTokenizer, width: int) -> SF
     """Language-model rows (PTX data) from a JSONL file of {"text": ...}: each text + EOS, cut to
     `width` tokens, with the loss on every token."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config key 'ppo.unsupervised_data': file '{path}' does not exist")
+    lines = jsonl_rows(path, "ppo.unsupervised_data")
     eos, pad = special_ids(tokenizer)
     report = DataReport("ptx", limit=f"data.max_seq_len={width} tokens")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{where}: expected an object with a non-empty string 'text'")
-            tokens = tokenizer.encode(text) + [eos]
-            report.rows += 1
-            if len(tokens) > width:
-                report.truncated += 1
-                tokens = tokens[:width]
-            rows.append((tokens, 0))
+    for where, row in lines:
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{where}: expected an object with a non-empty string 'text'")
+        tokens = tokenizer.encode(text) + [eos]
+        report.rows += 1
+        if len(tokens) > width:
+            report.truncated += 1
+            tokens = tokens[:width]
+        rows.append((tokens, 0))
     if not rows:
         raise UserError(f"config key 'ppo.unsupervised_data': '{path}' holds no rows")
     report.kept = len(rows)

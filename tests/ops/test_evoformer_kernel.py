@@ -16,30 +16,7 @@ from jaxllm.ops import evoformer_attention
 from jaxllm.ops.evoformer import evoformer_attention_reference
 from pallas_kernels.evoformer_attention import evoformer_attention as pallas_attention
 from tests.conftest import PALLAS_INTERPRET
-
-
-def inputs(seed, shape, bias_shapes, dtype, lk=None):
-    """q, k, v, biases (bias 0 a 0/-1e9 key mask, the rest normal), cotangent."""
-    rng = np.random.default_rng(seed)
-    b, n, lq, h, d = shape
-    kshape = (b, n, lk or lq, h, d)
-    q = jnp.asarray(rng.normal(size=shape), dtype)
-    k, v = (jnp.asarray(rng.normal(size=kshape), dtype) for _ in range(2))
-    biases = [jnp.asarray(1e9 * ((rng.random(bias_shapes[0]) < 0.8) - 1.0), dtype)]
-    biases += [jnp.asarray(rng.normal(size=s), dtype) for s in bias_shapes[1:]]
-    return q, k, v, biases, jnp.asarray(rng.normal(size=shape), dtype)
-
-
-def vjp_all(fn, q, k, v, biases, cot):
-    """[out, dq, dk, dv, dbias...] of `fn` for a given output cotangent, in one jitted call."""
-
-    @jax.jit
-    def run(q, k, v, biases, cot):
-        out, vjp = jax.vjp(fn, q, k, v, biases)
-        dq, dk, dv, dbs = vjp(cot)
-        return [out, dq, dk, dv, *dbs]
-
-    return run(q, k, v, biases, cot)
+from tests.ops.evoformer_inputs import random_inputs, value_and_grads
 
 
 def kernel(q, k, v, biases):
@@ -49,9 +26,10 @@ def kernel(q, k, v, biases):
 def test_f32_values_and_gradients_match_reference():
     # DeepSpeed's bias layout; L = 20 pads to two 16-blocks, D = 5 pads to 16.
     b, n, L, h, d = 1, 2, 20, 2, 5
-    q, k, v, biases, cot = inputs(0, (b, n, L, h, d), [(b, n, 1, 1, L), (b, 1, h, L, L)], jnp.float32)
-    got = vjp_all(kernel, q, k, v, biases, cot)
-    want = vjp_all(evoformer_attention_reference, q, k, v, biases, cot)
+    q, k, v, biases, cot = random_inputs(0, (b, n, L, h, d), [(b, n, 1, 1, L), (b, 1, h, L, L)], jnp.float32,
+                                         mask_index=0)
+    got = value_and_grads(kernel, q, k, v, biases, cot)
+    want = value_and_grads(evoformer_attention_reference, q, k, v, biases, cot)
     for name, g, w in zip(["out", "dq", "dk", "dv", "dmask", "dpair"], got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype, name
         err, scale = float(jnp.abs(g - w).max()), max(float(jnp.abs(w).max()), 1.0)
@@ -62,10 +40,11 @@ def test_bf16_within_deepspeed_tolerances():
     # DeepSpeed: max abs error < 5e-2 for O, dQ, dK, dV and < 1e-1 for bias gradients (bf16); here
     # also <= 1e-2 of the largest value of an f32 reference on the same inputs.
     b, n, L, h, d = 1, 2, 32, 2, 16
-    q, k, v, biases, cot = inputs(1, (b, n, L, h, d), [(b, n, 1, 1, L), (b, 1, h, L, L)], jnp.bfloat16)
-    got = vjp_all(kernel, q, k, v, biases, cot)
+    q, k, v, biases, cot = random_inputs(1, (b, n, L, h, d), [(b, n, 1, 1, L), (b, 1, h, L, L)], jnp.bfloat16,
+                                         mask_index=0)
+    got = value_and_grads(kernel, q, k, v, biases, cot)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    want = vjp_all(evoformer_attention_reference, f32(q), f32(k), f32(v), [f32(x) for x in biases], f32(cot))
+    want = value_and_grads(evoformer_attention_reference, f32(q), f32(k), f32(v), [f32(x) for x in biases], f32(cot))
     for name, g, w, limit in zip(["out", "dq", "dk", "dv", "dmask", "dpair"], got, want, [5e-2] * 4 + [1e-1] * 2,
                                  strict=True):
         assert g.dtype == jnp.bfloat16, name
@@ -77,13 +56,13 @@ def test_broadcasts_cross_lengths_and_fully_masked_rows_via_public_op():
     # Lq = 9, Lk = 18; a full bias and a per-query bias; one sequence and one (head, query) fully
     # masked with -inf, which must output 0 with finite gradients, like the reference.
     b, n, lq, lk, h, d = 2, 2, 9, 18, 2, 4
-    q, k, v, biases, cot = inputs(2, (b, n, lq, h, d), [(b, n, 1, 1, lk), (b, n, h, lq, lk), (1, 1, h, lq, 1)],
-                                  jnp.float32, lk=lk)
+    q, k, v, biases, cot = random_inputs(2, (b, n, lq, h, d), [(b, n, 1, 1, lk), (b, n, h, lq, lk), (1, 1, h, lq, 1)],
+                                         jnp.float32, lk=lk, mask_index=0)
     biases[0] = biases[0].at[1, 0].set(-jnp.inf)
     biases[1] = biases[1].at[0, 1, 1, 3].set(-jnp.inf)
     public = lambda q, k, v, bs: evoformer_attention(q, k, v, bs, implementation="pallas")  # noqa: E731
-    got = vjp_all(public, q, k, v, biases, cot)
-    want = vjp_all(evoformer_attention_reference, q, k, v, biases, cot)
+    got = value_and_grads(public, q, k, v, biases, cot)
+    want = value_and_grads(evoformer_attention_reference, q, k, v, biases, cot)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.shape == w.shape and np.all(np.isfinite(np.asarray(g))), i
         assert float(jnp.abs(g - w).max()) <= 1e-5 * max(float(jnp.abs(w).max()), 1.0), i

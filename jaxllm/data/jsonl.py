@@ -1,0 +1,29 @@
+"""JSON Lines input: the one line reader behind RLHF rows, VisualChat conversations and metrics files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from jaxllm.errors import UserError
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed JSON) of each non-blank line of the UTF-8 file `path`.
+
+    A line that is not JSON is a `UserError` naming the file and line; what a value must hold is the
+    caller's to check (with the `file:line` it is given). Callers check that the file exists, as each
+    names it in its own terms (a config key, a workdir).
+    """
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
+            yield where, value
