@@ -69,22 +69,22 @@ class ModelConfig:
 
     def validate(self) -> None:
         for key in ("layers", "d_model", "heads", "vocab_size", "max_len"):
-            _require(getattr(self, key) > 0, f"model.{key}", getattr(self, key), "a positive integer")
-        _require(self.d_model % self.heads == 0, "model.d_model", self.d_model,
+            require(getattr(self, key) > 0, f"model.{key}", getattr(self, key), "a positive integer")
+        require(self.d_model % self.heads == 0, "model.d_model", self.d_model,
                  f"a multiple of model.heads={self.heads}")
         if self.kv_heads is not None:
-            _require(self.kv_heads > 0 and self.heads % self.kv_heads == 0, "model.kv_heads", self.kv_heads,
+            require(self.kv_heads > 0 and self.heads % self.kv_heads == 0, "model.kv_heads", self.kv_heads,
                      f"a positive divisor of model.heads={self.heads}")
         if self.family == "llama":
-            _require(self.head_dim % 2 == 0, "model.d_model", self.d_model,
+            require(self.head_dim % 2 == 0, "model.d_model", self.d_model,
                      "an even head size (d_model / heads) for rotary embeddings")
         if self.d_ff is not None:
-            _require(self.d_ff > 0, "model.d_ff", self.d_ff, "a positive integer or null")
+            require(self.d_ff > 0, "model.d_ff", self.d_ff, "a positive integer or null")
         if self.family == "llama":
-            _require(self.activation == "gelu_tanh", "model.activation", self.activation,
+            require(self.activation == "gelu_tanh", "model.activation", self.activation,
                      "left unset for the llama family, whose MLP is SwiGLU")
         if self.init_from is not None:
-            _require(bool(self.init_from.strip()), "model.init_from", self.init_from,
+            require(bool(self.init_from.strip()), "model.init_from", self.init_from,
                      "a Hugging Face checkpoint directory or null")
 
 
@@ -101,11 +101,11 @@ class DataConfig:
     synthetic_rows: int = 4096
 
     def validate(self) -> None:
-        _require(self.seq_len > 0, "data.seq_len", self.seq_len, "a positive integer")
-        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "a value in [0, 1)")
-        _require(self.synthetic_rows > 0, "data.synthetic_rows", self.synthetic_rows, "a positive integer")
+        require(self.seq_len > 0, "data.seq_len", self.seq_len, "a positive integer")
+        require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "a value in [0, 1)")
+        require(self.synthetic_rows > 0, "data.synthetic_rows", self.synthetic_rows, "a positive integer")
         if self.source == "tokens":
-            _require(self.path is not None, "data.path", self.path, "a token-shard directory when data.source=tokens")
+            require(self.path is not None, "data.path", self.path, "a token-shard directory when data.source=tokens")
 
 
 DEFAULT_COMPILE_CACHE = "~/.cache/jaxllm/xla"
@@ -129,11 +129,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
-            _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
-        _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _require(self.lr > 0, "train.lr", self.lr, "a positive number")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "a value in [0, 1]")
-        _require(self.batch_size % self.grad_accum == 0, "train.batch_size", self.batch_size,
+            require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
+        require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(self.lr > 0, "train.lr", self.lr, "a positive number")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "a value in [0, 1]")
+        require(self.batch_size % self.grad_accum == 0, "train.batch_size", self.batch_size,
                  f"a multiple of train.grad_accum={self.grad_accum}")
 
 
@@ -190,11 +190,11 @@ class OptimizerConfig:
         return ONEBIT_DEFAULTS[key] if value is None else value
 
     def validate(self) -> None:
-        _require(0.0 <= self.b1 < 1.0, "optimizer.b1", self.b1, "a value in [0, 1)")
-        _require(0.0 <= self.b2 < 1.0, "optimizer.b2", self.b2, "a value in [0, 1)")
-        _require(self.eps > 0, "optimizer.eps", self.eps, "a positive number")
-        _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
-        _require(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "a number >= 0")
+        require(0.0 <= self.b1 < 1.0, "optimizer.b1", self.b1, "a value in [0, 1)")
+        require(0.0 <= self.b2 < 1.0, "optimizer.b2", self.b2, "a value in [0, 1)")
+        require(self.eps > 0, "optimizer.eps", self.eps, "a positive number")
+        require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
+        require(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "a number >= 0")
         allowed = ONEBIT_PARAMS[self.name]
         for key in ONEBIT_DEFAULTS:
             if getattr(self, key) is not None and key not in allowed:
@@ -203,24 +203,24 @@ class OptimizerConfig:
                                 f"not {self.name!r}" + (f" (whose parameters are {', '.join(allowed)})" if allowed
                                                          else ""))
         if self.bias_correction:
-            _require(self.name in ("onebit_adam", "zero_one_adam"), "optimizer.bias_correction", True,
+            require(self.name in ("onebit_adam", "zero_one_adam"), "optimizer.bias_correction", True,
                      f"false unless optimizer.name is onebit_adam or zero_one_adam (it is {self.name!r}; adamw "
                      "always corrects, onebit_lamb never does)")
         if self.exact_allreduce_dtype != "float32":
-            _require(self.name != "adamw", "optimizer.exact_allreduce_dtype", self.exact_allreduce_dtype,
+            require(self.name != "adamw", "optimizer.exact_allreduce_dtype", self.exact_allreduce_dtype,
                      "float32 with optimizer.name=adamw (its gradient all-reduce is GSPMD's; the option is for "
                      "onebit_adam, zero_one_adam and onebit_lamb)")
         for key in ("freeze_step", "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper"):
-            _require(self.param(key) > 0, f"optimizer.{key}", self.param(key), "a positive integer")
+            require(self.param(key) > 0, f"optimizer.{key}", self.param(key), "a positive integer")
         for key in ("max_coeff", "min_coeff", "factor_max", "factor_min"):
-            _require(self.param(key) > 0, f"optimizer.{key}", self.param(key), "a positive number")
-        _require(self.param("min_coeff") <= self.param("max_coeff"), "optimizer.min_coeff", self.param("min_coeff"),
+            require(self.param(key) > 0, f"optimizer.{key}", self.param(key), "a positive number")
+        require(self.param("min_coeff") <= self.param("max_coeff"), "optimizer.min_coeff", self.param("min_coeff"),
                  f"at most optimizer.max_coeff={self.param('max_coeff')}")
-        _require(self.param("factor_min") <= self.param("factor_max"), "optimizer.factor_min",
+        require(self.param("factor_min") <= self.param("factor_max"), "optimizer.factor_min",
                  self.param("factor_min"), f"at most optimizer.factor_max={self.param('factor_max')}")
-        _require(0.0 <= self.param("coeff_beta") < 1.0, "optimizer.coeff_beta", self.param("coeff_beta"),
+        require(0.0 <= self.param("coeff_beta") < 1.0, "optimizer.coeff_beta", self.param("coeff_beta"),
                  "a value in [0, 1)")
-        _require(0.0 <= self.param("factor_threshold") < 1.0, "optimizer.factor_threshold",
+        require(0.0 <= self.param("factor_threshold") < 1.0, "optimizer.factor_threshold",
                  self.param("factor_threshold"), "a value in [0, 1)")
 
     def warn_unreached_phases(self, steps: int) -> None:
@@ -245,8 +245,8 @@ class EvalConfig:
     batches: int = 2
 
     def validate(self) -> None:
-        _require(self.every >= 0, "eval.every", self.every, "an integer >= 0")
-        _require(self.batches > 0, "eval.batches", self.batches, "a positive integer")
+        require(self.every >= 0, "eval.every", self.every, "an integer >= 0")
+        require(self.batches > 0, "eval.batches", self.batches, "a positive integer")
 
 
 @dataclasses.dataclass
@@ -256,8 +256,8 @@ class CheckpointConfig:
     async_save: bool = True
 
     def validate(self) -> None:
-        _require(self.every >= 0, "checkpoint.every", self.every, "an integer >= 0")
-        _require(self.keep > 0, "checkpoint.keep", self.keep, "a positive integer")
+        require(self.every >= 0, "checkpoint.every", self.every, "an integer >= 0")
+        require(self.keep > 0, "checkpoint.keep", self.keep, "a positive integer")
 
 
 @dataclasses.dataclass
@@ -271,8 +271,8 @@ class MeshConfig:
     def validate(self) -> None:
         sizes = {k: getattr(self, k) for k in ("data", "fsdp", "tensor", "sequence")}
         for key, size in sizes.items():
-            _require(size == -1 or size > 0, f"mesh.{key}", size, "a positive integer or -1")
-        _require(sum(size == -1 for size in sizes.values()) <= 1, "mesh", sizes, "at most one axis set to -1")
+            require(size == -1 or size > 0, f"mesh.{key}", size, "a positive integer or -1")
+        require(sum(size == -1 for size in sizes.values()) <= 1, "mesh", sizes, "at most one axis set to -1")
 
 
 @dataclasses.dataclass
@@ -284,8 +284,8 @@ class DistributedConfig:
     auto: bool = False
 
     def validate(self) -> None:
-        _require(self.num_processes > 0, "distributed.num_processes", self.num_processes, "a positive integer")
-        _require(0 <= self.process_id < self.num_processes, "distributed.process_id", self.process_id,
+        require(self.num_processes > 0, "distributed.num_processes", self.num_processes, "a positive integer")
+        require(0 <= self.process_id < self.num_processes, "distributed.process_id", self.process_id,
                  f"an integer in [0, {self.num_processes})")
 
 
@@ -354,24 +354,24 @@ class CurriculumConfig:
             return
         from jaxllm.data.curriculum import SEQLEN_METRICS, check_schedule
 
-        _require(bool(self.curriculum_metrics), "curriculum.curriculum_metrics", self.curriculum_metrics,
+        require(bool(self.curriculum_metrics), "curriculum.curriculum_metrics", self.curriculum_metrics,
                  "at least one metric when curriculum.enabled")
         seqlen = [m for m in self.curriculum_metrics if m in SEQLEN_METRICS]
-        _require(len(seqlen) <= 1, "curriculum.curriculum_metrics", list(self.curriculum_metrics),
+        require(len(seqlen) <= 1, "curriculum.curriculum_metrics", list(self.curriculum_metrics),
                  "at most one of seqlen_truncate, seqlen_reshape")
         for name, metric in self.curriculum_metrics.items():
             where = f"curriculum.curriculum_metrics.{name}"
             for key in ("min_difficulty", "max_difficulty"):
                 if metric.schedule_type != "custom":
-                    _require(getattr(metric, key) is not None, f"{where}.{key}", None, "an integer")
+                    require(getattr(metric, key) is not None, f"{where}.{key}", None, "an integer")
             if name in SEQLEN_METRICS:
-                _require(metric.clustering_type == "single_cluster", f"{where}.clustering_type",
+                require(metric.clustering_type == "single_cluster", f"{where}.clustering_type",
                          metric.clustering_type, "'single_cluster' for a sequence-length metric")
             elif metric.clustering_type == "schedule_based":
-                _require(metric.index_to_sample_path is not None, f"{where}.index_to_sample_path", None,
+                require(metric.index_to_sample_path is not None, f"{where}.index_to_sample_path", None,
                          "the metric's index directory from python -m jaxllm.data.analyze")
             if metric.schedule_type == "custom":
-                _require(":" in (metric.schedule_config.function or ""), f"{where}.schedule_config.function",
+                require(":" in (metric.schedule_config.function or ""), f"{where}.schedule_config.function",
                          metric.schedule_config.function, "'package.module:function' for schedule_type custom")
                 continue
             check_schedule(self.schedule(name), where)
@@ -429,11 +429,11 @@ class RandomLTDConfig:
         from jaxllm.ltd import check_ltd_schedule
 
         if self.total_layer_num is not None:
-            _require(self.total_layer_num == num_layers, "random_ltd.total_layer_num", self.total_layer_num,
+            require(self.total_layer_num == num_layers, "random_ltd.total_layer_num", self.total_layer_num,
                      f"model.layers={num_layers}")
         ids = self.layer_ids(num_layers)
         if self.random_ltd_layer_num is not None:
-            _require(self.random_ltd_layer_num == len(ids), "random_ltd.random_ltd_layer_num",
+            require(self.random_ltd_layer_num == len(ids), "random_ltd.random_ltd_layer_num",
                      self.random_ltd_layer_num, f"the number of layer ids ({len(ids)})")
         check_ltd_schedule(self.schedule(), seq_len)
 
@@ -498,21 +498,21 @@ class CompressionConfig:
     def validate(self) -> None:
         for name, rule in self.rules.items():
             key = f"compression.rules.{name}"
-            _require(bool(rule.modules), f"{key}.modules", rule.modules, "a non-empty list of module regexes")
+            require(bool(rule.modules), f"{key}.modules", rule.modules, "a non-empty list of module regexes")
             for field in ("weight_bits", "act_bits"):
                 bits = getattr(rule, field)
-                _require(bits is None or 1 <= bits <= 8, f"{key}.{field}", bits, "an integer from 1 to 8 or null")
-            _require(rule.weight_groups > 0, f"{key}.weight_groups", rule.weight_groups, "a positive integer")
+                require(bits is None or 1 <= bits <= 8, f"{key}.{field}", bits, "an integer from 1 to 8 or null")
+            require(rule.weight_groups > 0, f"{key}.weight_groups", rule.weight_groups, "a positive integer")
         if self.deepspeed_config is not None:
-            _require(Path(self.deepspeed_config).is_file(), "compression.deepspeed_config", self.deepspeed_config,
+            require(Path(self.deepspeed_config).is_file(), "compression.deepspeed_config", self.deepspeed_config,
                      "an existing DeepSpeed JSON file")
-        _require(self.calibration_batches > 0, "compression.calibration_batches", self.calibration_batches,
+        require(self.calibration_batches > 0, "compression.calibration_batches", self.calibration_batches,
                  "a positive integer")
         for key in ("steps", "batches"):
-            _require(getattr(self.lkd, key) > 0, f"compression.lkd.{key}", getattr(self.lkd, key), "a positive integer")
-        _require(self.lkd.lr > 0, "compression.lkd.lr", self.lkd.lr, "a positive number")
+            require(getattr(self.lkd, key) > 0, f"compression.lkd.{key}", getattr(self.lkd, key), "a positive integer")
+        require(self.lkd.lr > 0, "compression.lkd.lr", self.lkd.lr, "a positive number")
         for key in ("logits", "attention", "hidden", "lm"):
-            _require(getattr(self.kd, key) >= 0, f"compression.kd.{key}", getattr(self.kd, key), "a number >= 0")
+            require(getattr(self.kd, key) >= 0, f"compression.kd.{key}", getattr(self.kd, key), "a number >= 0")
 
 
 def _import_function(target: str, key: str) -> Any:
@@ -523,31 +523,48 @@ def _import_function(target: str, key: str) -> Any:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError) as err:
         raise UserError(f"config key '{key}': cannot import '{target}' ({err})") from None
-    _require(callable(fn), key, target, "a callable")
+    require(callable(fn), key, target, "a callable")
     return fn
 
 
 @dataclasses.dataclass
-class Config:
+class RunConfig:
+    """The sections every training command shares (the engine reads only these); each command's config
+    adds its own data, evaluation and task sections."""
+
     seed: int = 0
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    def validate(self) -> RunConfig:
+        validate_sections(self)
+        self.optimizer.warn_unreached_phases(self.train.steps)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    """`python -m jaxllm.train`'s config: the shared sections and pretraining's data, evaluation,
+    curriculum, random-LTD and compression sections."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
     random_ltd: RandomLTDConfig = dataclasses.field(default_factory=RandomLTDConfig)
     compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
 
     def validate(self) -> Config:
-        validate_sections(self)
-        _require(self.data.seq_len <= self.model.max_len, "data.seq_len", self.data.seq_len,
+        super().validate()
+        require(self.data.seq_len <= self.model.max_len, "data.seq_len", self.data.seq_len,
                  f"at most model.max_len={self.model.max_len}")
-        self.optimizer.warn_unreached_phases(self.train.steps)
         self.random_ltd.check(self.model.layers, self.data.seq_len)
         if self.curriculum.enabled:
             from jaxllm.data.curriculum import SEQLEN_METRICS, check_seqlen_schedule
@@ -556,10 +573,6 @@ class Config:
                 check_seqlen_schedule(self.curriculum.schedule(name), self.data.seq_len,
                                       f"curriculum.curriculum_metrics.{name}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def validate_sections(config: Any) -> None:
     """Runs the `validate` of every section of a command's root config (`Config`, `RLHFConfig`, ...);
@@ -570,7 +583,8 @@ def validate_sections(config: Any) -> None:
             section.validate()
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raises the config error for `key` unless `ok`: what was found and what is allowed."""
     if not ok:
         raise UserError(f"config key '{key}': got {value!r}; expected {allowed}")
 

@@ -11,25 +11,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
 
 from jaxllm.ltd import LTDPlan
 from jaxllm.models.definition import ModelDef
-
-# A pretraining / SFT batch: `[rows, length]` arrays.
-LM_BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
-
-def token_cross_entropy(logits: Float[Array, "*rest v"], targets: Int[Array, " *rest"]) -> Float[Array, " *rest"]:
-    """`-log softmax(logits)[target]` per position, in f32.
-
-    The target's logit is picked with a one-hot product rather than a gather (same value and
-    gradient): XLA's partitioner (jax 0.10) aborts on the gather of vocab-sharded logits inside a
-    `shard_map` that is manual over the data axis only, which the compressed optimizers' step is."""
-    logits = logits.astype(jnp.float32)
-    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    picked = jnp.sum(shifted * jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32), axis=-1)
-    return jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - picked
+from jaxllm.ops.cross_entropy import token_cross_entropy
 
 
 def lm_loss_sums(model_def: ModelDef, params: Any, batch: dict[str, jax.Array], ltd: LTDPlan | None = None

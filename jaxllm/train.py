@@ -21,6 +21,7 @@ import numpy as np
 from jaxllm import config as config_lib
 from jaxllm import memory, runtime
 from jaxllm import mesh as mesh_lib
+from jaxllm.command_line import parse_run_args, run_parser
 from jaxllm.config import Config
 from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
 from jaxllm.data.sources import build_sources, token_directory
@@ -37,16 +38,10 @@ from jaxllm.pretraining import LanguageModelTraining
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file (defaults apply without one)")
-    parser.add_argument("--workdir", default="runs/default", help="metrics, TensorBoard and checkpoints go here")
+    parser = run_parser("python -m jaxllm.train", __doc__.splitlines()[0], "runs/default")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, build the mesh and abstract model, print sizes and memory, then exit")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        parser.error(f"expected section.key=value overrides, got {bad[0]!r}")
+    args = parse_run_args(parser, argv)
     return args, args.overrides
 
 

@@ -38,11 +38,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxllm import compress, train
 from jaxllm import config as config_lib
+from jaxllm import train
 from jaxllm.compression import model as cmodel
+from jaxllm.compression import pipeline, xtc, zeroquant
 from jaxllm.compression import rules as rules_lib
-from jaxllm.compression import xtc, zeroquant
 from jaxllm.compression.qtensor import QuantizedWeight, is_compressed
 from jaxllm.generate import generate
 from jaxllm.models.definition import ModelDef
@@ -119,9 +119,9 @@ def main() -> None:
     bench_start = time.perf_counter()
 
     config, overrides, train_seconds = train_teacher(workdir / "teacher", args.steps)
-    teacher = compress.load_teacher(workdir / "teacher")
+    teacher = pipeline.load_teacher(workdir / "teacher")
     config = dataclasses.replace(config, model=teacher.model_def.bind(teacher.params).cfg)
-    data = compress.Data(config, workdir / "teacher")
+    data = pipeline.Data(config, workdir / "teacher")
     eval_batches = data.eval_batches()
     calibration = data.train_batches(config.compression.calibration_batches)
     prompts = [[int(t) for t in row[:16]] for row in eval_batches[0]["inputs"][: args.gen_batch]]

@@ -49,7 +49,7 @@ if python -c 'import pytest' 2>/dev/null || { [[ -d ${WHEELS:-wheels} ]] &&
   [[ ${#SMOKE[@]} -gt 0 ]] && interpret=1
   part kernel_tests 240 env JAXLLM_PALLAS_INTERPRET=$interpret JAX_DEFAULT_MATMUL_PRECISION=highest \
     python -m pytest -q -p no:cacheprovider tests/ops/test_evoformer_kernel.py \
-    tests/test_token_dropped_attention_kernel.py tests/test_compression_kernel.py
+    tests/ops/test_token_dropped_attention_kernel.py tests/compression/test_kernel.py
 else
   echo "== kernel_tests: skipped, pytest is not installed (put its wheels in \$WHEELS or ./wheels)"
   failed+=("kernel_tests (no pytest)")

@@ -14,7 +14,8 @@ from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.errors import UserError
-from jaxllm.generate import filter_logits, generate, generate_jit, left_pad, main, sample_logits
+from jaxllm.generate import filter_logits, generate, generate_jit, left_pad, sample_logits
+from jaxllm.generate.__main__ import main
 from jaxllm.models.decoder import CACHE_AXES, KVCache
 from jaxllm.models.definition import ModelDef, init_params
 

@@ -34,7 +34,6 @@ from jaxllm.errors import UserError
 if TYPE_CHECKING:  # qtensor imports this module; the spec is only named here
     from jaxllm.compression.qtensor import QuantSpec
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
 _state = threading.local()
 
 
@@ -65,13 +64,3 @@ def quantize_input(x: Float[Array, "... k"], spec: QuantSpec, act_range: ActRang
         act_range = update_range(act_range, jnp.min(observed), jnp.max(observed), momentum)
         ranges[spec.name] = act_range
     return quantize_static(x, jax.tree.map(jax.lax.stop_gradient, act_range), spec.act_bits, spec.act_symmetric)
-
-
-def pallas_selected(implementation: str, platform: str | None = None) -> bool:
-    """Whether `implementation` resolves to the Pallas kernel on `platform` (default: JAX's backend)."""
-    if implementation not in IMPLEMENTATIONS:
-        raise UserError(f"quantized matmul: unknown implementation '{implementation}'; expected "
-                        f"{', '.join(IMPLEMENTATIONS)}")
-    if implementation == "auto":
-        return (platform or jax.default_backend()) in ("gpu", "tpu")
-    return implementation == "pallas"

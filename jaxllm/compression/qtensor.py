@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxllm.compression import packing
-from jaxllm.compression.linear import pallas_selected, quantize_input
+from jaxllm.compression.linear import quantize_input
 from jaxllm.compression.quantizers import (
     ActRange,
     GroupCodes,
@@ -44,30 +44,40 @@ from jaxllm.compression.quantizers import (
     quantize_groups,
 )
 from jaxllm.errors import UserError
+from jaxllm.ops.dispatch import pallas_selected
 from jaxllm.ops.linear import embedding_lookup, linear
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantSpec:
-    """How one module is compressed. Static (hashable): it lives in the pytree's structure.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSettings:
+    """What compression does to a weight and its input activations (a rule's settings, a module's spec).
 
-    name: the module's parameter path (`blocks.0.attn.wq`), used in messages and calibration records.
     weight_bits: 1..8 or None (weight not quantized); weight_groups: DeepSpeed's `quantize_groups`.
     weight_symmetric: symmetric or asymmetric for 3..8 bits.
     act_bits: 1..8 or None (input activations not quantized); act_symmetric; act_static: one EMA range
       (`range_calibration: static`) instead of token-wise ranges (`dynamic`).
-    contract: how many leading weight axes the matmul contracts (`K` = their product).
-    transposed: DeepSpeed groups the transpose of the `[K, N]` view (Linear weights; not embeddings).
-    implementation: "auto" (Pallas kernel on GPU/TPU, XLA on CPU), "xla" or "pallas".
     """
 
-    name: str
     weight_bits: int | None = None
     weight_groups: int = 1
     weight_symmetric: bool = True
     act_bits: int | None = None
     act_symmetric: bool = True
     act_static: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec(QuantSettings):
+    """How one module is compressed (`QuantSettings` and where they apply). Static (hashable): it lives in
+    the pytree's structure.
+
+    name: the module's parameter path (`blocks.0.attn.wq`), used in messages and calibration records.
+    contract: how many leading weight axes the matmul contracts (`K` = their product).
+    transposed: DeepSpeed groups the transpose of the `[K, N]` view (Linear weights; not embeddings).
+    implementation: "auto" (Pallas kernel on GPU/TPU, XLA on CPU), "xla" or "pallas".
+    """
+
+    name: str
     contract: int = 1
     transposed: bool = True
     implementation: str = "auto"
@@ -235,7 +245,7 @@ class QuantizedWeight(_CompressedWeight):
     def _product(self, x: jax.Array, raw_x: jax.Array, compute_dtype: Any, contract: int,
                  transpose_w: bool) -> jax.Array:
         """The Pallas kernel on the integer codes where the spec's implementation selects it, else XLA."""
-        if transpose_w or not pallas_selected(self.spec.implementation):
+        if transpose_w or not pallas_selected("quantized matmul", self.spec.implementation):
             return super()._product(x, raw_x, compute_dtype, contract, transpose_w)
         k = math.prod(self._shape[:contract])
         out = self._kernel_matmul(x.reshape(-1, k).astype(compute_dtype), raw_x.reshape(-1, k))

@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from jaxllm.compression.qtensor import QuantSpec
+from jaxllm.compression.qtensor import QuantSettings, QuantSpec
 from jaxllm.compression.quantizers import check_bits
 from jaxllm.config import ModelConfig
 from jaxllm.errors import UserError
@@ -88,21 +88,14 @@ def model_modules(cfg: ModelConfig) -> list[Module]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class Rule(QuantSettings):
     """Compression settings for the modules whose path or Hugging Face name matches one of `modules`.
 
     weight_bits None leaves the weight settings to other rules; act_bits None likewise for the input
-    activations. act_static: one EMA range per module (DeepSpeed `range_calibration: static`) instead
-    of token-wise ranges (`dynamic`).
+    activations (see `QuantSettings`).
     """
 
     modules: tuple[str, ...]
-    weight_bits: int | None = None
-    weight_groups: int = 1
-    weight_symmetric: bool = True
-    act_bits: int | None = None
-    act_symmetric: bool = True
-    act_static: bool = False
     name: str = "rule"
 
     def __post_init__(self):

@@ -51,7 +51,7 @@ import numpy as np
 
 from jaxllm.data.pipeline import PackedRows
 from jaxllm.data.shards import INDEX_NAME, TokenShards
-from jaxllm.errors import UserError
+from jaxllm.errors import UserError, exit_status
 
 BUILTIN_METRICS = ("vocab_rarity",)
 VOCAB_FREQ = "total_vocab_freq"
@@ -366,13 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     parser.add_argument("--chunk-rows", type=int, default=4096, help="rows per map task (the restart unit)")
     args = parser.parse_args(argv)
-    try:
-        analyze(args.data, args.seq_len, args.out, [m.strip() for m in args.metrics.split(",") if m.strip()],
-                args.workers, args.chunk_rows)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    return exit_status(lambda: analyze(args.data, args.seq_len, args.out, metrics, args.workers, args.chunk_rows))
 
 
 if __name__ == "__main__":

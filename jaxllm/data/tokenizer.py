@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -173,6 +174,9 @@ class SentencePieceTokenizer:
     def __init__(self, processor: spm.SentencePieceProcessor, path: Path):
         self._sp = processor
         self.path = path
+        self.vocab_size = processor.get_piece_size()
+        self.pad_id, self.unk_id = processor.pad_id(), processor.unk_id()
+        self.bos_id, self.eos_id = processor.bos_id(), processor.eos_id()
         byte_ids = [processor.piece_to_id(f"<0x{b:02X}>") for b in SPACE_META.encode()]
         self._meta_bytes = byte_ids if all(processor.is_byte(i) for i in byte_ids) else None
         self._no_prefix: spm.SentencePieceProcessor | None = None
@@ -191,26 +195,6 @@ class SentencePieceTokenizer:
             raise UserError(f"tokenizer {path}: cannot load ({reason}); "
                             "allowed: a SentencePiece .model file") from None
         return cls(processor, path)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    @property
-    def pad_id(self) -> int:
-        return self._sp.pad_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
 
     @property
     def lossless(self) -> bool:
@@ -338,7 +322,9 @@ class HFTokenizer:
         tokenizer.encode_special_tokens = True
         self._tok = tokenizer
         self.path = path
-        self._special = special_ids
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.pad_id, self.unk_id = special_ids["pad"], special_ids["unk"]
+        self.bos_id, self.eos_id = special_ids["bos"], special_ids["eos"]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HFTokenizer:
@@ -354,26 +340,6 @@ class HFTokenizer:
             raise UserError(f"tokenizer {path}: cannot load ({reason}); allowed: a Hugging Face tokenizer.json") \
                 from None
         return cls(tok, path, _hf_special_ids(tok, path.parent, spec))
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def pad_id(self) -> int:
-        return self._special["pad"]
-
-    @property
-    def unk_id(self) -> int:
-        return self._special["unk"]
-
-    @property
-    def bos_id(self) -> int:
-        return self._special["bos"]
-
-    @property
-    def eos_id(self) -> int:
-        return self._special["eos"]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS or other template tokens added)."""
@@ -428,3 +394,20 @@ def workdir_tokenizer_file(workdir: str | Path) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def install_tokenizer(workdir: str | Path, source: Path | None, train_new: Callable[[Path], None]) -> TextTokenizer:
+    """A run's tokenizer, kept in `WORKDIR/data/` so the workdir is self-contained: process 0 copies the
+    file `source` there, or without one calls `train_new(prefix)` to train it at `prefix`; then every
+    process loads it. Call it when the workdir holds none yet (`workdir_tokenizer_file`)."""
+    from jaxllm import runtime
+
+    data = Path(workdir) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    if runtime.is_lead():
+        if source is not None:
+            shutil.copyfile(source, data / (HF_FILE if source.suffix == ".json" else SENTENCEPIECE_FILE))
+        else:
+            train_new(data / "tokenizer")
+    runtime.barrier("tokenizer")
+    return load_tokenizer(workdir_tokenizer_file(workdir))

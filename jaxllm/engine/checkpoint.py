@@ -56,6 +56,23 @@ def check_optimizer_state(saved: dict | None, wanted: dict | None, where: Any) -
         "mesh, or another --workdir")
 
 
+def workdir_step(workdir: str | os.PathLike, step: int | None = None, command: str = "python -m jaxllm.train"
+                 ) -> tuple[Path, int]:
+    """(checkpoints directory, step) of a run's workdir: `step`, or its newest checkpoint; a UserError
+    names the workdir (and `command`, which trains one) when there is none."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"--workdir {workdir}: directory not found")
+    directory = workdir / "checkpoints"
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    if not steps:
+        raise UserError(f"--workdir {workdir}: no checkpoint in {directory}; train first with "
+                        f"{command} --workdir {workdir}")
+    if step is not None and step not in steps:
+        raise UserError(f"--step {step}: no such checkpoint in {directory}; found steps {steps}")
+    return directory, steps[-1] if step is None else step
+
+
 class Checkpointer:
     def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).resolve()

@@ -56,6 +56,7 @@ from jaxllm import mesh as mesh_lib
 from jaxllm.engine.state import ParamTree, StateLayout, is_axes
 from jaxllm.engine.step import gradient_sums, with_ltd_indices
 from jaxllm.ltd import LTDSetup
+from jaxllm.ops.cross_entropy import one_hot_targets
 from jaxllm.optim import COMPRESSED_OPTIMIZERS, PhasePlan, build_optimizer, phase_plan
 from jaxllm.optim.compressed import DEVICE_AXIS
 from jaxllm.optim.zero_one_adam import ZeroOneAdamState
@@ -97,7 +98,7 @@ def _spec_axes(spec: PartitionSpec) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> tuple[int, ...]:
+def local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> tuple[int, ...]:
     entries = list(spec) + [None] * (len(shape) - len(spec))
     return tuple(dim // math.prod(mesh.shape[a] for a in _spec_axes(PartitionSpec(e))) if e else dim
                  for dim, e in zip(shape, entries, strict=True))
@@ -158,11 +159,11 @@ class CompressedTraining:
                 return fn(*args)
         return wrapped
 
-    def _param_local_shapes(self) -> dict[tuple, tuple[tuple[int, ...], PartitionSpec]]:
+    def _paramlocal_shapes(self) -> dict[tuple, tuple[tuple[int, ...], PartitionSpec]]:
         flat_specs = jax.tree_util.tree_flatten_with_path(self.opt_specs,
                                                           is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
         shapes = jax.tree.leaves(self._param_abstract)
-        return {tuple(path): (_local_shape(s.shape, spec, self.mesh), spec, s.shape)
+        return {tuple(path): (local_shape(s.shape, spec, self.mesh), spec, s.shape)
                 for (path, spec), s in zip(flat_specs, shapes, strict=True)}
 
     def _analyse_state(self) -> Any:
@@ -175,7 +176,7 @@ class CompressedTraining:
         mapped = jax.shard_map(local_init, mesh=self.inner, in_specs=(specs_inner,), out_specs=PartitionSpec(),
                                check_vma=False)
         local = jax.eval_shape(self._in_inner(mapped), self._param_abstract)
-        params = self._param_local_shapes()
+        params = self._paramlocal_shapes()
 
         def classify(path, leaf):
             path = tuple(path)
@@ -249,7 +250,8 @@ class CompressedTraining:
         def gradients(params, frozen, offset, batch):
             if offset is not None:  # 0/1 Adam: this slice's parameters include its local progress
                 params = jax.tree.map(lambda p, a: p + a[0], params, offset)
-            grad_sum, loss_sum, count, aux = gradient_sums(loss_fn, params, frozen, batch, grad_accum, ltd)
+            with one_hot_targets():  # vocab-sharded logits cannot be gathered in a data-manual shard_map
+                grad_sum, loss_sum, count, aux = gradient_sums(loss_fn, params, frozen, batch, grad_accum, ltd)
             grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grad_sum)
             norm = optax.tree.norm(grads)
             if clip > 0:  # as optax.clip_by_global_norm, on this slice's gradient
@@ -279,8 +281,6 @@ class CompressedTraining:
         def step(state, batch):
             offset = _local_update(state["opt_state"])
             frozen = state.get("frozen")
-            if kept is not None:
-                batch = with_ltd_indices(batch, ltd, state["step"], kept)
             slices = PartitionSpec(DEVICE_AXIS)
             grad_part = jax.shard_map(
                 gradients, mesh=self.inner, axis_names=frozenset({DEVICE_AXIS}), check_vma=False,
@@ -299,7 +299,13 @@ class CompressedTraining:
             return new_state, {"loss_sum": loss_sum, "tokens": count, "grad_norm": norm, "skipped": skipped,
                                "aux": aux}
 
-        return self._in_inner(step)
+        inner = self._in_inner(step)
+
+        def with_ltd(state, batch):
+            # Drawn on the run's mesh, where the step counter lives, before the per-slice view.
+            return inner(state, with_ltd_indices(batch, ltd, state["step"], kept))
+
+        return inner if kept is None else with_ltd
 
 
 def _no_global_update(updates, state, params=None):

@@ -97,7 +97,7 @@ def to_hf(run: Path, out: Path, step: int | None = None, dtype: str = "float32",
 
     step_dir = _step_dir(run, step)
     params, cfg = read_checkpoint_params(step_dir)
-    return hf.save_params(params, cfg, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    return hf.save(params, cfg, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 
 
 def from_hf(hf_dir: Path, workdir: Path, config_path: str | None, overrides: list[str]) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from jaxllm.errors import UserError
+from jaxllm.errors import UserError, exit_status
 
 _METRIC_KEYS = {"index_to_sample_path", "index_to_metric_path", "difficulty_type", "clustering_type",
                 "min_difficulty", "max_difficulty", "schedule_type", "schedule_config"}
@@ -173,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m jaxllm.interop.deepspeed_data_efficiency DS_CONFIG.json", file=sys.stderr)
         return 2
-    try:
-        print(yaml.safe_dump(read(argv[0]), sort_keys=False), end="")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: print(yaml.safe_dump(read(argv[0]), sort_keys=False), end=""))
 
 
 if __name__ == "__main__":

@@ -259,29 +259,8 @@ def _hf_tensors(params: dict, cfg: ModelConfig, dtype) -> Iterator[tuple[str, Ca
         yield name, build, math.prod(view0.hf_shape) * itemsize
 
 
-def save_params(
-    params: dict,
-    config: ModelConfig,
-    path: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    max_shard_size: int | str = "5GB",
-    overwrite: bool = False,
-    extra_config: dict[str, Any] | None = None,
-) -> Path:
-    """Writes a params pure dict as a Hugging Face directory; see `save`."""
-    if dtype not in io.SAVE_DTYPES:
-        raise UserError(f"dtype: got {dtype!r}; expected one of {', '.join(io.SAVE_DTYPES)}")
-    path = Path(path)
-    limit = io.size_bytes(max_shard_size)
-    hf_config = layouts.hf_config_from_model(config, dtype) | dict(extra_config or {})
-    io.check_target(path, overwrite)
-    io.write_directory(path, hf_config, list(_hf_tensors(params, config, io.SAVE_DTYPES[dtype])), limit)
-    return path
-
-
 def save(
-    model: Decoder,
+    model: Decoder | dict,
     config: ModelConfig,
     path: str | os.PathLike,
     *,
@@ -293,7 +272,8 @@ def save(
     """Writes `model` as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads.
 
     Args:
-      model: a jaxllm `Decoder` (its parameters may be sharded; each tensor is gathered in turn).
+      model: a jaxllm `Decoder`, or its parameters as a pure dict (a checkpoint's `params`); they may be
+        sharded: each tensor is gathered in turn.
       config: the model's config; `config.vocab_size` is the vocabulary written (tables padded past
         it, e.g. by `load(..., pad_vocab_multiple=...)`, are trimmed back).
       path: the directory to create.
@@ -305,12 +285,18 @@ def save(
 
     Returns the directory. Nothing is left at `path` (or beside it) if any step fails.
     """
+    if dtype not in io.SAVE_DTYPES:
+        raise UserError(f"dtype: got {dtype!r}; expected one of {', '.join(io.SAVE_DTYPES)}")
     if isinstance(model, PaddedVocabDecoder) and config.vocab_size == model.cfg.vocab_size:
         config = _padded(config, model.unpadded_vocab)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return save_params(params, config, path, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                       extra_config=extra_config)
+    params = model if isinstance(model, dict) else nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    path = Path(path)
+    limit = io.size_bytes(max_shard_size)
+    hf_config = layouts.hf_config_from_model(config, dtype) | dict(extra_config or {})
+    io.check_target(path, overwrite)
+    io.write_directory(path, hf_config, list(_hf_tensors(params, config, io.SAVE_DTYPES[dtype])), limit)
+    return path
 
 
 __all__ = ["INDEX", "HFCheckpoint", "PaddedVocabDecoder", "load", "load_params", "mask_padded_vocab", "model_config",
-           "resolve_model_config", "save", "save_params"]
+           "resolve_init_from", "resolve_model_config", "save"]

@@ -174,16 +174,21 @@ class Attention(nnx.Module):
         y = linear(x, w[...], self.cfg.compute_dtype)  # [d, heads, head_dim] -> [..., heads, head_dim]
         return y if b is None else y + b[...]
 
+    def _qkv(self, x, positions):
+        """Queries, keys and values of `x` (`[b, l, heads, head_dim]`), rotated for Llama."""
+        q = self._project(x, self.wq, self.bq)
+        k = self._project(x, self.wk, self.bk)
+        v = self._project(x, self.wv, self.bv)
+        if self.cfg.family == "llama":
+            q, k = rotary(q, positions, self.cfg.rope_theta), rotary(k, positions, self.cfg.rope_theta)
+        return q, k, v
+
     def __call__(self, x, positions, segment_ids, alibi, kept_index=None, implementation="auto", attention=None):
         """`kept_index` (`[b, r]`, ascending): `x` holds only these tokens of each row (random-LTD);
         the causal mask follows their original indices and RoPE/ALiBi their `positions`. `attention`
         replaces `causal_attention` (same arguments), e.g. `jaxllm.multimodal.mmca_override`."""
         cfg = self.cfg
-        q = self._project(x, self.wq, self.bq)
-        k = self._project(x, self.wk, self.bk)
-        v = self._project(x, self.wv, self.bv)
-        if cfg.family == "llama":
-            q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        q, k, v = self._qkv(x, positions)
         # Projections stay split over the length: without these, XLA gathers the whole input for them
         # instead of moving the (smaller per device) projected heads in all-to-alls.
         q = constrain(q, ("batch", "length", "heads", None))
@@ -236,11 +241,7 @@ class Attention(nnx.Module):
         reader), which XLA keeps copy-free inside a decode loop.
         """
         cfg = self.cfg
-        q = self._project(x, self.wq, self.bq)
-        k = self._project(x, self.wk, self.bk)
-        v = self._project(x, self.wv, self.bv)
-        if cfg.family == "llama":
-            q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        q, k, v = self._qkv(x, positions)
         q = constrain(q, ("batch", None, "heads", None))
         where = (layer, 0, 0, cache.index, 0)
 

@@ -13,17 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jaxllm.config import (
-    CheckpointConfig,
-    DistributedConfig,
-    LogConfig,
-    MeshConfig,
     ModelConfig,
-    OptimizerConfig,
-    TrainConfig,
-    _require,
+    RunConfig,
     build_config,
     read_values,
-    validate_sections,
+    require,
 )
 
 MAX_IMAGES = 8  # DeepSpeed-VisualChat's limit ("### Image 1:" .. "### Image 8:")
@@ -65,15 +59,15 @@ class VisionConfig:
 
     def validate(self) -> None:
         for key in ("image_size", "patch_size", "channels", "d_model", "layers", "heads", "d_ff"):
-            _require(getattr(self, key) > 0, f"vision.{key}", getattr(self, key), "a positive integer")
-        _require(self.image_size % self.patch_size == 0, "vision.image_size", self.image_size,
+            require(getattr(self, key) > 0, f"vision.{key}", getattr(self, key), "a positive integer")
+        require(self.image_size % self.patch_size == 0, "vision.image_size", self.image_size,
                  f"a multiple of vision.patch_size={self.patch_size}")
-        _require(self.d_model % self.heads == 0, "vision.d_model", self.d_model,
+        require(self.d_model % self.heads == 0, "vision.d_model", self.d_model,
                  f"a multiple of vision.heads={self.heads}")
         for key in ("image_mean", "image_std"):
-            _require(len(getattr(self, key)) == self.channels, f"vision.{key}", getattr(self, key),
+            require(len(getattr(self, key)) == self.channels, f"vision.{key}", getattr(self, key),
                      f"{self.channels} values (one per channel)")
-        _require(all(s > 0 for s in self.image_std), "vision.image_std", self.image_std, "positive values")
+        require(all(s > 0 for s in self.image_std), "vision.image_std", self.image_std, "positive values")
 
 
 @dataclasses.dataclass
@@ -94,9 +88,9 @@ class MultimodalConfig:
         return tuple(name for name, on in flags.items() if on)
 
     def validate(self) -> None:
-        _require(bool(self.trainable()), "multimodal.train_projection", self.train_projection,
+        require(bool(self.trainable()), "multimodal.train_projection", self.train_projection,
                  "at least one of multimodal.train_projection/train_text_embed/train_vision/train_decoder true")
-        _require(self.projection_eps > 0, "multimodal.projection_eps", self.projection_eps, "a positive number")
+        require(self.projection_eps > 0, "multimodal.projection_eps", self.projection_eps, "a positive number")
 
 
 @dataclasses.dataclass
@@ -127,16 +121,16 @@ class DataConfig:
 
     def validate(self) -> None:
         if self.source == "jsonl":
-            _require(bool(self.datasets), "data.datasets", self.datasets,
+            require(bool(self.datasets), "data.datasets", self.datasets,
                      "at least one dataset {name: {path: FILE}} when data.source=jsonl")
         for name, ds in self.datasets.items():
-            _require(bool(ds.path), f"data.datasets.{name}.path", ds.path, "a JSONL file")
-            _require(ds.ratio > 0, f"data.datasets.{name}.ratio", ds.ratio, "a positive number")
-            _require(ds.concat >= 1, f"data.datasets.{name}.concat", ds.concat, "a positive integer")
-        _require(self.max_seq_len >= 2, "data.max_seq_len", self.max_seq_len, "an integer >= 2")
-        _require(1 <= self.max_images <= MAX_IMAGES, "data.max_images", self.max_images,
+            require(bool(ds.path), f"data.datasets.{name}.path", ds.path, "a JSONL file")
+            require(ds.ratio > 0, f"data.datasets.{name}.ratio", ds.ratio, "a positive number")
+            require(ds.concat >= 1, f"data.datasets.{name}.concat", ds.concat, "a positive integer")
+        require(self.max_seq_len >= 2, "data.max_seq_len", self.max_seq_len, "an integer >= 2")
+        require(1 <= self.max_images <= MAX_IMAGES, "data.max_images", self.max_images,
                  f"an integer in [1, {MAX_IMAGES}]")
-        _require(self.samples_per_epoch >= 0, "data.samples_per_epoch", self.samples_per_epoch, "an integer >= 0")
+        require(self.samples_per_epoch >= 0, "data.samples_per_epoch", self.samples_per_epoch, "an integer >= 0")
 
 
 @dataclasses.dataclass
@@ -155,8 +149,8 @@ class SyntheticConfig:
 
     def validate(self) -> None:
         for key in ("single_rows", "pair_rows", "eval_rows", "single_concat", "max_shapes", "grid"):
-            _require(getattr(self, key) > 0, f"synthetic.{key}", getattr(self, key), "a positive integer")
-        _require(bool(self.attributes) and set(self.attributes) <= {"any", "colour", "shape"}, "synthetic.attributes",
+            require(getattr(self, key) > 0, f"synthetic.{key}", getattr(self, key), "a positive integer")
+        require(bool(self.attributes) and set(self.attributes) <= {"any", "colour", "shape"}, "synthetic.attributes",
                  self.attributes, "a non-empty list of 'any', 'colour' and 'shape'")
 
 
@@ -168,9 +162,9 @@ class EvalConfig:
     max_new_tokens: int = 8
 
     def validate(self) -> None:
-        _require(self.every >= 0, "eval.every", self.every, "an integer >= 0")
-        _require(self.batches >= 0, "eval.batches", self.batches, "an integer >= 0 (0: all held-out rows)")
-        _require(self.max_new_tokens > 0, "eval.max_new_tokens", self.max_new_tokens, "a positive integer")
+        require(self.every >= 0, "eval.every", self.every, "an integer >= 0")
+        require(self.batches >= 0, "eval.batches", self.batches, "an integer >= 0 (0: all held-out rows)")
+        require(self.max_new_tokens > 0, "eval.max_new_tokens", self.max_new_tokens, "a positive integer")
 
 
 def _model_defaults() -> ModelConfig:
@@ -178,35 +172,28 @@ def _model_defaults() -> ModelConfig:
 
 
 @dataclasses.dataclass
-class VisualChatConfig:
-    seed: int = 0
+class VisualChatConfig(RunConfig):
+    """`python -m jaxllm.multimodal.train`'s config: the shared sections and VisualChat's own."""
+
     model: ModelConfig = dataclasses.field(default_factory=_model_defaults)
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     multimodal: MultimodalConfig = dataclasses.field(default_factory=MultimodalConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
-    log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
     def validate(self) -> VisualChatConfig:
-        validate_sections(self)
-        _require(self.optimizer.name == "adamw", "optimizer.name", self.optimizer.name,
-                 "'adamw' (VisualChat trains with AdamW; the compressed optimizers need jaxllm.train's step)")
-        _require(self.data.max_seq_len <= self.model.max_len, "data.max_seq_len", self.data.max_seq_len,
+        super().validate()
+        require(self.data.max_seq_len <= self.model.max_len, "data.max_seq_len", self.data.max_seq_len,
                  f"at most model.max_len={self.model.max_len}")
-        _require(self.data.max_seq_len > self.vision.tokens, "data.max_seq_len", self.data.max_seq_len,
+        require(self.data.max_seq_len > self.vision.tokens, "data.max_seq_len", self.data.max_seq_len,
                  f"more than the {self.vision.tokens} tokens of one image")
         if self.data.source == "synthetic":
-            _require(self.vision.image_size % self.synthetic.grid == 0, "synthetic.grid", self.synthetic.grid,
+            require(self.vision.image_size % self.synthetic.grid == 0, "synthetic.grid", self.synthetic.grid,
                      f"a divisor of vision.image_size={self.vision.image_size}")
-            _require(self.synthetic.max_shapes <= self.synthetic.grid**2, "synthetic.max_shapes",
+            require(self.synthetic.max_shapes <= self.synthetic.grid**2, "synthetic.max_shapes",
                      self.synthetic.max_shapes, f"at most synthetic.grid^2={self.synthetic.grid**2}")
-        _require(self.mesh.sequence in (1, -1), "mesh.sequence", self.mesh.sequence,
+        require(self.mesh.sequence in (1, -1), "mesh.sequence", self.mesh.sequence,
                  "1 (VisualChat rows are not split over a sequence axis)")
         return self
 

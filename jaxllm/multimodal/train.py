@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,31 +33,27 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxllm import runtime
+from jaxllm.command_line import parse_run_args, run_parser
 from jaxllm.config import ModelConfig
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.data.pipeline import make_train_iterator, padded_eval_batches
-from jaxllm.data.tokenizer import (
-    HF_FILE,
-    SENTENCEPIECE_FILE,
-    TextTokenizer,
-    load_tokenizer,
-    train_tokenizer,
-    workdir_tokenizer_file,
-)
+from jaxllm.data.tokenizer import TextTokenizer, load_tokenizer, workdir_tokenizer_file
 from jaxllm.engine import loop, optimizer
 from jaxllm.engine.checkpoint import Checkpointer
 from jaxllm.engine.checkpoint import run_meta as engine_run_meta
 from jaxllm.engine.state import StateLayout, all_params, initial_state
 from jaxllm.engine.step import evaluate, make_eval_step, make_train_step
 from jaxllm.errors import UserError, exit_status
-from jaxllm.losses import token_cross_entropy
+from jaxllm.generate import Sampling
 from jaxllm.ltd import LTDPlan
 from jaxllm.metrics import flops_per_token, peak_flops
 from jaxllm.models.definition import ModelDef
 from jaxllm.multimodal import data as data_lib
 from jaxllm.multimodal import synthetic
-from jaxllm.multimodal.chat import answer_questions, make_generator
+from jaxllm.multimodal.answer import answer_questions, make_generator
 from jaxllm.multimodal.config import DatasetConfig, VisionConfig, VisualChatConfig, load
 from jaxllm.multimodal.model import init_params, model_def
+from jaxllm.ops.cross_entropy import token_cross_entropy
 
 MODEL_KEYS = ("inputs", "targets", "token_types", "positions", "loss_mask", "images")
 
@@ -105,21 +100,16 @@ def setup_tokenizer(config: VisualChatConfig, workdir: Path, conversations: list
     existing = workdir_tokenizer_file(workdir)
     if existing is not None:
         return load_tokenizer(existing)
-    (workdir / "data").mkdir(parents=True, exist_ok=True)
-    source = config.data.tokenizer or (config.model.init_from if config.model.init_from else None)
-    if jax.process_index() == 0:
-        if source is not None:
-            path = Path(load_tokenizer(source).path)
-            shutil.copyfile(path, workdir / "data" / (HF_FILE if path.suffix == ".json" else SENTENCEPIECE_FILE))
-        else:
-            corpus = data_lib.Template.corpus(conversations, config.data.system_prompt)
-            try:
-                train_tokenizer(corpus, workdir / "data" / "tokenizer", config.model.vocab_size,
-                                add_dummy_prefix=False)
-            except UserError as err:
-                raise UserError(f"config key 'model.vocab_size': {err}") from None
-    runtime.barrier("tokenizer")
-    return load_tokenizer(workdir_tokenizer_file(workdir))
+    named = config.data.tokenizer or config.model.init_from
+
+    def train_new(prefix: Path) -> None:
+        corpus = data_lib.Template.corpus(conversations, config.data.system_prompt)
+        try:
+            tokenizer_lib.train_tokenizer(corpus, prefix, config.model.vocab_size, add_dummy_prefix=False)
+        except UserError as err:
+            raise UserError(f"config key 'model.vocab_size': {err}") from None
+
+    return tokenizer_lib.install_tokenizer(workdir, Path(load_tokenizer(named).path) if named else None, train_new)
 
 
 def resolve_models(config: VisualChatConfig) -> tuple[ModelConfig, VisionConfig]:
@@ -233,8 +223,8 @@ def evaluate_accuracy(config: VisualChatConfig, mdef: ModelDef, params: dict, te
                       tokenizer: TextTokenizer, workdir: Path | None) -> dict[str, float]:
     """Exact-match accuracy of greedy answers to each held-out conversation's last question, per category."""
     questions = data_lib.last_questions(parts, template)
-    generator = make_generator(mdef, max_new_tokens=config.eval.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
-                               pad_id=template.pad_id)
+    generator = make_generator(mdef, Sampling.of(config.eval.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
+                                                 pad_id=template.pad_id))
     answers = answer_questions(generator, params, [q.sample for q in questions], tokenizer, vision,
                                config.data.max_images, model.max_len, config.eval.max_new_tokens,
                                batch_size=max(config.train.batch_size, 8))
@@ -335,15 +325,9 @@ def train(config: VisualChatConfig, workdir: Path) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.multimodal.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file (defaults apply without one)")
-    parser.add_argument("--workdir", default="runs/visualchat", help="metrics, checkpoints and data go here")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        parser.error(f"expected section.key=value overrides, got {bad[0]!r}")
-    return args
+    parser = run_parser("python -m jaxllm.multimodal.train", __doc__.splitlines()[0], "runs/visualchat",
+                        "metrics, checkpoints and data go here")
+    return parse_run_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,9 +50,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxllm.errors import UserError
+from jaxllm.ops.dispatch import pallas_selected
 from pallas_kernels.evoformer_inputs import check_inputs
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
 DEFAULT_BLOCK = 128
 
 
@@ -273,7 +273,7 @@ def pallas_supported(platform: str | None = None) -> bool:
     tiles squeeze the head axis of `[B, N, L, H, D]`, which Mosaic TPU's rule that a block's last two
     dimensions be (8, 128)-aligned rejects. On CPU and TPU "auto" therefore uses the XLA implementation.
     """
-    return (platform or jax.default_backend()) == "gpu"
+    return pallas_selected("evoformer_attention", "auto", platform, auto_platforms=("gpu",))
 
 
 def evoformer_attention(
@@ -303,9 +303,6 @@ def evoformer_attention(
     Returns:
       `[B, N, Lq, H, D]` in q's dtype.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise UserError(f"evoformer_attention: unknown implementation '{implementation}'; "
-                        f"expected one of {', '.join(IMPLEMENTATIONS)}")
     if int(block_q) < 1 or int(block_k) < 1:
         raise UserError(f"evoformer_attention: block_q and block_k must be positive, got {block_q}, {block_k}")
     biases = check_inputs(q, k, v, biases)
@@ -313,7 +310,7 @@ def evoformer_attention(
     if implementation == "pallas" and jax.default_backend() == "tpu":
         raise UserError("evoformer_attention: the Pallas kernel targets GPUs (Triton); use implementation='xla' "
                         "or 'auto' on TPU")
-    if implementation == "pallas" or (implementation == "auto" and pallas_supported()):
+    if pallas_selected("evoformer_attention", implementation, auto_platforms=("gpu",)):
         from pallas_kernels.evoformer_attention import evoformer_attention as kernel
 
         return kernel(q, k, v, biases, scale=scale, interpret=jax.default_backend() == "cpu")

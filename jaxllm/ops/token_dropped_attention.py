@@ -18,10 +18,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxllm.errors import UserError
 from jaxllm.ops.attention import attention_mask, masked_attention
-
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
+from jaxllm.ops.dispatch import pallas_selected
 
 
 def token_dropped_attention_reference(
@@ -43,23 +41,13 @@ def token_dropped_attention_reference(
     return masked_attention(q, k, v, mask, positions, alibi, compute_dtype)
 
 
-def pallas_selected(implementation: str, platform: str | None = None) -> bool:
-    """Whether `implementation` resolves to the Pallas kernel on `platform` (default: JAX's backend)."""
-    if implementation not in IMPLEMENTATIONS:
-        raise UserError(f"token-dropped attention: unknown implementation '{implementation}'; expected "
-                        f"{', '.join(IMPLEMENTATIONS)}")
-    if implementation == "auto":
-        return (platform or jax.default_backend()) in ("gpu", "tpu")
-    return implementation == "pallas"
-
-
 def token_dropped_attention(q, k, v, segment_ids, positions, token_index, alibi=None, compute_dtype=jnp.float32,
                             implementation: str = "auto", interpret: bool = False):
     """Dispatches to the reference ("xla") or the Pallas kernel ("pallas"); "auto": kernel on GPU/TPU.
 
     `interpret=True` runs the kernel with the Pallas interpreter (CPU tests).
     """
-    if pallas_selected(implementation):
+    if pallas_selected("token-dropped attention", implementation):
         from pallas_kernels.token_dropped_attention import token_dropped_attention as kernel
 
         dtype = jnp.dtype(compute_dtype)

@@ -11,22 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from jaxllm.command_line import parse_run_args, run_parser
 from jaxllm.errors import exit_status
 from jaxllm.rlhf import config as config_lib
 from jaxllm.rlhf.config import STAGES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.rlhf", description=__doc__.splitlines()[0])
+    parser = run_parser("python -m jaxllm.rlhf", __doc__.splitlines()[0], None,
+                        "metrics, TensorBoard and checkpoints go here (default runs/rlhf/STAGE)")
     parser.add_argument("stage", choices=STAGES, help="sft (step 1), reward (step 2) or ppo (step 3)")
-    parser.add_argument("--config", help="YAML config file (defaults apply without one)")
-    parser.add_argument("--workdir", help="metrics, TensorBoard and checkpoints go here (default runs/rlhf/STAGE)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_intermixed_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        parser.error(f"expected section.key=value overrides, got {bad[0]!r}")
-    return args
+    return parse_run_args(parser, argv)
 
 
 def run(stage: str, config: config_lib.RLHFConfig, workdir: Path) -> dict:

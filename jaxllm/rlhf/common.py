@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from jaxllm.data.tokenizer import (
     HF_FILE,
     SENTENCEPIECE_FILE,
     TextTokenizer,
+    install_tokenizer,
     load_tokenizer,
     train_tokenizer,
     workdir_tokenizer_file,
@@ -117,15 +117,8 @@ def setup_tokenizer(config: RLHFConfig, workdir: Path, init_workdir: str | None,
             raise UserError(f"workdir '{workdir}' already holds tokenizer {existing}, which differs from the one of "
                             f"{where} ({source}); use another --workdir")
         return load_tokenizer(existing)
-    (workdir / "data").mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        if source is not None:
-            target = workdir / "data" / (HF_FILE if source.suffix == ".json" else SENTENCEPIECE_FILE)
-            shutil.copyfile(source, target)
-        else:
-            train_tokenizer(tokenizer_corpus(records), workdir / "data" / "tokenizer", config.model.vocab_size)
-    runtime.barrier("tokenizer")
-    return load_tokenizer(workdir_tokenizer_file(workdir))
+    return install_tokenizer(workdir, source, lambda prefix: train_tokenizer(tokenizer_corpus(records), prefix,
+                                                                             config.model.vocab_size))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,17 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jaxllm.config import (
-    CheckpointConfig,
-    DistributedConfig,
-    LogConfig,
-    MeshConfig,
-    ModelConfig,
     OptimizerConfig,
-    TrainConfig,
-    _require,
+    RunConfig,
     build_config,
     read_values,
-    validate_sections,
+    require,
 )
 from jaxllm.errors import UserError
 
@@ -64,11 +58,11 @@ class DataConfig:
     def validate(self) -> None:
         parse_data_split(self.data_split)
         if self.source == "jsonl":
-            _require(bool(self.path), "data.path", self.path, "one or more JSONL files when data.source=jsonl")
-        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "a value in [0, 1)")
+            require(bool(self.path), "data.path", self.path, "one or more JSONL files when data.source=jsonl")
+        require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "a value in [0, 1)")
         for key in ("max_seq_len", "max_prompt_seq_len", "synthetic_rows", "synthetic_eval_rows"):
-            _require(getattr(self, key) > 0, f"data.{key}", getattr(self, key), "a positive integer")
-        _require(self.max_seq_len >= 2, "data.max_seq_len", self.max_seq_len, "at least 2 (a prompt and EOS)")
+            require(getattr(self, key) > 0, f"data.{key}", getattr(self, key), "a positive integer")
+        require(self.max_seq_len >= 2, "data.max_seq_len", self.max_seq_len, "at least 2 (a prompt and EOS)")
 
 
 @dataclasses.dataclass
@@ -77,8 +71,8 @@ class EvalConfig:
     batches: int = 0  # 0: every held-out row
 
     def validate(self) -> None:
-        _require(self.every >= 0, "eval.every", self.every, "an integer >= 0")
-        _require(self.batches >= 0, "eval.batches", self.batches, "an integer >= 0 (0: all held-out rows)")
+        require(self.every >= 0, "eval.every", self.every, "an integer >= 0")
+        require(self.batches >= 0, "eval.batches", self.batches, "an integer >= 0 (0: all held-out rows)")
 
 
 @dataclasses.dataclass
@@ -132,29 +126,29 @@ class PPOConfig:
     def validate(self) -> None:
         for key in ("generation_batch_size", "train_batch_size", "generation_batches", "ppo_epochs",
                     "max_answer_seq_len"):
-            _require(getattr(self, key) > 0, f"ppo.{key}", getattr(self, key), "a positive integer")
+            require(getattr(self, key) > 0, f"ppo.{key}", getattr(self, key), "a positive integer")
         for key in ("actor_learning_rate", "critic_learning_rate", "actor_lora_learning_rate",
                     "critic_lora_learning_rate"):
-            _require(getattr(self, key) > 0, f"ppo.{key}", getattr(self, key), "a positive number")
+            require(getattr(self, key) > 0, f"ppo.{key}", getattr(self, key), "a positive number")
         total = self.generation_batch_size * self.generation_batches
-        _require(total % self.train_batch_size == 0, "ppo.train_batch_size", self.train_batch_size,
+        require(total % self.train_batch_size == 0, "ppo.train_batch_size", self.train_batch_size,
                  f"a divisor of ppo.generation_batch_size x ppo.generation_batches = {total}")
-        _require(self.temperature >= 0, "ppo.temperature", self.temperature, "a number >= 0 (0 is greedy)")
-        _require(self.top_k >= 0, "ppo.top_k", self.top_k, "an integer >= 0")
-        _require(0.0 < self.top_p <= 1.0, "ppo.top_p", self.top_p, "a value in (0, 1]")
+        require(self.temperature >= 0, "ppo.temperature", self.temperature, "a number >= 0 (0 is greedy)")
+        require(self.top_k >= 0, "ppo.top_k", self.top_k, "an integer >= 0")
+        require(0.0 < self.top_p <= 1.0, "ppo.top_p", self.top_p, "a value in (0, 1]")
         for key in ("kl_ctl", "unsup_coef"):
-            _require(getattr(self, key) >= 0, f"ppo.{key}", getattr(self, key), "a number >= 0")
+            require(getattr(self, key) >= 0, f"ppo.{key}", getattr(self, key), "a number >= 0")
         for key in ("clip_reward_value", "cliprange", "cliprange_value"):
-            _require(getattr(self, key) > 0, f"ppo.{key}", getattr(self, key), "a positive number")
-        _require(0.0 <= self.gamma <= 1.0, "ppo.gamma", self.gamma, "a value in [0, 1]")
-        _require(0.0 <= self.lam <= 1.0, "ppo.lam", self.lam, "a value in [0, 1]")
-        _require(0.0 <= self.ema_beta < 1.0, "ppo.ema_beta", self.ema_beta, "a value in [0, 1)")
+            require(getattr(self, key) > 0, f"ppo.{key}", getattr(self, key), "a positive number")
+        require(0.0 <= self.gamma <= 1.0, "ppo.gamma", self.gamma, "a value in [0, 1]")
+        require(0.0 <= self.lam <= 1.0, "ppo.lam", self.lam, "a value in [0, 1]")
+        require(0.0 <= self.ema_beta < 1.0, "ppo.ema_beta", self.ema_beta, "a value in [0, 1)")
         for key in ("actor_lora_dim", "critic_lora_dim"):
-            _require(getattr(self, key) >= 0, f"ppo.{key}", getattr(self, key), "an integer >= 0 (0: no LoRA)")
-        _require(bool(self.lora_module_name), "ppo.lora_module_name", self.lora_module_name, "a non-empty string")
-        _require(self.lora_scaling > 0, "ppo.lora_scaling", self.lora_scaling, "a positive number")
+            require(getattr(self, key) >= 0, f"ppo.{key}", getattr(self, key), "an integer >= 0 (0: no LoRA)")
+        require(bool(self.lora_module_name), "ppo.lora_module_name", self.lora_module_name, "a non-empty string")
+        require(self.lora_scaling > 0, "ppo.lora_scaling", self.lora_scaling, "a positive number")
         if self.only_optimize_lora:
-            _require(self.actor_lora_dim > 0 or self.critic_lora_dim > 0, "ppo.only_optimize_lora", True,
+            require(self.actor_lora_dim > 0 or self.critic_lora_dim > 0, "ppo.only_optimize_lora", True,
                      "false unless ppo.actor_lora_dim or ppo.critic_lora_dim is set")
 
 
@@ -163,29 +157,15 @@ def _optimizer_defaults() -> OptimizerConfig:
 
 
 @dataclasses.dataclass
-class RLHFConfig:
-    seed: int = 0
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+class RLHFConfig(RunConfig):
+    """`python -m jaxllm.rlhf`'s config: the shared sections and the three steps' own."""
+
     optimizer: OptimizerConfig = dataclasses.field(default_factory=_optimizer_defaults)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
-    log: LogConfig = dataclasses.field(default_factory=LogConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
-
-    def validate(self) -> RLHFConfig:
-        validate_sections(self)
-        _require(self.optimizer.name == "adamw", "optimizer.name", self.optimizer.name,
-                 "'adamw' (the RLHF steps use AdamW; the compressed optimizers need jaxllm.train's step)")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def from_dict(values: dict[str, Any]) -> RLHFConfig:

@@ -8,16 +8,16 @@ import pytest
 import yaml
 from flax import nnx
 
-from jaxllm import compress
 from jaxllm import config as config_lib
-from jaxllm import generate as generate_lib
-from jaxllm.compression import checkpoint
+from jaxllm.compression import checkpoint, pipeline
+from jaxllm.compression.__main__ import main as compress_main
 from jaxllm.compression.qtensor import QuantizedWeight
 from jaxllm.config import ModelConfig
 from jaxllm.data.pipeline import SyntheticRows, make_train_iterator
 from jaxllm.engine.checkpoint import Checkpointer, run_meta
 from jaxllm.errors import UserError
 from jaxllm.generate import generate
+from jaxllm.generate.__main__ import main as generate_main
 from jaxllm.models.definition import ModelDef, init_params
 
 CONFIG = {
@@ -57,7 +57,7 @@ def run(tmp_path_factory):
 def test_ptq_checkpoint_reloads_evaluates_and_generates(run, capsys):
     root, path = run
     out = root / "w4a8"
-    assert compress.main(["ptq", "--config", str(path), "--teacher", str(root / "teacher"), "--workdir", str(out)]) == 0
+    assert compress_main(["ptq", "--config", str(path), "--teacher", str(root / "teacher"), "--workdir", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["modules"] == 13 and summary["weight_bytes"] < 0.3 * summary["teacher_weight_bytes"]
 
@@ -69,15 +69,15 @@ def test_ptq_checkpoint_reloads_evaluates_and_generates(run, capsys):
     assert w_in.codes.shape == (16, 128) and w_in.act_range is not None  # int4: two codes per byte
 
     # The same compression in memory gives the same model, logits and tokens.
-    teacher = compress.load_teacher(root / "teacher")
+    teacher = pipeline.load_teacher(root / "teacher")
     config = config_lib.load(path)
-    rules, _ = compress.compression_rules(config)
+    rules, _ = pipeline.compression_rules(config)
     from jaxllm.compression import rules as rules_lib
     from jaxllm.compression import zeroquant
 
     cfg = teacher.model_def.bind(teacher.params).cfg
     specs = rules_lib.plan(cfg, rules, rules_lib.module_shapes(teacher.model_def.shapes, cfg))
-    data = compress.Data(config, root / "teacher")
+    data = pipeline.Data(config, root / "teacher")
     tree, _ = zeroquant.ptq(teacher.model_def, teacher.params, specs, data.train_batches(4))
     x = jax.random.randint(jax.random.key(0), (2, 12), 0, 64)
     forward = jax.jit(lambda tree: teacher.model_def.bind(tree)(x))
@@ -86,13 +86,13 @@ def test_ptq_checkpoint_reloads_evaluates_and_generates(run, capsys):
     new = generate(model, prompts, max_new_tokens=6)
     assert new == generate(teacher.model_def.bind(tree), prompts, max_new_tokens=6)
 
-    assert compress.main(["eval", "--config", str(path), "--workdir", str(out)]) == 0
+    assert compress_main(["eval", "--config", str(path), "--workdir", str(out)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["eval_loss"] == pytest.approx(summary["eval"]["eval_loss"], rel=1e-6)
-    assert compress.main(["generate", "--workdir", str(out), "--prompt-ids", "1 2 3", "--max-new-tokens", "6"]) == 0
+    assert compress_main(["generate", "--workdir", str(out), "--prompt-ids", "1 2 3", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in [1, 2, 3] + new[0]]
     # The general generation command recognises a compressed workdir too.
-    assert generate_lib.main(["--workdir", str(out), "--prompt-ids", "1 2 3", "--max-new-tokens", "6"]) == 0
+    assert generate_main(["--workdir", str(out), "--prompt-ids", "1 2 3", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in [1, 2, 3] + new[0]]
 
 
@@ -100,24 +100,24 @@ def test_cli_errors(run, capsys):
     root, path = run
     teacher = root / "teacher"
     # The output directory must be new.
-    assert compress.main(["ptq", "--config", str(path), "--teacher", str(teacher), "--workdir", str(teacher)]) == 2
+    assert compress_main(["ptq", "--config", str(path), "--teacher", str(teacher), "--workdir", str(teacher)]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
-    assert compress.main(["ptq", "--config", str(path), "--workdir", str(root / "x"),
+    assert compress_main(["ptq", "--config", str(path), "--workdir", str(root / "x"),
                           "compression.rules.attn.weight_bits=9"]) == 2
     assert "'compression.rules.attn.weight_bits': got 9" in capsys.readouterr().err
     # Layer reduction needs training.
     reduce = ["compression.layer_reduction.enabled=true", "compression.layer_reduction.teacher_layer=[1]"]
-    assert compress.main(["ptq", "--config", str(path), "--teacher", str(teacher), "--workdir", str(root / "y"),
+    assert compress_main(["ptq", "--config", str(path), "--teacher", str(teacher), "--workdir", str(root / "y"),
                           *reduce]) == 2
     assert "layer reduction needs training; use the xtc" in capsys.readouterr().err
 
     config = config_lib.load(path, ["compression.rules.typo.modules=[self_attn.q_proj]",
                                     "compression.rules.typo.weight_bits=8"])
-    loaded = compress.load_teacher(teacher)
+    loaded = pipeline.load_teacher(teacher)
     with pytest.warns(UserWarning, match=r"match no module: 'compression.rules.typo' \('self_attn.q_proj'\)"):
-        summary = compress.compress("ptq", config, loaded, root / "typo", log=lambda _: None)
+        summary = pipeline.compress("ptq", config, loaded, root / "typo", log=lambda _: None)
     assert summary["modules"] == 13  # the other rules still apply
     other = ModelConfig(layers=2, d_model=48, heads=4, vocab_size=64, max_len=32)
-    student = compress.Teacher(ModelDef.from_config(other), init_params(other, 0), 0, teacher)
+    student = pipeline.Teacher(ModelDef.from_config(other), init_params(other, 0), 0, teacher)
     with pytest.raises(UserError, match="incompatible shapes \\(model.d_model: teacher 32, student 48\\)"):
-        compress.compress("xtc", config_lib.load(path), loaded, root / "z", student=student)
+        pipeline.compress("xtc", config_lib.load(path), loaded, root / "z", student=student)

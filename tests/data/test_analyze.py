@@ -34,7 +34,7 @@ def expected_rarity():
 
 def test_index_files_match_hand_computation(corpus, tmp_path):
     out = tmp_path / "index"
-    dirs = analyze(corpus, 4, out, ["vocab_rarity", "first=tests.test_analyzer:first_token"], workers=1,
+    dirs = analyze(corpus, 4, out, ["vocab_rarity", "first=tests.data.test_analyze:first_token"], workers=1,
                    chunk_rows=3, log=lambda _: None)
     assert expected_rarity() == [5, 8, 7, 3]
     freq = np.load(out / "total_vocab_freq.npy")
@@ -63,8 +63,8 @@ def run_cli(args, fault=None):
 
 @pytest.mark.slow
 def test_cli_with_workers_restarts_after_a_crash(corpus, tmp_path):
-    args = ["--data", str(corpus), "--seq-len", "4", "--metrics", "vocab_rarity,first=tests.test_analyzer:first_token",
-            "--workers", "2", "--chunk-rows", "1"]
+    args = ["--data", str(corpus), "--seq-len", "4", "--metrics",
+            "vocab_rarity,first=tests.data.test_analyze:first_token", "--workers", "2", "--chunk-rows", "1"]
     straight = run_cli([*args, "--out", str(tmp_path / "straight")])
     assert straight.returncode == 0, straight.stderr
     crashed = run_cli([*args, "--out", str(tmp_path / "crashed")], fault="analyze_after_chunks:2")
@@ -84,7 +84,7 @@ def test_cli_with_workers_restarts_after_a_crash(corpus, tmp_path):
 
 
 def test_index_built_for_other_data_is_refused(corpus, tmp_path):
-    dirs = analyze(corpus, 4, tmp_path / "index", ["first=tests.test_analyzer:first_token"], log=lambda _: None)
+    dirs = analyze(corpus, 4, tmp_path / "index", ["first=tests.data.test_analyze:first_token"], log=lambda _: None)
     other = write_shards([[1, 2, 3, 4, 5, 6, 7, 1, 2]], tmp_path / "other", vocab_size=8)
     with pytest.raises(UserError, match="built for different data"):
         open_metric_index(dirs["first"], dataset_fingerprint(other, 4))
@@ -93,4 +93,4 @@ def test_index_built_for_other_data_is_refused(corpus, tmp_path):
     with pytest.raises(UserError, match="NAME=module:function"):
         analyze(corpus, 4, tmp_path / "x", ["rarity"], log=lambda _: None)
     with pytest.raises(UserError, match="cannot import"):
-        analyze(corpus, 4, tmp_path / "x", ["m=tests.test_analyzer:missing"], log=lambda _: None)
+        analyze(corpus, 4, tmp_path / "x", ["m=tests.data.test_analyze:missing"], log=lambda _: None)

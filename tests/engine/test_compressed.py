@@ -10,14 +10,14 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
-from jaxllm.engine.compressed import CompressedTraining, _local_shape, hlo_collectives
+from jaxllm.engine.compressed import CompressedTraining, hlo_collectives, local_shape
 from jaxllm.errors import UserError
 from jaxllm.models.definition import ModelDef
 from jaxllm.optim import padded_size
 from jaxllm.optim.zero_one_adam import COMPRESSED_GRADIENT, EXACT_VARIANCE, LOCAL, SYNC
 from jaxllm.pretraining import LanguageModelTraining
 from jaxllm.train import train
-from tests.test_step import batches
+from tests.engine.test_step import batches
 from tests.test_train import TINY, losses
 
 # 0/1 Adam with a short warm-up: variance refreshes and 1-bit gradient steps up to step 6, then syncs
@@ -115,7 +115,7 @@ def test_each_phase_moves_only_what_it_should_over_the_data_axis(devices, mesh_s
                 for phase in phases}
     found = {phase: _data_crossing(hlo_collectives(t), mesh) for phase, t in text.items()}
     # What each device holds of every parameter: its shards under the optimizer-state layout.
-    local = [int(np.prod(_local_shape(shape, spec, mesh))) for shape, spec in zip(
+    local = [int(np.prod(local_shape(shape, spec, mesh))) for shape, spec in zip(
         jax.tree.leaves(task.model_def.shapes, is_leaf=lambda x: isinstance(x, tuple)),
         jax.tree.leaves(training.opt_specs, is_leaf=lambda x: isinstance(x, P)), strict=True)]
     assert found[LOCAL] == [], found[LOCAL]  # a local step communicates nothing over the data axis

@@ -120,7 +120,7 @@ def test_command_line_errors_name_the_problem(tmp_path, capsys):
     assert "unknown config key 'model.layerz'; did you mean 'model.layers'?" in capsys.readouterr().err
     assert train_lib.main(["--workdir", str(tmp_path), "data.max_images=9"]) == 2
     assert "config key 'data.max_images': got 9; expected an integer in [1, 8]" in capsys.readouterr().err
-    assert train_lib.main(["--workdir", str(tmp_path), "optimizer.name=onebit_adam"]) == 2
+    assert train_lib.main(["--workdir", str(tmp_path), "optimizer.name=sgd"]) == 2
     assert "optimizer.name" in capsys.readouterr().err
     assert chat.main(["--workdir", str(tmp_path), "--question", "hi"]) == 2
     assert "no checkpoint" in capsys.readouterr().err

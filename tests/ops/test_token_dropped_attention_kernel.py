@@ -1,6 +1,8 @@
 """Token-dropped attention: the reference against full attention restricted to the kept tokens, and the
 Pallas kernel (interpret mode) against the reference, forward and backward."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,11 +11,8 @@ import pytest
 from jaxllm.errors import UserError
 from jaxllm.ltd import gather_tokens, sample_kept_indices
 from jaxllm.ops.attention import alibi_slopes, causal_attention_reference
-from jaxllm.ops.token_dropped_attention import (
-    pallas_selected,
-    token_dropped_attention,
-    token_dropped_attention_reference,
-)
+from jaxllm.ops.dispatch import pallas_selected
+from jaxllm.ops.token_dropped_attention import token_dropped_attention, token_dropped_attention_reference
 from pallas_kernels.token_dropped_attention import token_dropped_attention as kernel
 from tests.conftest import PALLAS_INTERPRET
 
@@ -81,9 +80,10 @@ def test_kernel_in_bfloat16_and_dispatch():
     got = token_dropped_attention(q, k, v, seg, pos, idx, None, jnp.bfloat16, implementation="pallas")
     np.testing.assert_allclose(np.asarray(got, np.float32) * real, np.asarray(want, np.float32) * real,
                                rtol=2e-2, atol=2e-2)
-    assert not pallas_selected("auto", "cpu") and pallas_selected("auto", "gpu") and pallas_selected("auto", "tpu")
-    assert not pallas_selected("xla", "gpu") and pallas_selected("pallas", "cpu")
-    with pytest.raises(UserError, match="unknown implementation 'cuda'"):
-        pallas_selected("cuda")
+    selected = functools.partial(pallas_selected, "token-dropped attention")
+    assert not selected("auto", "cpu") and selected("auto", "gpu") and selected("auto", "tpu")
+    assert not selected("xla", "gpu") and selected("pallas", "cpu")
+    with pytest.raises(UserError, match="token-dropped attention: unknown implementation 'cuda'"):
+        selected("cuda")
     with pytest.raises(UserError, match="block must be a power of two"):
         kernel(q, k, v, seg, pos, idx, block=24, interpret=True)

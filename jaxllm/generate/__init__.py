@@ -12,7 +12,7 @@ Three layers, each usable alone:
   `jaxllm.models.definition.ModelDef.bind(params)` as the model, or use `generate_jit`.
 - `generate(model, prompts, ...)`: lists of token ids in, lists of new token ids out.
 
-And a command: ``python -m jaxllm.generate --workdir DIR --prompt "text" [...]`` (see `main`).
+And a command: ``python -m jaxllm.generate --workdir DIR --prompt "text" [...]`` (`jaxllm/generate/__main__.py`).
 
 Conventions, as in Hugging Face `generate`: a stop token that ends a row is part of its output (and
 counted in its length); later slots hold `pad_id`. `temperature=0` is greedy decoding. Sampling
@@ -29,11 +29,8 @@ divides them, and the tokens equal those of an unsharded run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,9 +45,9 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from jaxllm import mesh as mesh_lib
 from jaxllm.compression import checkpoint as compressed_checkpoint
-from jaxllm.config import MeshConfig, ModelConfig
+from jaxllm.config import ModelConfig
 from jaxllm.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, TextTokenizer, load_tokenizer
-from jaxllm.engine.checkpoint import Checkpointer
+from jaxllm.engine.checkpoint import Checkpointer, workdir_step
 from jaxllm.errors import UserError
 from jaxllm.models.decoder import Decoder, KVCache
 from jaxllm.models.definition import ModelDef
@@ -153,18 +150,35 @@ def generate_tokens(
     width = tokens.shape[1]
     return decode_loop(model, width, width - jnp.asarray(prompt_lengths, jnp.int32),
                        lambda model, cache: model.decode(tokens, cache, last_only=True),
-                       lambda model, last, cache: model.decode(last, cache), key, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id)
+                       lambda model, last, cache: model.decode(last, cache), key,
+                       Sampling.of(max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id))
 
 
 Prefill = Callable[[Any, KVCache], tuple[Float[Array, "batch 1 vocab"], KVCache]]
 Step = Callable[[Any, Int[Array, "batch 1"], KVCache], tuple[Float[Array, "batch 1 vocab"], KVCache]]
 
 
-# The settings are required here: their defaults belong to the public functions that call this one.
+class Sampling(NamedTuple):
+    """Generation settings as hashable Python values, so they can be a static `jit` argument (one
+    compilation each); see the module docstring for their meaning."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_tokens: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    @classmethod
+    def of(cls, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           stop_tokens: Sequence[int] = (), pad_id: int = 0) -> Sampling:
+        """The settings with every value converted to its plain Python type (ints from numpy, a tuple)."""
+        return cls(int(max_new_tokens), float(temperature), int(top_k), float(top_p),
+                   tuple(int(t) for t in stop_tokens), int(pad_id))
+
+
 def decode_loop(model: Any, width: int, start: Int[Array, " batch"], prefill: Prefill, step: Step, key: PRNGKeyArray,
-                *, max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_tokens: Sequence[int],
-                pad_id: int) -> Generation:
+                sampling: Sampling) -> Generation:
     """Cached generation for any model that decodes with a `KVCache` (`Decoder`, `VisualChat`).
 
     Checks the settings, builds a cache of `width + max_new_tokens` slots in which row b starts at
@@ -175,6 +189,7 @@ def decode_loop(model: Any, width: int, start: Int[Array, " batch"], prefill: Pr
     ends early once every row has stopped. Log-probs are those of the raw (unfiltered) distribution.
     """
     cfg = model.cfg
+    max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id = sampling
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens: got {max_new_tokens}; expected a positive integer")
     if width + max_new_tokens > cfg.max_len:
@@ -219,13 +234,6 @@ def decode_loop(model: Any, width: int, start: Int[Array, " batch"], prefill: Pr
     return Generation(tokens, lengths, logprobs)
 
 
-def sampling_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_tokens: Sequence[int],
-                      pad_id: int) -> dict[str, Any]:
-    """The generation settings as hashable Python values, for static `jit` arguments (one compilation each)."""
-    return dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-                top_p=float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
-
-
 class _Graph:
     """A graph definition as a static `jit` argument: hashable (by its text) and compared by value."""
 
@@ -239,13 +247,9 @@ class _Graph:
         return isinstance(other, _Graph) and self._hash == other._hash and self.graphdef == other.graphdef
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "stop_tokens", "pad_id"))
-def _generate_jit(graph: _Graph, params, prompt_tokens, prompt_lengths, key, *, max_new_tokens, temperature, top_k,
-                  top_p, stop_tokens, pad_id):
-    return generate_tokens(nnx.merge(graph.graphdef, params), prompt_tokens, prompt_lengths, key,
-                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           stop_tokens=stop_tokens, pad_id=pad_id)
+@functools.partial(jax.jit, static_argnames=("graph", "sampling"))
+def _generate_jit(graph: _Graph, params, prompt_tokens, prompt_lengths, key, sampling: Sampling):
+    return generate_tokens(nnx.merge(graph.graphdef, params), prompt_tokens, prompt_lengths, key, **sampling._asdict())
 
 
 def generate_jit(
@@ -259,7 +263,7 @@ def generate_jit(
     across calls); the parameters keep whatever sharding they have.
     """
     return _generate_jit(_Graph(graphdef), params, prompt_tokens, prompt_lengths, key,
-                         **sampling_settings(max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id))
+                         sampling=Sampling.of(max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None,
@@ -337,7 +341,7 @@ def generate(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: python -m jaxllm.generate
+# Loading a model to generate with
 
 
 def load_workdir(workdir: str | Path, mesh: Mesh, step: int | None = None,
@@ -348,16 +352,7 @@ def load_workdir(workdir: str | Path, mesh: Mesh, step: int | None = None,
     state (no optimizer state), each tensor straight into its shards. Returns the model and the step.
     """
     workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: directory not found")
-    directory = workdir / "checkpoints"
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
-    if not steps:
-        raise UserError(f"--workdir {workdir}: no checkpoint in {directory}; train first with "
-                        f"python -m jaxllm.train --workdir {workdir}")
-    if step is not None and step not in steps:
-        raise UserError(f"--step {step}: no such checkpoint in {directory}; found steps {steps}")
-    step = steps[-1] if step is None else step
+    directory, step = workdir_step(workdir, step)
     if compressed_checkpoint.is_compressed_checkpoint(workdir, step):  # written by python -m jaxllm.compress
         return compressed_checkpoint.load_workdir(workdir, mesh, step, compute_dtype)
     ckpt = Checkpointer(directory, async_save=False)
@@ -412,97 +407,3 @@ def find_tokenizer(explicit: str | None, workdir: str | None, hf_dir: str | None
     if any((Path(hf_dir) / name).is_file() for name in (HF_FILE, SENTENCEPIECE_FILE)):
         return load_tokenizer(hf_dir)
     return None
-
-
-def _parse_ids(text: str, flag: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected integers separated by spaces or commas") from None
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.generate",
-                                     description="Generate text from a jaxllm run or a Hugging Face directory.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", help="a jaxllm training workdir: its latest checkpoint is used")
-    source.add_argument("--hf", help="a Hugging Face model directory (config.json + safetensors)")
-    parser.add_argument("--step", type=int, help="with --workdir: this checkpoint step instead of the latest")
-    parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
-    parser.add_argument("--prompt-ids", action="append", default=[],
-                        help="a prompt as token ids, e.g. '5 17 9' (repeat for a batch)")
-    parser.add_argument("--tokenizer", help="SentencePiece .model, tokenizer.json or a directory holding one "
-                        "(default: the run's or the --hf directory's)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 keeps all")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop-token", type=int, action="append", default=[],
-                        help="an extra token id that ends a row (the tokenizer's EOS always does, unless --ignore-eos)")
-    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS")
-    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="override the model's compute dtype")
-    parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree (devices used)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    return parser.parse_args(argv)
-
-
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Loads the model and tokenizer the arguments name, generates, and returns one record per prompt."""
-    if not args.prompt and not args.prompt_ids:
-        raise UserError("no prompt: give --prompt TEXT or --prompt-ids IDS (each may be repeated)")
-    if args.tensor < 1 or args.tensor > jax.device_count():
-        raise UserError(f"--tensor {args.tensor}: expected 1 to the {jax.device_count()} available devices")
-    mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=args.tensor, sequence=1),
-                              jax.devices()[:args.tensor])
-    with jax.set_mesh(mesh):
-        if args.workdir is not None:
-            model, _ = load_workdir(args.workdir, mesh, args.step, args.compute_dtype)
-        else:
-            model = load_hf(args.hf, mesh, args.compute_dtype)
-        tokenizer = find_tokenizer(args.tokenizer, args.workdir, args.hf)
-        if args.prompt and tokenizer is None:
-            where = "data/tokenizer.model" if args.workdir else f"{HF_FILE} or {SENTENCEPIECE_FILE}"
-            raise UserError(f"--prompt needs a tokenizer and none was found in {args.workdir or args.hf} ({where}); "
-                            "pass --tokenizer FILE or use --prompt-ids")
-        prompts = [tokenizer.encode(text) for text in args.prompt]
-        prompts += [_parse_ids(text, "--prompt-ids") for text in args.prompt_ids]
-        stops = list(args.stop_token)
-        if tokenizer is not None and tokenizer.eos_id >= 0 and not args.ignore_eos:
-            stops.append(tokenizer.eos_id)
-        pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id >= 0 else 0
-        new, logprobs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, stop_tokens=stops, seed=args.seed,
-                                 pad_id=pad_id, return_logprobs=True)
-    texts = args.prompt + [None] * len(args.prompt_ids)
-    records = []
-    for text, prompt, ids, lps in zip(texts, prompts, new, logprobs, strict=True):
-        record = {"prompt": text, "prompt_ids": prompt, "new_ids": ids, "logprob": float(sum(lps)),
-                  "stopped": bool(ids) and ids[-1] in stops}
-        if tokenizer is not None:
-            record["prompt_text"] = tokenizer.decode(prompt)
-            record["completion"] = tokenizer.decode(ids)
-        records.append(record)
-    return records
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        records = run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for record in records:
-        if args.json:
-            print(json.dumps(record, ensure_ascii=False))
-        elif "completion" in record:
-            print(record["prompt_text"] + record["completion"])
-            print()
-        else:
-            print(" ".join(map(str, record["prompt_ids"] + record["new_ids"])))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -166,7 +166,7 @@ def test_synthetic_rule_and_rows():
     (["data.data_split=2,4"], "config key 'data.data_split': got '2,4'"),
     (["ppo.train_batch_size=5"], "config key 'ppo.train_batch_size': got 5; expected a divisor"),
     (["ppo.cliprange=0"], "config key 'ppo.cliprange'"),
-    (["optimizer.name=onebit_adam"], "config key 'optimizer.name'"),
+    (["optimizer.name=sgd"], "config key 'optimizer.name'"),
     (["ppo.only_optimize_lora=true"], "config key 'ppo.only_optimize_lora'"),
     (["data.source=jsonl"], "config key 'data.path'"),
 ])
