@@ -156,13 +156,13 @@ ONEBIT_PARAMS: dict[str, tuple[str, ...]] = {
 @dataclasses.dataclass
 class OptimizerConfig:
     # adamw: Optax AdamW. onebit_adam | zero_one_adam | onebit_lamb: DeepSpeed's compressed-communication
-    # optimizers (jaxllm.optim); they switch the run to the per-device train step of jaxllm.engine.compressed.
+    # optimizers (jaxllm.optim); they switch the run to the per-device train step of jaxllm.engine.onebit.
     name: Literal["adamw", "onebit_adam", "zero_one_adam", "onebit_lamb"] = "adamw"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    grad_clip: float = 1.0  # global-norm clipping; 0 disables it (compressed optimizers: each device's gradient)
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables it (1-bit optimizers: each device's gradient)
     # DeepSpeed-named parameters; null means DeepSpeed's default (ONEBIT_DEFAULTS). Each belongs to the
     # optimizers listed in ONEBIT_PARAMS; setting one for another optimizer is an error.
     freeze_step: int | None = None

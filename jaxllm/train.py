@@ -104,7 +104,7 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
         ltd = LTDSetup(efficiency.ltd_layers, config.seed, config.random_ltd.attention_implementation)
     with jax.set_mesh(mesh):
         state, start = ckpt.resume_or_init(task.layout.abstract, iterator, meta, init)
-        # Per-device metrics of a compressed optimizer are reduced only on the steps that log them.
+        # Per-device metrics of a 1-bit optimizer are reduced only on the steps that log them.
         logged = lambda s: s % config.train.log_every == 0 or s in (start + 1, total_steps)  # noqa: E731
         train_step = task.train_step(ltd, summarize=logged)
         eval_step = task.eval_step()

@@ -48,9 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bias-correction", action="store_true",
                         help="optimizer.bias_correction for 1-bit and 0/1 Adam (AdamW always corrects)")
     parser.add_argument("--exact-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="optimizer.exact_allreduce_dtype for the compressed optimizers (AdamW's stays f32)")
+                        help="optimizer.exact_allreduce_dtype for the 1-bit optimizers (AdamW's stays f32)")
     parser.add_argument("--optimizers", default="onebit_adam,zero_one_adam",
-                        help="comma-separated compressed optimizers to run beside AdamW (the baseline, always run)")
+                        help="comma-separated 1-bit optimizers to run beside AdamW (the baseline, always run)")
     parser.add_argument("overrides", nargs="*")
     return parser
 
@@ -70,7 +70,7 @@ import numpy as np  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
 from jaxllm import mesh as mesh_lib  # noqa: E402
-from jaxllm.engine.compressed import hlo_collectives  # noqa: E402
+from jaxllm.engine.onebit import hlo_collectives  # noqa: E402
 from jaxllm.pretraining import LanguageModelTraining  # noqa: E402
 from jaxllm.train import train  # noqa: E402
 
@@ -92,7 +92,7 @@ def programs(config) -> tuple[list[str], list[int], dict[int, dict]]:
                                          sharding=mesh_lib.batch_sharding(mesh))
                  for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
         task = LanguageModelTraining.build(config, mesh)
-        step, training = task.train_step(), task.optimizer.compressed
+        step, training = task.train_step(), task.optimizer.onebit
         if training is None:  # AdamW: one program, GSPMD's f32 all-reduce of the gradient
             text = step.lower(task.layout.abstract, batch).compile().as_text()
             return ["exact"], [0] * config.train.steps, {0: phase_traffic(text, mesh.devices.size)}

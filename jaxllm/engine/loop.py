@@ -44,7 +44,7 @@ class Cadence:
 
 
 def logged_steps(config: Any, start: int, total_steps: int | None = None) -> Callable[[int], bool]:
-    """Which (1-based) steps `run` logs a row after: a compressed optimizer's step reduces its
+    """Which (1-based) steps `run` logs a row after: a 1-bit optimizer's step reduces its
     per-device metrics on those steps only."""
     total = config.train.steps if total_steps is None else total_steps
     return lambda step: step % config.train.log_every == 0 or step in (start + 1, total)

@@ -9,28 +9,28 @@ from typing import Any
 import optax
 from jax.sharding import Mesh
 
-from jaxllm.engine.compressed import CompressedTraining, is_compressed
+from jaxllm.engine.onebit import OneBitTraining, is_onebit
 from jaxllm.engine.state import ParamTree, StateLayout, state_layout
 from jaxllm.optim import build_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainOptimizer:
-    """`tx` initialises the optimizer state (for a compressed optimizer, every device's); `schedule` is
-    the learning rate by step; `compressed` is set for 1-bit Adam, 0/1 Adam and 1-bit LAMB."""
+    """`tx` initialises the optimizer state (for a 1-bit optimizer, every device's); `schedule` is
+    the learning rate by step; `onebit` is set for 1-bit Adam, 0/1 Adam and 1-bit LAMB."""
 
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    compressed: CompressedTraining | None = None
+    onebit: OneBitTraining | None = None
 
     def layout(self, mesh: Mesh, model: Any, zero_stage: int, frozen: tuple[str, ...] = ()) -> StateLayout:
         """The state layout of `model` (a `ModelDef` or `ParamTree`) trained with this optimizer."""
-        opt_state = self.compressed.opt_state_layout() if self.compressed else None
+        opt_state = self.onebit.opt_state_layout() if self.onebit else None
         return state_layout(mesh, model, self.tx, zero_stage, frozen, opt_state)
 
     def signature(self) -> dict[str, Any] | None:
         """What the saved optimizer state is bound to (None: it restores onto any mesh)."""
-        return self.compressed.signature() if self.compressed else None
+        return self.onebit.signature() if self.onebit else None
 
 
 def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
@@ -38,11 +38,11 @@ def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
     """The optimizer of `config.optimizer` for the trainable parameters of `model` (all groups but
     `frozen`). `schedule` replaces the config's warm-up + cosine learning rate (random-LTD's LayerToken
     schedule, PPO's per-model rates)."""
-    if is_compressed(config):
+    if is_onebit(config):
         params = ParamTree(model.logical_axes, model.shapes)
         if frozen:
             params = params.subset(tuple(k for k in params.shapes if k not in frozen))
-        compressed = CompressedTraining(config, mesh, params, schedule)
-        return TrainOptimizer(compressed.state_tx, compressed.schedule, compressed)
+        onebit = OneBitTraining(config, mesh, params, schedule)
+        return TrainOptimizer(onebit.state_tx, onebit.schedule, onebit)
     tx, schedule = build_optimizer(config, schedule)
     return TrainOptimizer(tx, schedule)

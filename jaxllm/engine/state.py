@@ -7,7 +7,7 @@ checkpoint. Parameters are pure dicts of f32 arrays (what Orbax saves).
 
 Shardings come from the parameters' logical axes through `jaxllm.mesh`; ZeRO stages are sharding
 choices (`param_drop`, `grad_drop`, `opt_drop`). Every optimizer-state leaf that mirrors a parameter
-is sharded like it, for any Optax chain; a compressed optimizer (`jaxllm.engine.compressed`) lays out
+is sharded like it, for any Optax chain; a 1-bit optimizer (`jaxllm.engine.onebit`) lays out
 its own per-device state.
 """
 
@@ -87,7 +87,7 @@ def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_
                  frozen: tuple[str, ...] = (), opt_state: tuple[Any, Any] | None = None) -> StateLayout:
     """The layout of a task's state. `model`: a `ModelDef` or `ParamTree`; `frozen`: top-level groups
     without gradients; `opt_state`: (abstract, shardings) of an optimizer that lays out its own state
-    (a compressed optimizer's per-device buffers), else they follow `tx.init` and the parameters."""
+    (a 1-bit optimizer's per-device buffers), else they follow `tx.init` and the parameters."""
     whole = ParamTree(model.logical_axes, model.shapes)
     trainable = whole.subset(tuple(k for k in whole.shapes if k not in frozen)) if frozen else whole
     replicated = NamedSharding(mesh, PartitionSpec())

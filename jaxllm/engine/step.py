@@ -5,7 +5,7 @@ sums over what its batch counts (tokens, pairs, answer tokens), `ltd` the random
 batch or None. The step adds everything else: gradient accumulation over `grad_accum` micro-batches,
 the mean over the global count, the skip of a step whose loss or gradient is not finite (parameters
 and optimizer state unchanged, `skipped_steps` + 1), random-LTD's kept positions, and for a
-compressed optimizer its per-device path (`jaxllm.engine.compressed`) behind the same call.
+1-bit optimizer its per-device path (`jaxllm.engine.onebit`) behind the same call.
 
 Metrics: `loss` (sum / count), `grad_norm`, `lr`, `tokens` (the count), `skipped`, and each aux sum
 divided by the count (the reward model's `accuracy` is its correct pairs over its pairs).
@@ -85,10 +85,10 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
     """The train step of a task: `step(state, batch) -> (state, metrics)`, or `step(state, batch, kept)`
     with random-LTD (`kept`: the static kept length, one compilation per value; None keeps every token).
 
-    `optimizer`: a `jaxllm.engine.optimizer.TrainOptimizer`. Its compressed path returns per-device
+    `optimizer`: a `jaxllm.engine.optimizer.TrainOptimizer`. Its 1-bit path returns per-device
     metrics except after the steps `summarize(step)` names (by default every step)."""
-    if optimizer.compressed is not None:
-        return optimizer.compressed.train_step(loss_fn, layout, grad_accum, ltd, summarize)
+    if optimizer.onebit is not None:
+        return optimizer.onebit.train_step(loss_fn, layout, grad_accum, ltd, summarize)
     tx, schedule = optimizer.tx, optimizer.schedule
 
     def step(state, batch, kept=None):

@@ -339,7 +339,7 @@ def translate(ds: Any, preset: Mapping[str, Any] | None = None) -> tuple[dict[st
         _zero(ds, out)
     if config_lib.ONEBIT_PARAMS.get(out.config.get("optimizer", {}).get("name", "adamw")) and \
             out.config.get("mesh", {}).get("fsdp") == -1:
-        # The compressed optimizers compress the gradient average over mesh.data; DeepSpeed's 1-bit
+        # The 1-bit optimizers compress the gradient average over mesh.data; DeepSpeed's 1-bit
         # optimizers do not combine with ZeRO partitioning either.
         out.set("mesh.fsdp", 1)
         out.set("mesh.data", -1)

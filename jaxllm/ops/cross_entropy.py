@@ -5,7 +5,7 @@ A gather (Optax's `softmax_cross_entropy_with_integer_labels`) is the default: o
 faster per training step than the alternative at a 32k vocabulary. Inside `one_hot_targets()` the
 target logit is picked with a one-hot product instead: XLA's partitioner (jax 0.10) aborts on the
 gather of vocab-sharded logits inside a `shard_map` that is manual over the data axis only, which is
-how the compressed optimizers' train step (`jaxllm.engine.compressed`) computes its gradients.
+how the 1-bit optimizers' train step (`jaxllm.engine.onebit`) computes its gradients.
 """
 
 from __future__ import annotations

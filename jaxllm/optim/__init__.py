@@ -2,7 +2,7 @@
 
 Besides Optax's AdamW, DeepSpeed's communication-efficient optimizers: `onebit_adam`,
 `zero_one_adam` and `onebit_lamb`, built on the error-feedback 1-bit collective
-`compressed_allreduce` (run them inside `jax.shard_map`; see `jaxllm.engine.compressed` for the
+`compressed_allreduce` (run them inside `jax.shard_map`; see `jaxllm.engine.onebit` for the
 train step that does).
 """
 
@@ -20,7 +20,8 @@ from jaxllm.config import Config
 from jaxllm.optim import onebit_adam as _onebit_adam_module
 from jaxllm.optim import onebit_lamb as _onebit_lamb_module
 from jaxllm.optim import zero_one_adam as _zero_one_adam_module
-from jaxllm.optim.compressed import (
+from jaxllm.optim.onebit_adam import OneBitAdamState, onebit_adam, onebit_adam_phase
+from jaxllm.optim.onebit_allreduce import (
     DEVICE_AXIS,
     CompressionState,
     compressed_allreduce,
@@ -30,7 +31,6 @@ from jaxllm.optim.compressed import (
     padded_size,
     unpack_signs,
 )
-from jaxllm.optim.onebit_adam import OneBitAdamState, onebit_adam, onebit_adam_phase
 from jaxllm.optim.onebit_lamb import OneBitLambState, onebit_lamb
 from jaxllm.optim.schedules import warmup_cosine
 from jaxllm.optim.zero_one_adam import (
@@ -41,7 +41,7 @@ from jaxllm.optim.zero_one_adam import (
     zero_one_adam,
 )
 
-COMPRESSED_OPTIMIZERS = ("onebit_adam", "zero_one_adam", "onebit_lamb")
+ONEBIT_OPTIMIZERS = ("onebit_adam", "zero_one_adam", "onebit_lamb")
 
 
 def _decay_mask(params):
@@ -53,8 +53,8 @@ def build_optimizer(config: Config, schedule: optax.Schedule | None = None, *, n
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for `config.optimizer` and the learning-rate schedule it follows.
 
-    adamw: global-norm clipping chained with Optax's AdamW. The compressed optimizers are returned
-    bare, set up for the per-device train step (`jaxllm.engine.compressed`, data axis `DEVICE_AXIS`),
+    adamw: global-norm clipping chained with Optax's AdamW. The 1-bit optimizers are returned
+    bare, set up for the per-device train step (`jaxllm.engine.onebit`, data axis `DEVICE_AXIS`),
     which clips each device's own gradient before they see it. `norm_axes` (1-bit LAMB only): the mesh
     axes each parameter's shard is split over inside that step, so norms cover whole tensors.
     `schedule` replaces the step-based warm-up + cosine (random-LTD's LayerToken schedule does).
@@ -86,7 +86,7 @@ def build_optimizer(config: Config, schedule: optax.Schedule | None = None, *, n
 
 @dataclasses.dataclass(frozen=True)
 class PhasePlan:
-    """Which phase each step of a compressed optimizer is in, decided on the host."""
+    """Which phase each step of a 1-bit optimizer is in, decided on the host."""
 
     names: tuple[str, ...]  # phase index -> name
     communicating: tuple[bool, ...]  # phase index -> whether it exchanges anything over the data axis
@@ -106,7 +106,7 @@ class _ZeroOneAdamPhases:
 
 
 def phase_plan(config: Config) -> PhasePlan:
-    """The phase schedule of `config.optimizer` (a compressed optimizer)."""
+    """The phase schedule of `config.optimizer` (a 1-bit optimizer)."""
     opt = config.optimizer
     if opt.name in ("onebit_adam", "onebit_lamb"):
         freeze = opt.param("freeze_step")
@@ -117,11 +117,11 @@ def phase_plan(config: Config) -> PhasePlan:
             "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper")))
         return PhasePlan(_zero_one_adam_module.PHASES, _zero_one_adam_module.COMMUNICATING,
                          _ZeroOneAdamPhases(schedule))
-    raise ValueError(f"optimizer {opt.name!r} has no phases (it is not a compressed optimizer)")
+    raise ValueError(f"optimizer {opt.name!r} has no phases (it is not a 1-bit optimizer)")
 
 
 __all__ = [
-    "COMPRESSED_OPTIMIZERS",
+    "ONEBIT_OPTIMIZERS",
     "DEVICE_AXIS",
     "CompressionState",
     "OneBitAdamState",

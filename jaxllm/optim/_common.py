@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxllm.optim.compressed import (
+from jaxllm.optim.onebit_allreduce import (
     CompressionState,
     compressed_allreduce_tree,
     init_compression_state,

@@ -17,8 +17,8 @@ import optax
 from jaxtyping import Array, Int
 
 from jaxllm.optim import _common as common
-from jaxllm.optim.compressed import CompressionState, compressed_allreduce, init_compression_state
 from jaxllm.optim.onebit_adam import last_warmup_step
+from jaxllm.optim.onebit_allreduce import CompressionState, compressed_allreduce, init_compression_state
 
 EXACT, COMPRESSED = 0, 1
 PHASES = ("exact", "compressed")

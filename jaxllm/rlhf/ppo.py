@@ -35,7 +35,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.data.pipeline import make_train_dataset, make_train_iterator, padded_eval_batches
 from jaxllm.engine import loop
 from jaxllm.engine.checkpoint import Checkpointer, model_meta
-from jaxllm.engine.compressed import is_compressed
+from jaxllm.engine.onebit import is_onebit
 from jaxllm.engine.state import state_layout
 from jaxllm.errors import UserError
 from jaxllm.optim import build_optimizer, warmup_cosine
@@ -97,9 +97,9 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
         if not getattr(p, key):
             step = "step 1 (sft)" if key == "actor_workdir" else "step 2 (reward)"
             raise UserError(f"config key 'ppo.{key}': required; the workdir of {step}")
-    if is_compressed(config):
+    if is_onebit(config):
         raise UserError(f"config key 'optimizer.name': PPO trains its actor and critic with adamw, got "
-                        f"{config.optimizer.name!r}; the compressed optimizers train steps 1 and 2")
+                        f"{config.optimizer.name!r}; the 1-bit optimizers train steps 1 and 2")
     mesh = runtime.start(config)
     workdir.mkdir(parents=True, exist_ok=True)
     runtime.check_rows_divide(p.generation_batch_size, mesh, "ppo.generation_batch_size")

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 MESH = ["mesh.data=2", "mesh.fsdp=4"]
 RUN = ["train.steps=3", "train.log_every=1", "checkpoint.every=2", "checkpoint.async_save=false",
        "log.progress_bar=false", "log.tensorboard=false"]
-# Each compressed optimizer leaves its exact warm-up within the three steps.
+# Each 1-bit optimizer leaves its exact warm-up within the three steps.
 OPTIMIZERS = {
     "adamw": [],
     "onebit_adam": ["optimizer.name=onebit_adam", "optimizer.freeze_step=1"],
@@ -73,8 +73,8 @@ def killed_and_resumed(run, tmp_path: Path, overrides: list[str]) -> tuple[dict,
     return logged_losses(straight), logged_losses(resumed)
 
 
-# The default run takes each compressed optimizer with a different task (AdamW with every task, and
-# pretraining with the compressed optimizers, resume bitwise in their own tests); JAXLLM_FULL_MATRIX=1
+# The default run takes each 1-bit optimizer with a different task (AdamW with every task, and
+# pretraining with the 1-bit optimizers, resume bitwise in their own tests); JAXLLM_FULL_MATRIX=1
 # runs all sixteen pairs (about six minutes on two cores).
 COVERING = {("sft", "onebit_adam"), ("reward", "zero_one_adam"), ("visualchat", "onebit_lamb")}
 

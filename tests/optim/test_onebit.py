@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.engine.compressed import hlo_collectives
+from jaxllm.engine.onebit import hlo_collectives
 from jaxllm.optim import (
     ZeroOneAdamSchedule,
     ZeroOneAdamState,
@@ -21,7 +21,7 @@ from jaxllm.optim import (
 )
 from jaxllm.optim._common import exact_mean
 from jaxllm.optim.zero_one_adam import COMPRESSED_GRADIENT, EXACT_VARIANCE, LOCAL, SYNC
-from tests.optim.test_compressed import reference_allreduce
+from tests.optim.test_onebit_allreduce import reference_allreduce
 
 W = 4
 LR, B1, B2, EPS, WD = 0.01, 0.9, 0.999, 1e-8, 0.1

@@ -57,8 +57,8 @@ from jaxllm.engine.state import ParamTree, StateLayout, is_axes
 from jaxllm.engine.step import gradient_sums, with_ltd_indices
 from jaxllm.ltd import LTDSetup
 from jaxllm.ops.cross_entropy import one_hot_targets
-from jaxllm.optim import COMPRESSED_OPTIMIZERS, PhasePlan, build_optimizer, phase_plan
-from jaxllm.optim.compressed import DEVICE_AXIS
+from jaxllm.optim import ONEBIT_OPTIMIZERS, PhasePlan, build_optimizer, phase_plan
+from jaxllm.optim.onebit_allreduce import DEVICE_AXIS
 from jaxllm.optim.zero_one_adam import ZeroOneAdamState
 
 DATA = mesh_lib.MESH_AXES[0]  # the data-parallel axis of the run's mesh
@@ -66,8 +66,8 @@ MODEL_AXES = mesh_lib.MESH_AXES[1:]  # fsdp, tensor, sequence
 INNER_AXES = (DEVICE_AXIS, *mesh_lib.MESH_AXES)  # dp, data (size 1), fsdp, tensor, sequence
 
 
-def is_compressed(config: Any) -> bool:
-    return config.optimizer.name in COMPRESSED_OPTIMIZERS
+def is_onebit(config: Any) -> bool:
+    return config.optimizer.name in ONEBIT_OPTIMIZERS
 
 
 def inner_mesh(mesh: Mesh) -> Mesh:
@@ -115,8 +115,8 @@ class _LeafLayout:
     shape: tuple[int, ...]  # global shape
 
 
-class CompressedTraining:
-    """Optimizer, optimizer-state layout and train step of a run with a compressed optimizer.
+class OneBitTraining:
+    """Optimizer, optimizer-state layout and train step of a run with a 1-bit optimizer.
 
     `state_tx` initialises the global optimizer state, per-device leaves included (for
     `jaxllm.engine.state.initial_state`); `opt_state_layout()` gives its abstract tree and shardings
@@ -125,8 +125,8 @@ class CompressedTraining:
     """
 
     def __init__(self, config: Any, mesh: Mesh, params: Any, schedule: optax.Schedule | None = None):
-        if not is_compressed(config):
-            raise ValueError(f"optimizer {config.optimizer.name!r} is not a compressed optimizer")
+        if not is_onebit(config):
+            raise ValueError(f"optimizer {config.optimizer.name!r} is not a 1-bit optimizer")
         self.config, self.mesh, self.params = config, mesh, ParamTree(params.logical_axes, params.shapes)
         self.inner = inner_mesh(mesh)
         self.data_size = mesh.shape[DATA]
@@ -231,11 +231,11 @@ class CompressedTraining:
     # -- step -----------------------------------------------------------------------------------
 
     def train_step(self, loss_fn: Callable, layout: StateLayout, grad_accum: int = 1, ltd: LTDSetup | None = None,
-                   summarize: Callable[[int], bool] | None = None) -> CompressedStep:
+                   summarize: Callable[[int], bool] | None = None) -> OneBitStep:
         """The step callable for a task's `loss_fn` (`jaxllm.engine.step.LossFn`); `summarize(step)` says
         after which (1-based) steps to reduce the per-device metrics to the usual scalars (`loss`,
         `grad_norm`, `lr`, `tokens`, `skipped` and the loss's aux metrics)."""
-        return CompressedStep(self, loss_fn, layout, grad_accum, ltd, summarize or (lambda step: True))
+        return OneBitStep(self, loss_fn, layout, grad_accum, ltd, summarize or (lambda step: True))
 
     def _step_fn(self, phase: int, loss_fn: Callable, grad_accum: int, ltd: LTDSetup | None,
                  kept: int | None) -> Callable:
@@ -309,8 +309,8 @@ class CompressedTraining:
 
 
 def _no_global_update(updates, state, params=None):
-    raise RuntimeError("CompressedTraining.state_tx only initialises state; "
-                       "its updates run in CompressedTraining.train_step")
+    raise RuntimeError("OneBitTraining.state_tx only initialises state; "
+                       "its updates run in OneBitTraining.train_step")
 
 
 def _local_update(opt_state: Any) -> Any:
@@ -320,7 +320,7 @@ def _local_update(opt_state: Any) -> Any:
     return found[0].local.momentum_accumulator if found else None
 
 
-class CompressedStep:
+class OneBitStep:
     """`step(state, batch) -> (state, metrics)`, choosing the compiled program of the step's phase.
 
     The step number is read from the state once and then counted on the host (a new state object
@@ -328,7 +328,7 @@ class CompressedStep:
     `summarize(step)` is true, then the usual scalars.
     """
 
-    def __init__(self, training: CompressedTraining, loss_fn: Callable, layout: StateLayout, grad_accum: int,
+    def __init__(self, training: OneBitTraining, loss_fn: Callable, layout: StateLayout, grad_accum: int,
                  ltd: LTDSetup | None, summarize: Callable[[int], bool]):
         self.training = training
         self.loss_fn = loss_fn

@@ -7,9 +7,9 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.engine.compressed import hlo_collectives
+from jaxllm.engine.onebit import hlo_collectives
 from jaxllm.optim import CompressionState, compressed_allreduce, init_compression_state
-from jaxllm.optim.compressed import compressed_allreduce_tree, pack_signs, padded_size, unpack_signs
+from jaxllm.optim.onebit_allreduce import compressed_allreduce_tree, pack_signs, padded_size, unpack_signs
 
 
 def reference_allreduce(xs, worker, server):

@@ -35,7 +35,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, UInt8
 
 # The manual mesh axis over which jaxllm's compressed train step runs the optimizer (see
-# `jaxllm.engine.compressed`); `jaxllm.optim.build_optimizer` hands it to the compressed optimizers.
+# `jaxllm.engine.onebit`); `jaxllm.optim.build_optimizer` hands it to the 1-bit optimizers.
 DEVICE_AXIS = "dp"
 
 

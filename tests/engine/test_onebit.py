@@ -1,4 +1,4 @@
-"""Training with the compressed optimizers: fsdp sharding, HLO traffic per phase, bitwise resume, bad input."""
+"""Training with the 1-bit optimizers: fsdp sharding, HLO traffic per phase, bitwise resume, bad input."""
 
 import shutil
 import warnings
@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
-from jaxllm.engine.compressed import CompressedTraining, hlo_collectives, local_shape
+from jaxllm.engine.onebit import OneBitTraining, hlo_collectives, local_shape
 from jaxllm.errors import UserError
 from jaxllm.models.definition import ModelDef
 from jaxllm.optim import padded_size
@@ -33,7 +33,7 @@ LAMB = [*TINY, "model.layers=1", "train.steps=12", "train.lr=1e-2", "optimizer.n
 def test_zero_one_adam_with_fsdp_learns_and_resumes_bitwise_mid_interval(tmp_path, devices):
     args = [*ZERO_ONE, "train.log_every=1", "checkpoint.every=9", "mesh.data=2", "mesh.fsdp=4",
             "checkpoint.async_save=false"]
-    plan = _task(*_setup(args)[:2]).optimizer.compressed.plan
+    plan = _task(*_setup(args)[:2]).optimizer.onebit.plan
     assert [plan.phase(t) for t in range(1, 13)] == ZERO_ONE_PHASES
     straight = tmp_path / "straight"
     train(config_lib.load(None, args), straight)
@@ -105,7 +105,7 @@ def _data_crossing(collectives, mesh):
 def test_each_phase_moves_only_what_it_should_over_the_data_axis(devices, mesh_shape, phases):
     cfg, mesh, _ = _setup([*ZERO_ONE, *_mesh(mesh_shape)])
     task = _task(cfg, mesh)
-    training = task.optimizer.compressed
+    training = task.optimizer.onebit
     data = mesh_shape[0]
     with jax.set_mesh(mesh):
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.batch_sharding(mesh))
@@ -179,5 +179,5 @@ def test_config_warnings():
         warnings.simplefilter("error")
         config_lib.load(None, ["optimizer.name=onebit_adam", "optimizer.freeze_step=10", "train.steps=20"])
     with pytest.warns(UserWarning, match="data axis of size 1 .* there is nothing to compress"):
-        CompressedTraining(*_setup([*TINY, "optimizer.name=onebit_adam", "optimizer.freeze_step=2", "train.steps=4",
+        OneBitTraining(*_setup([*TINY, "optimizer.name=onebit_adam", "optimizer.freeze_step=2", "train.steps=4",
                                     "mesh.data=1", "mesh.fsdp=8"]))
