@@ -75,15 +75,24 @@ def peak_flops(dtype_name: str, devices: list[jax.Device] | None = None) -> tupl
 
 
 class MetricsWriter:
-    """Writes metric rows to `metrics.jsonl` and TensorBoard, and drives the progress bar.
+    """Writes metric rows to `metrics.jsonl` and TensorBoard, and to the console: the progress bar shows
+    the run's headline figures (the eval loss too, once there is one), and without a bar every row is
+    printed as one plain line (multi-host and batch jobs keep a readable log).
 
     Only the process that owns the writer (process 0) should create one.
     """
 
+    # What the bar shows by default: row key -> (label, format).
+    DEFAULT_HEADLINE = {"loss": ("loss", "{:.3f}"), "eval_loss": ("eval", "{:.3f}"),
+                        "tokens_per_sec": ("tok_s", "{:.0f}"), "mfu": ("mfu", "{:.1%}")}
+
     def __init__(self, workdir: Path, total_steps: int, start_step: int, tensorboard: bool = True,
                  progress_bar: bool = True, headline: tuple[str, ...] | None = None):
         self.path = workdir / "metrics.jsonl"
-        self.headline = headline  # row keys the bar shows; None: loss, tokens/s and MFU
+        self.total_steps = total_steps
+        self.headline = ({k: (k, "{:.3g}") for k in headline} if headline is not None
+                         else self.DEFAULT_HEADLINE)
+        self._shown: dict[str, str] = {}
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -105,14 +114,13 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, row["step"])
         if self._bar is None:
+            print(console_line(row, self.total_steps), flush=True)
             return
-        if self.headline is not None:
-            shown = {k: f"{row[k]:.3g}" for k in self.headline if isinstance(row.get(k), (int, float))}
-            if shown:
-                self._bar.set_postfix(shown, refresh=False)
-        elif "loss" in row:
-            self._bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_sec', 0):.0f}",
-                                  mfu=f"{100 * row.get('mfu', 0):.1f}%", refresh=False)
+        for key, (label, fmt) in self.headline.items():
+            if isinstance(row.get(key), (int, float)):
+                self._shown[label] = fmt.format(row[key])
+        if self._shown:
+            self._bar.set_postfix(self._shown, refresh=False)
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
@@ -124,6 +132,15 @@ class MetricsWriter:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+def console_line(row: dict[str, Any], total_steps: int) -> str:
+    """A metrics row as one line: `step 20/100 | loss 2.313 | lr 0.001 | ...` (4 significant digits)."""
+    cells = [f"step {row['step']}/{total_steps}"]
+    for key, value in row.items():
+        if key != "step":
+            cells.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " | ".join(cells)
 
 
 def truncate_after(path: Path, step: int) -> None:

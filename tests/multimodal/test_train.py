@@ -106,6 +106,9 @@ def test_train_resume_and_chat(tmp_path, devices, capsys):
     with pytest.raises(Exception, match="vision.d_ff: checkpoint 32, config 64"):
         train_lib.train(bad, workdir)
 
+    # Without a progress bar (this config) the rows went to the console as lines.
+    assert "step 4/4 | loss " in capsys.readouterr().out
+
     # Chat: two rounds over two images, greedy, from the trained workdir.
     images = sorted((workdir / "data" / "synthetic" / "images").glob("ep0_*.png"))
     code = chat.main(["--workdir", str(workdir), "--image", str(images[0]), "--image", str(images[1]),
