@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 import warnings
@@ -126,12 +127,16 @@ class TrainConfig:
     # With a curriculum or random-LTD the batch shape changes a few times: compile every later shape's
     # program on a background thread while the earlier ones train, instead of stopping at each change.
     background_compile: bool = True
+    # A run stops with an error (and saves no more checkpoints) once this many steps in a row had a
+    # non-finite loss or gradient and were skipped: it has diverged. 0 never stops.
+    max_skipped_steps: int = 10
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
             require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
         require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an integer >= 0")
-        require(self.lr > 0, "train.lr", self.lr, "a positive number")
+        require(self.max_skipped_steps >= 0, "train.max_skipped_steps", self.max_skipped_steps, "an integer >= 0")
+        require(0 < self.lr < math.inf, "train.lr", self.lr, "a positive finite number")
         require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "a value in [0, 1]")
         require(self.batch_size % self.grad_accum == 0, "train.batch_size", self.batch_size,
                  f"a multiple of train.grad_accum={self.grad_accum}")

@@ -7,6 +7,11 @@ metrics into a logged row, and an `evaluate`. The loop owns the cadence: a row a
 `eval.every`-th step (and at the end when asked); an async checkpoint every `checkpoint.every` steps
 and at the end. Rows go to `metrics.jsonl`, TensorBoard and the progress bar (process 0 only); rows
 logged after the step a run resumes from are dropped first, so they are never written twice.
+
+A run whose steps keep being skipped (non-finite loss or gradient, see `jaxllm.engine.step`) has
+diverged: after `train.max_skipped_steps` such steps in a row the loop stops with an error naming the
+steps, before any further checkpoint. The check reads each step's counter one step late, so the host
+never waits for the step it has just queued.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax
 
 from jaxllm import runtime
 from jaxllm.engine.checkpoint import Checkpointer, fault_point
+from jaxllm.errors import UserError
 from jaxllm.metrics import MetricsWriter, truncate_after
 
 # step_fn(state, step) -> (state, device metrics of the step, host numbers summed between rows)
@@ -36,11 +42,39 @@ class Cadence:
     eval_every: int  # 0: no periodic evaluation
     checkpoint_every: int  # 0: only at the end
     eval_at_end: bool = True
+    max_skipped_steps: int = 0  # 0: never stop
 
     @classmethod
     def from_config(cls, config: Any, total_steps: int | None = None, eval_at_end: bool = True) -> Cadence:
         return cls(config.train.steps if total_steps is None else total_steps, config.train.log_every,
-                   config.eval.every, config.checkpoint.every, eval_at_end)
+                   config.eval.every, config.checkpoint.every, eval_at_end, config.train.max_skipped_steps)
+
+
+class DivergenceGuard:
+    """Counts the steps in a row whose `skipped_steps` counter went up, from a copy of the counter taken
+    after each step and read after the next one is queued."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak = limit, 0
+        self._pending: tuple[int, Any] | None = None  # (step, counter after it) not read yet
+        self._last: int | None = None
+
+    def after(self, step: int, state: Any) -> None:
+        """Call once step `step` is queued; raises UserError when the previous steps diverged."""
+        if not self.limit:
+            return
+        if self._pending is not None:
+            done, counter = self._pending
+            value = int(jax.device_get(counter))
+            self.streak = self.streak + 1 if self._last is not None and value > self._last else 0
+            self._last = value
+            if self.streak >= self.limit:
+                raise UserError(
+                    f"training diverged: steps {done - self.streak + 1}..{done} all had a non-finite loss or "
+                    f"gradient and were skipped (train.max_skipped_steps={self.limit}); the state was last changed "
+                    "before them and no later checkpoint is written. Lower train.lr, check the data, or resume "
+                    "from an earlier checkpoint")
+        self._pending = (step, state["skipped_steps"] + 0)  # a copy: the state itself is donated next step
 
 
 def logged_steps(config: Any, start: int, total_steps: int | None = None) -> Callable[[int], bool]:
@@ -65,12 +99,14 @@ def run(config: Any, workdir: Path, cadence: Cadence, state: Any, start: int, st
         writer = MetricsWriter(workdir, total, start, config.log.tensorboard, config.log.progress_bar, headline)
     last: dict[str, Any] = {}
     work: dict[str, float] = {}
+    guard = DivergenceGuard(cadence.max_skipped_steps)
     timer, timed, step = time.perf_counter(), 0, start
     try:
         while step < total:
             state, metrics, done = step_fn(state, step)
             step += 1
             timed += 1
+            guard.after(step, state)
             for k, v in done.items():
                 work[k] = work.get(k, 0.0) + v
             fault_point("kill_after_step", step)
