@@ -87,6 +87,9 @@ class ModelConfig:
         if self.init_from is not None:
             require(bool(self.init_from.strip()), "model.init_from", self.init_from,
                      "a Hugging Face checkpoint directory or null")
+        for key in ("norm_eps", "rope_theta"):
+            require(0 < getattr(self, key) < math.inf, f"model.{key}", getattr(self, key), "a positive finite number")
+        require(0 <= self.init_std < math.inf, "model.init_std", self.init_std, "a finite number >= 0")
 
 
 @dataclasses.dataclass
@@ -197,9 +200,11 @@ class OptimizerConfig:
     def validate(self) -> None:
         require(0.0 <= self.b1 < 1.0, "optimizer.b1", self.b1, "a value in [0, 1)")
         require(0.0 <= self.b2 < 1.0, "optimizer.b2", self.b2, "a value in [0, 1)")
-        require(self.eps > 0, "optimizer.eps", self.eps, "a positive number")
-        require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
-        require(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "a number >= 0")
+        require(0 < self.eps < math.inf, "optimizer.eps", self.eps, "a positive finite number")
+        require(0 <= self.weight_decay < math.inf, "optimizer.weight_decay", self.weight_decay,
+                "a finite number >= 0")
+        require(0 <= self.grad_clip < math.inf, "optimizer.grad_clip", self.grad_clip,
+                "a finite number >= 0 (0: no clipping)")
         allowed = ONEBIT_PARAMS[self.name]
         for key in ONEBIT_DEFAULTS:
             if getattr(self, key) is not None and key not in allowed:
@@ -726,12 +731,28 @@ def _numbers_from_strings(tree: Any) -> Any:
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (the plain loader
+    silently keeps the last value: `model: {layers: 2, layers: 64}` would train 64 layers)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        with path.open() as stream:  # read from the file, so YAML's messages name it and the line
+            loaded = yaml.load(stream, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise UserError(f"config file '{path}' is not valid YAML: {' '.join(str(err).split())}") from None
     if loaded is None:

@@ -41,6 +41,13 @@ def test_yaml_file_and_scientific_notation(tmp_path):
         (["model.family=llama", "model.activation=gelu"], "config key 'model.activation': got 'gelu'; expected "
                                                           "left unset for the llama family"),
         (["train.steps=0"], "config key 'train.steps': got 0; expected a positive integer"),
+        (["train.lr=inf"], "config key 'train.lr': got inf; expected a positive finite number"),
+        (["train.max_skipped_steps=-1"], "config key 'train.max_skipped_steps'"),
+        (["model.init_std=nan"], "config key 'model.init_std': got nan"),
+        (["model.norm_eps=-1"], "config key 'model.norm_eps': got -1.0; expected a positive finite number"),
+        (["model.rope_theta=0"], "config key 'model.rope_theta'"),
+        (["optimizer.weight_decay=inf"], "config key 'optimizer.weight_decay': got inf"),
+        (["optimizer.eps=inf"], "config key 'optimizer.eps': got inf"),
         (["model=3"], "config key 'model': got 3; expected a mapping"),
         (["train.steps"], "expected section.key=value"),
     ],
@@ -75,3 +82,12 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
     assert lines == ["error: unknown config key 'model.d_mdoel'; did you mean 'model.d_model'?"]
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir()), "a rejected config must not write to the workdir"
+
+
+def test_a_key_given_twice_in_a_yaml_mapping_is_an_error_naming_it_and_its_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  layers: 2\n  d_model: 64\n  layers: 64\n")
+    with pytest.raises(UserError, match=r"key 'layers' appears twice in one mapping in \".*c\.yaml\", line 4"):
+        config_lib.load(path)
+    path.write_text("model: {layers: 2}\ntrain: {steps: 3}\n")  # the same key in two mappings is fine
+    assert config_lib.load(path).model.layers == 2
