@@ -552,6 +552,7 @@ class RunConfig:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
     def validate(self) -> RunConfig:
+        require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
         validate_sections(self)
         self.optimizer.warn_unreached_phases(self.train.steps)
         return self
@@ -748,13 +749,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file '{path}' is a directory; expected a YAML file")
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist")
     try:
-        with path.open() as stream:  # read from the file, so YAML's messages name it and the line
+        with path.open(encoding="utf-8") as stream:  # read from the file: YAML's messages name it and the line
             loaded = yaml.load(stream, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise UserError(f"config file '{path}' is not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

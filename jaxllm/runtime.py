@@ -100,6 +100,20 @@ def setup_compile_cache(config: Any) -> str | None:
     return path
 
 
+def make_directory(path: str | os.PathLike, what: str = "--workdir") -> Path:
+    """Creates `path` (and its parents) if needed; a file in its place or above it, or a directory that
+    cannot be created, is a UserError naming `what` (the flag or key that gave the path)."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise UserError(f"{what} {path}: '{part}' is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{what} {path}: cannot create it ({err.strerror})") from None
+    return path
+
+
 def start(config: Any) -> Mesh:
     """The compilation cache, the multi-controller runtime, then the run's mesh (`config.mesh`)."""
     setup_compile_cache(config)

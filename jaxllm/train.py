@@ -76,7 +76,7 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
         dry_run(config, mesh, task.layout)
         return {}
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    runtime.make_directory(workdir)
     shard_dir = runtime.lead_first(lambda: token_directory(config, workdir), "the training data")
     train_rows, eval_rows = build_sources(config, shard_dir)
     batch_size, seq_len = config.train.batch_size, config.data.seq_len

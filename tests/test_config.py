@@ -42,6 +42,8 @@ def test_yaml_file_and_scientific_notation(tmp_path):
                                                           "left unset for the llama family"),
         (["train.steps=0"], "config key 'train.steps': got 0; expected a positive integer"),
         (["train.lr=inf"], "config key 'train.lr': got inf; expected a positive finite number"),
+        (["seed=-1"], "config key 'seed': got -1; expected an integer in [0, 2**32)"),
+        (["seed=99999999999999999999999"], "config key 'seed': got 99999999999999999999999"),
         (["train.max_skipped_steps=-1"], "config key 'train.max_skipped_steps'"),
         (["model.init_std=nan"], "config key 'model.init_std': got nan"),
         (["model.norm_eps=-1"], "config key 'model.norm_eps': got -1.0; expected a positive finite number"),
@@ -91,3 +93,12 @@ def test_a_key_given_twice_in_a_yaml_mapping_is_an_error_naming_it_and_its_line(
         config_lib.load(path)
     path.write_text("model: {layers: 2}\ntrain: {steps: 3}\n")  # the same key in two mappings is fine
     assert config_lib.load(path).model.layers == 2
+
+
+def test_a_config_that_is_a_directory_or_not_utf8_is_named(tmp_path):
+    with pytest.raises(UserError, match=f"config file '{tmp_path}' is a directory; expected a YAML file"):
+        config_lib.load(tmp_path)
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("seed: 1  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="latin1.yaml' is not UTF-8 text"):
+        config_lib.load(path)

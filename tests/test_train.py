@@ -155,6 +155,17 @@ def test_bad_data_is_refused(tmp_path, devices):
               tmp_path / "w4")
 
 
+def test_a_workdir_that_is_or_lies_under_a_file_is_one_error_line(tmp_path, capsys, devices):
+    from jaxllm.train import main
+
+    (tmp_path / "file").write_text("keep")
+    for workdir in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert main([f"--workdir={workdir}", *TINY, "train.steps=1"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --workdir {workdir}: '{tmp_path / 'file'}' is a file, not a directory\n"
+    assert (tmp_path / "file").read_text() == "keep"
+
+
 def test_dry_run_reports_sizes_without_writing(tmp_path, capsys, devices):
     cfg = config_lib.load(REPO / "configs/quickstart.yaml", ["mesh.data=2", "mesh.fsdp=4"])
     train(cfg, tmp_path / "w", dry=True)

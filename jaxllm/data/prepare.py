@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from jaxllm import runtime
 from jaxllm.data.corpus import read_documents
 from jaxllm.data.shards import TokenShards, write_shards
 from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
@@ -52,8 +53,7 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     if not any(documents.values()):
         names = " ".join(map(str, paths))
         raise UserError(f"--input {names}: found no documents; allowed: non-empty corpora")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = runtime.make_directory(out_dir, "--out")
     model_path = out / TOKENIZER_NAME
     if tokenizer is None:
         docs = [doc for docs in documents.values() for doc in docs]

@@ -251,7 +251,7 @@ def train(config: VisualChatConfig, workdir: Path) -> dict[str, Any]:
     mesh = runtime.start(config)
     train_cfg = config.train
     runtime.check_rows_divide(train_cfg.batch_size, mesh, "train.batch_size", train_cfg.grad_accum)
-    workdir.mkdir(parents=True, exist_ok=True)
+    runtime.make_directory(workdir)
     model, vision = resolve_models(config)
     data = load_data(config, workdir)
     every = [c for convs in data.datasets.values() for c in convs]

@@ -282,7 +282,7 @@ def start_stage(config: RLHFConfig, workdir: Path, stage: str, init: str | None,
     """Starts the runtime and prepares step 1 or 2: its share of the data, its tokenizer, and the model it
     trains, from `init` (a workdir named by `init_key`), `model.init_from` or from scratch."""
     mesh = runtime.start(config)
-    workdir.mkdir(parents=True, exist_ok=True)
+    runtime.make_directory(workdir)
     runtime.check_rows_divide(config.train.batch_size, mesh, "train.batch_size", config.train.grad_accum)
     records, eval_records = load_records(config, workdir)
     train_rows, held_out = stage_split(config, records, eval_records, stage)

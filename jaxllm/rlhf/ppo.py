@@ -101,7 +101,7 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
         raise UserError(f"config key 'optimizer.name': PPO trains its actor and critic with adamw, got "
                         f"{config.optimizer.name!r}; the 1-bit optimizers train steps 1 and 2")
     mesh = runtime.start(config)
-    workdir.mkdir(parents=True, exist_ok=True)
+    runtime.make_directory(workdir)
     runtime.check_rows_divide(p.generation_batch_size, mesh, "ppo.generation_batch_size")
     runtime.check_rows_divide(p.train_batch_size, mesh, "ppo.train_batch_size")
     records, eval_records = common.load_records(config, workdir)

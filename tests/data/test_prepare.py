@@ -65,6 +65,9 @@ def test_main_success_and_exit_2_with_one_line(tmp_path, corpus_files, capsys):
     assert main(["--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope.txt" in err
+    (tmp_path / "file").write_text("x")
+    assert main(["--input", *map(str, files), "--out", str(tmp_path / "file")]) == 2
+    assert f"--out {tmp_path / 'file'}: '{tmp_path / 'file'}' is a file, not a directory" in capsys.readouterr().err
 
 
 def test_module_entry_point(tmp_path, corpus_files, tokenizer_path):
