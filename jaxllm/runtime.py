@@ -8,8 +8,11 @@ command-line module, so any module may import this one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,6 +115,36 @@ def make_directory(path: str | os.PathLike, what: str = "--workdir") -> Path:
     except OSError as err:
         raise UserError(f"{what} {path}: cannot create it ({err.strerror})") from None
     return path
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike) -> Iterator[Path]:
+    """Holds `WORKDIR/.lock` while a run uses the workdir (process 0 holds it for all processes): a
+    second run on the same workdir is refused with the process that holds it, instead of the two
+    overwriting each other's checkpoints and metrics. The operating system drops the lock when its
+    process ends, so a killed run never leaves it stuck."""
+    workdir = make_directory(workdir)
+    if not is_lead():
+        yield workdir
+        return
+    stream = (workdir / ".lock").open("a+")
+    try:
+        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        stream.seek(0)
+        holder = stream.read().strip() or "another process"
+        stream.close()
+        raise UserError(f"--workdir {workdir}: in use by {holder}; wait for that run to end or use another "
+                        "--workdir") from None
+    stream.seek(0)
+    stream.truncate()
+    stream.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    stream.flush()
+    try:
+        yield workdir
+    finally:
+        fcntl.flock(stream, fcntl.LOCK_UN)
+        stream.close()
 
 
 def start(config: Any) -> Mesh:

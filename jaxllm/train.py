@@ -75,8 +75,13 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
     if dry:
         dry_run(config, mesh, task.layout)
         return {}
+    with runtime.workdir_lock(workdir):
+        return _train(config, workdir, mesh, efficiency, task)
 
-    runtime.make_directory(workdir)
+
+def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: DataEfficiency | None,
+           task: LanguageModelTraining) -> dict[str, Any]:
+    """The run itself, on a workdir this process holds."""
     shard_dir = runtime.lead_first(lambda: token_directory(config, workdir), "the training data")
     train_rows, eval_rows = build_sources(config, shard_dir)
     batch_size, seq_len = config.train.batch_size, config.data.seq_len

@@ -40,3 +40,16 @@ def test_second_process_reads_the_entries_the_first_wrote(tmp_path):
     second = run("second")
     assert "Persistent compilation cache hit for 'jit_step'" in second
     assert sorted(p.name for p in cache.iterdir()) == written  # nothing recompiled, nothing new written
+
+
+def test_a_second_run_on_a_held_workdir_is_refused_naming_the_holder(tmp_path, capsys, devices):
+    import os
+
+    from jaxllm.runtime import workdir_lock
+    from jaxllm.train import main
+    from tests.test_train import TINY
+
+    with workdir_lock(tmp_path / "run"):
+        assert main([f"--workdir={tmp_path / 'run'}", *TINY, "train.steps=1"]) == 2
+        assert f"in use by process {os.getpid()} on " in capsys.readouterr().err
+    assert main([f"--workdir={tmp_path / 'run'}", *TINY, "train.steps=1"]) == 0  # released when it ended

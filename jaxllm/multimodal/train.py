@@ -249,9 +249,14 @@ def evaluate_accuracy(config: VisualChatConfig, mdef: ModelDef, params: dict, te
 def train(config: VisualChatConfig, workdir: Path) -> dict[str, Any]:
     """Runs (or resumes) training; returns the last logged metrics row (with the final evaluation)."""
     mesh = runtime.start(config)
+    runtime.check_rows_divide(config.train.batch_size, mesh, "train.batch_size", config.train.grad_accum)
+    with runtime.workdir_lock(workdir):
+        return _train(config, workdir, mesh)
+
+
+def _train(config: VisualChatConfig, workdir: Path, mesh: Mesh) -> dict[str, Any]:
+    """The run itself, on a workdir this process holds."""
     train_cfg = config.train
-    runtime.check_rows_divide(train_cfg.batch_size, mesh, "train.batch_size", train_cfg.grad_accum)
-    runtime.make_directory(workdir)
     model, vision = resolve_models(config)
     data = load_data(config, workdir)
     every = [c for convs in data.datasets.values() for c in convs]

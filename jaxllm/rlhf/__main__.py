@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from jaxllm import runtime
 from jaxllm.command_line import parse_run_args, run_parser
 from jaxllm.errors import exit_status
 from jaxllm.rlhf import config as config_lib
@@ -25,18 +26,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(stage: str, config: config_lib.RLHFConfig, workdir: Path) -> dict:
-    """Runs one step in-process; returns its last logged metrics row."""
-    if stage == "sft":
-        from jaxllm.rlhf import sft
+    """Runs one step in-process, holding its workdir; returns its last logged metrics row."""
+    from jaxllm.rlhf import ppo, reward, sft
 
-        return sft.run(config, workdir)
-    if stage == "reward":
-        from jaxllm.rlhf import reward
-
-        return reward.run(config, workdir)
-    from jaxllm.rlhf import ppo
-
-    return ppo.run(config, workdir)
+    with runtime.workdir_lock(workdir):
+        return {"sft": sft.run, "reward": reward.run, "ppo": ppo.run}[stage](config, workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
