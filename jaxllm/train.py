@@ -45,10 +45,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, args.overrides
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.3f} GiB"
-
-
 def dry_run(config: Config, mesh, layout) -> None:
     counts = count_params(config.model)
     grads = memory.sharded_bytes(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -56,7 +52,7 @@ def dry_run(config: Config, mesh, layout) -> None:
     est = memory.estimate(config, layout.abstract, grads, dict(mesh.shape))
     print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
     print(f"parameters: {counts['total']:,} ({counts['non_embedding']:,} non-embedding)")
-    print("per-device memory estimate: " + ", ".join(f"{k} {_gib(v)}" for k, v in est.items()))
+    print("per-device memory estimate: " + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in est.items()))
     print(f"model FLOPs per token (training): {flops_per_token(config.model, config.data.seq_len):.4g}")
 
 

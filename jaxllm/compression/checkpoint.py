@@ -31,7 +31,7 @@ from jaxllm.compression.model import get_path, module_path, set_path
 from jaxllm.compression.qtensor import FakeQuantWeight, QuantizedWeight, QuantSpec
 from jaxllm.compression.quantizers import ActRange
 from jaxllm.config import ModelConfig
-from jaxllm.engine.checkpoint import model_meta
+from jaxllm.engine.checkpoint import model_config, model_meta
 from jaxllm.errors import UserError
 from jaxllm.models.decoder import Decoder
 from jaxllm.models.definition import ModelDef
@@ -147,8 +147,7 @@ def load(workdir: str | Path, step: int | None = None, compute_dtype: str | None
     if info.get("format") != FORMAT:
         raise UserError(f"--workdir {workdir}: compressed checkpoint format {info.get('format')!r}; this jaxllm "
                         f"reads format {FORMAT}")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    cfg = model_config(meta["model"])
     if compute_dtype is not None:
         cfg = dataclasses.replace(cfg, compute_dtype=compute_dtype)
     cfg.validate()

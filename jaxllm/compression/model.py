@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxllm.compression.qtensor import FakeQuantWeight, QuantizedWeight, QuantSpec, is_compressed, quantize_weight
+from jaxllm.compression.qtensor import FakeQuantWeight, QuantSpec, is_compressed, quantize_weight
 from jaxllm.compression.quantizers import ActRange
 from jaxllm.config import ModelConfig
 from jaxllm.errors import UserError
@@ -82,12 +82,6 @@ def store_params(params: dict, specs: dict[str, QuantSpec], ranges: dict[str, Ac
 def plain_params(tree: Any) -> Any:
     """Every compressed weight replaced by its f32 value (dequantized codes, or the fake-quantized master)."""
     return jax.tree.map(lambda x: x.dequantize() if is_compressed(x) else x, tree, is_leaf=is_compressed)
-
-
-def master_params(tree: Any) -> Any:
-    """`FakeQuantWeight`s replaced by their f32 master weights (what training updates)."""
-    return jax.tree.map(lambda x: x.w if isinstance(x, FakeQuantWeight) else x, tree,
-                        is_leaf=lambda x: isinstance(x, FakeQuantWeight))
 
 
 def weight_bytes(tree: Any) -> int:
@@ -199,10 +193,6 @@ def check_same_shapes(teacher: Any, student: Any, where: str) -> None:
         if t[path].shape != s[path].shape:
             raise UserError(f"{where}: parameter '{name}' has shape {tuple(t[path].shape)} in the teacher and "
                             f"{tuple(s[path].shape)} in the student")
-
-
-def is_quantized_tree(tree: Any) -> bool:
-    return any(isinstance(x, QuantizedWeight) for x in jax.tree.leaves(tree, is_leaf=is_compressed))
 
 
 def evaluate(model_def: Any, tree: Any, batches: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -165,11 +165,6 @@ def check_seqlen_schedule(config: Schedule, seq_len: int, where: str) -> None:
                         "the first steps would get length 0; use min_difficulty >= difficulty_step")
 
 
-def distinct_values(config: Schedule, first_step: int, last_step: int) -> list[int]:
-    """The sorted distinct difficulties over scheduler steps `first_step .. last_step` (inclusive)."""
-    return sorted({schedule_value(config, t) for t in range(first_step, last_step + 1)})
-
-
 # --------------------------------------------------------------------------------------------------
 # Sequence-length difficulty applied to a host batch.
 

@@ -34,6 +34,12 @@ def model_meta(cfg: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg) | {"kv_heads": cfg.num_kv_heads, "d_ff": cfg.ffn_dim, "tie_embeddings": cfg.tied}
 
 
+def model_config(saved: dict[str, Any]) -> ModelConfig:
+    """The `ModelConfig` a checkpoint's `meta["model"]` describes (the inverse of `model_meta`)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+
+
 def run_meta(cfg: ModelConfig, optimizer_state: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """A checkpoint's `meta` item: the model, the jaxllm version, what the optimizer state is bound to
     (`TrainOptimizer.signature()`: None restores onto any mesh) and the task's own entries."""
@@ -130,6 +136,13 @@ class Checkpointer:
         except BaseException:
             self.close()  # the loop that would close it never starts
             raise
+
+    def restore_part(self, step: int, abstract: Any) -> Any:
+        """Only the part of the saved state that `abstract` names (a sub-tree of `ShapeDtypeStruct`s with
+        shardings, e.g. `{"params": ...}`), each array read straight into its shards."""
+        args = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                      partial_restore=True)
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -353,19 +353,16 @@ class OneBitStep:
         """Programs compiled so far (one per phase and batch shape)."""
         return sum(f._cache_size() for f in self._compiled.values())
 
-    def phase_of(self, step: int) -> int:
-        """Phase index of 1-based `step` (see `training.plan.names`)."""
-        return self.training.plan.phase(step)
-
     def __call__(self, state: Any, batch: dict[str, jax.Array], kept: int | None = None) -> tuple[Any, dict[str, Any]]:
         if self._host_step is None or state is not self._last:
             self._host_step = int(jax.device_get(state["step"]))
         step = self._host_step + 1
-        new_state, metrics = self.program(self.phase_of(step), kept)(state, batch)
+        phase = self.training.plan.phase(step)  # an index into `training.plan.names`
+        new_state, metrics = self.program(phase, kept)(state, batch)
         self._host_step, self._last = step, new_state
         if self.summarize(step):
             summary = self._summary(metrics)
-            metrics = {**summary, "lr": jnp.float32(self.training.schedule(step - 1)), "phase": self.phase_of(step)}
+            metrics = {**summary, "lr": jnp.float32(self.training.schedule(step - 1)), "phase": phase}
         return new_state, metrics
 
 

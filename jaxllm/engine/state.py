@@ -41,6 +41,11 @@ class ParamTree:
     logical_axes: Any
     shapes: Any
 
+    @classmethod
+    def of(cls, model: Any) -> ParamTree:
+        """The parameter tree of a `ModelDef` (or anything with `logical_axes` and `shapes`)."""
+        return cls(model.logical_axes, model.shapes)
+
     def subset(self, groups: tuple[str, ...]) -> ParamTree:
         return ParamTree({k: self.logical_axes[k] for k in groups}, {k: self.shapes[k] for k in groups})
 
@@ -50,6 +55,11 @@ class ParamTree:
 
     def shardings(self, mesh: Mesh, drop: tuple[str, ...] = ()) -> Any:
         return mesh_lib.tree_shardings(mesh, self.logical_axes, self.shapes, drop)
+
+    def placed(self, mesh: Mesh, drop: tuple[str, ...] = ()) -> Any:
+        """f32 `ShapeDtypeStruct`s carrying their shardings on `mesh` (a restore target)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract(),
+                            self.shardings(mesh, drop))
 
 
 def mirrored_shardings(mesh: Mesh, params: ParamTree, tree: Any, drop: tuple[str, ...]) -> Any:

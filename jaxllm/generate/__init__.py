@@ -38,16 +38,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from jaxllm import mesh as mesh_lib
 from jaxllm.compression import checkpoint as compressed_checkpoint
-from jaxllm.config import ModelConfig
 from jaxllm.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, TextTokenizer, load_tokenizer
-from jaxllm.engine.checkpoint import Checkpointer, workdir_step
+from jaxllm.engine.checkpoint import Checkpointer, model_config, workdir_step
+from jaxllm.engine.state import ParamTree
 from jaxllm.errors import UserError
 from jaxllm.models.decoder import Decoder, KVCache
 from jaxllm.models.definition import ModelDef
@@ -360,26 +358,15 @@ def load_workdir(workdir: str | Path, mesh: Mesh, step: int | None = None,
         saved = ckpt.read_meta(step).get("model")
         if not isinstance(saved, dict):
             raise UserError(f"checkpoint {directory / str(step)}: its meta holds no model settings")
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        cfg = ModelConfig(**{k: v for k, v in saved.items() if k in known})
+        cfg = model_config(saved)
         if compute_dtype is not None:
             cfg = dataclasses.replace(cfg, compute_dtype=compute_dtype)
         cfg.validate()
         model_def = ModelDef.from_config(cfg)
-        shardings = mesh_lib.tree_shardings(mesh, model_def.logical_axes, model_def.shapes)
-        abstract = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                           _abstract_params(model_def), shardings)}
-        restore = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
-            abstract), partial_restore=True)
-        params = ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+        params = ckpt.restore_part(step, {"params": ParamTree.of(model_def).placed(mesh)})["params"]
     finally:
         ckpt.close()
     return model_def.bind(params), step
-
-
-def _abstract_params(model_def: ModelDef) -> Any:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), model_def.shapes,
-                        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
 
 
 def load_hf(path: str | Path, mesh: Mesh, compute_dtype: str | None = None) -> Decoder:

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from jaxllm.config import ModelConfig
+from jaxllm.engine.checkpoint import model_config
 from jaxllm.errors import UserError, exit_status
 
 
@@ -60,8 +61,7 @@ def _model_config(meta: dict[str, Any], where: Path) -> ModelConfig:
     model = meta.get("model")
     if not isinstance(model, dict):
         raise UserError(f"'{where / 'meta'}' holds no model config")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in model.items() if k in known})
+    cfg = model_config(model)
     cfg.validate()
     return cfg
 

@@ -18,13 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from jaxllm import mesh as mesh_lib
 from jaxllm.config import ModelConfig
 from jaxllm.data.tokenizer import TextTokenizer, load_tokenizer
-from jaxllm.engine.checkpoint import Checkpointer, workdir_step
+from jaxllm.engine.checkpoint import Checkpointer, model_config, workdir_step
+from jaxllm.engine.state import ParamTree
 from jaxllm.errors import UserError
 from jaxllm.generate import Generation, Sampling, decode_loop
 from jaxllm.models.definition import ModelDef
@@ -129,22 +128,14 @@ def load_workdir(workdir: str | Path, mesh: jax.sharding.Mesh, step: int | None 
         meta = ckpt.read_meta(step)
         if "visualchat" not in meta:
             raise UserError(f"checkpoint {directory / str(step)} is not a VisualChat checkpoint")
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        model = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known} | {"init_from": None})
+        model = dataclasses.replace(model_config(meta["model"]), init_from=None)
         vc = meta["visualchat"]
         vision = VisionConfig(**vc["vision"] | {"init_from": None})
         multimodal = MultimodalConfig(**vc["multimodal"])
         mdef = model_def(model, vision, multimodal)
         groups = vc["state_groups"]  # {"params": [...], "frozen": [...]}
-        restore_tree = {}
-        for part, names in groups.items():
-            restore_tree[part] = {name: jax.tree.map(
-                lambda s, sh: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sh), mdef.shapes[name],
-                mesh_lib.tree_shardings(mesh, mdef.logical_axes[name], mdef.shapes[name]),
-                is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)) for name in names}
-        restore = ocp.args.PyTreeRestore(item=restore_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(
-            restore_tree), partial_restore=True)
-        state = ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+        state = ckpt.restore_part(step, {part: ParamTree.of(mdef).subset(tuple(names)).placed(mesh)
+                                         for part, names in groups.items()})
     finally:
         ckpt.close()
     params = {name: value for part in groups for name, value in state[part].items()}

@@ -75,9 +75,6 @@ class Conversation:
     source: str  # "file:line", for messages
     category: str = ""
 
-    def images_per_turn(self) -> list[int]:
-        return [turn.question.count(IMAGE_PLACEHOLDER) for turn in self.turns]
-
 
 # ---------------------------------------------------------------------------------------------------
 # Reading

@@ -119,12 +119,6 @@ def init_params(model: ModelConfig, vision: VisionConfig, multimodal: Multimodal
     return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
-def split_params(params: dict, trainable: tuple[str, ...]) -> tuple[dict, dict]:
-    """(trainable groups, frozen groups) of a full parameter dict."""
-    return ({k: v for k, v in params.items() if k in trainable},
-            {k: v for k, v in params.items() if k not in trainable})
-
-
 def count_params(mdef: ModelDef) -> dict[str, int]:
     """Parameter counts of each top-level group."""
     import math

@@ -86,10 +86,6 @@ def world_size(axis_name: str | None) -> int:
     return 1 if axis_name is None else jax.lax.axis_size(axis_name)
 
 
-def _rms(x: jax.Array) -> jax.Array:
-    return jnp.linalg.norm(x) / np.float32(np.sqrt(x.size))
-
-
 def _signs(bits: jax.Array) -> jax.Array:
     return jnp.where(bits, jnp.float32(1.0), jnp.float32(-1.0))
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
@@ -33,7 +32,8 @@ from jaxllm.data.tokenizer import (
     train_tokenizer,
     workdir_tokenizer_file,
 )
-from jaxllm.engine.checkpoint import SHAPE_KEYS, Checkpointer, model_meta, run_meta
+from jaxllm.engine.checkpoint import SHAPE_KEYS, Checkpointer, model_config, model_meta, run_meta
+from jaxllm.engine.state import ParamTree
 from jaxllm.errors import UserError
 from jaxllm.rlhf import synthetic
 from jaxllm.rlhf.config import RLHFConfig
@@ -131,8 +131,7 @@ def model_from_meta(saved: dict[str, Any], user: ModelConfig, where: str) -> Mod
     A shape key the user set to something other than its default and the checkpoint's value is an
     error naming both; keys left at their defaults take the checkpoint's values.
     """
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    cfg = model_config(saved)
     default, mine = ModelConfig(), model_meta(user)
     for key in SHAPE_KEYS:
         if getattr(user, key) != getattr(default, key) and mine.get(key) != saved.get(key):
@@ -216,20 +215,11 @@ def load_source(workdir: str | Path, key: str, kind: str, mesh: Mesh, zero_stage
             raise UserError(f"config key '{key}': checkpoint '{directory / str(step)}' records no model settings")
         cfg = model_from_meta(saved, user, f"workdir '{workdir}'")
         model_def = value_def(cfg) if kind == "value" else actor_def(cfg)
-        shardings = mesh_lib.tree_shardings(mesh, model_def.logical_axes, model_def.shapes,
-                                            mesh_lib.param_drop(zero_stage))
-        abstract = {"params": jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sh),
-                                           model_def.shapes, shardings, is_leaf=is_shape)}
-        restore = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
-            abstract), partial_restore=True)
-        params = ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+        placed = ParamTree.of(model_def).placed(mesh, mesh_lib.param_drop(zero_stage))
+        params = ckpt.restore_part(step, {"params": placed})["params"]
     finally:
         ckpt.close()
     return Source(workdir, step, cfg, params, meta)
-
-
-def is_shape(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
 def check_tokenizer_fits(tokenizer: TextTokenizer, cfg: ModelConfig, what: str) -> None:

@@ -15,12 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from jaxllm import mesh as mesh_lib
 from jaxllm.config import ModelConfig
 from jaxllm.data.tokenizer import TextTokenizer, load_tokenizer, workdir_tokenizer_file
 from jaxllm.engine.checkpoint import Checkpointer
+from jaxllm.engine.state import ParamTree
 from jaxllm.errors import UserError
 from jaxllm.generate import generate_tokens
 from jaxllm.models.definition import ModelDef
@@ -69,15 +68,10 @@ def load_policy(workdir: str | Path, mesh, ema: bool = False) -> Policy:
     if dim:
         l_axes, l_shapes = lora.lora_layout(axes, shapes, structure["lora_module_name"], dim)
         axes, shapes = {"base": axes, "lora": l_axes}, {"base": shapes, "lora": l_shapes}
-    shardings = mesh_lib.tree_shardings(mesh, axes, shapes)
-    tree = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sh), shapes, shardings,
-                        is_leaf=common.is_shape)
-    abstract = {"actor_ema": tree} if ema else {"actor": {"params": tree}}
-    restore = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                                     partial_restore=True)
+    tree = ParamTree(axes, shapes).placed(mesh)
     ckpt = Checkpointer(directory, async_save=False)
     try:
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+        restored = ckpt.restore_part(step, {"actor_ema": tree} if ema else {"actor": {"params": tree}})
     finally:
         ckpt.close()
     params = restored["actor_ema"] if ema else restored["actor"]["params"]
