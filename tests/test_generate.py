@@ -288,7 +288,7 @@ def test_cli_generates_from_a_training_workdir(workdir, capsys, devices):
         assert record["prompt_ids"] == tok.encode(text)
         want, want_lp = naive_greedy(model, tok.encode(text), 12, stops=(tok.eos_id,))
         assert record["new_ids"] == want
-        assert record["completion"] == tok.decode(want)
+        assert record["prompt_text"] + record["completion"] == tok.decode(tok.encode(text) + want)
         assert record["logprob"] == pytest.approx(sum(want_lp), rel=1e-4, abs=1e-4)
     assert records[2]["prompt_ids"] == [7, 9, 11]
     assert records[2]["new_ids"] == naive_greedy(model, [7, 9, 11], 12, stops=(tok.eos_id,))[0]

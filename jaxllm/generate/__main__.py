@@ -83,8 +83,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         record = {"prompt": text, "prompt_ids": prompt, "new_ids": ids, "logprob": float(sum(lps)),
                   "stopped": bool(ids) and ids[-1] in stops}
         if tokenizer is not None:
+            # The completion is what the new ids add to the prompt's text: decoded alone, SentencePiece would
+            # drop the space that starts it ("The weather" + "today" instead of " today").
             record["prompt_text"] = tokenizer.decode(prompt)
-            record["completion"] = tokenizer.decode(ids)
+            whole = tokenizer.decode(prompt + ids)
+            record["completion"] = (whole[len(record["prompt_text"]):] if whole.startswith(record["prompt_text"])
+                                    else tokenizer.decode(ids))
         records.append(record)
     return records
 
