@@ -96,6 +96,11 @@ def to_hf(run: Path, out: Path, step: int | None = None, dtype: str = "float32",
     from jaxllm.interop import hf
 
     step_dir = _step_dir(run, step)
+    source, target = Path(run).resolve(), Path(out).resolve()
+    if target == source or source in target.parents or target in step_dir.resolve().parents:
+        # Writing there (with --overwrite: replacing it) would destroy the checkpoint being read.
+        raise UserError(f"OUT '{out}' is, contains or lies inside the run '{run}' it reads; choose a directory "
+                        "outside it")
     params, cfg = read_checkpoint_params(step_dir)
     return hf.save(params, cfg, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 

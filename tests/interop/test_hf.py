@@ -534,6 +534,11 @@ def test_train_from_hf_then_convert_both_ways(made, tmp_path, devices):
     back = hf_models.load_torch(tmp_path / "out")
     assert np.abs(hf_models.torch_logits(back, tokens) - forward(trained, tokens)).max() <= TOL
     assert convert.main(["to-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 2  # exists: refused
+    for inside in ("run", "run/checkpoints", "run/hf"):  # would replace, or sit in, the run being read
+        assert convert.main(["to-hf", str(tmp_path / "run"), str(tmp_path / inside), "--overwrite"]) == 2
+    assert convert.main(["to-hf", str(tmp_path / "run" / "checkpoints" / "2"), str(tmp_path / "run"),
+                         "--overwrite"]) == 2
+    assert _losses(tmp_path / "run") == losses and (tmp_path / "run" / "checkpoints" / "2" / "state").is_dir()
 
     # Hugging Face -> a jaxllm workdir at step 0 that `jaxllm.train` continues from: same first loss.
     assert convert.main(["from-hf", str(path), str(tmp_path / "wd"), *TRAIN, "train.steps=1"]) == 0
