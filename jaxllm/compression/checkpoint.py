@@ -31,7 +31,7 @@ from jaxllm.compression.model import get_path, module_path, set_path
 from jaxllm.compression.qtensor import FakeQuantWeight, QuantizedWeight, QuantSpec
 from jaxllm.compression.quantizers import ActRange
 from jaxllm.config import ModelConfig
-from jaxllm.engine.checkpoint import model_config, model_meta
+from jaxllm.engine.checkpoint import int_keys, model_config, model_meta, saved_steps
 from jaxllm.errors import UserError
 from jaxllm.models.decoder import Decoder
 from jaxllm.models.definition import ModelDef
@@ -55,12 +55,6 @@ def _serialize(tree: dict, specs: dict[str, QuantSpec]) -> dict:
             entry |= {"act_low": w.act_range.low, "act_high": w.act_range.high}
         out = set_path(out, path, entry)
     return out
-
-
-def _int_keys(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
-    return tree
 
 
 def _deserialize(tree: dict, specs: dict[str, QuantSpec], shapes: dict) -> dict:
@@ -100,19 +94,15 @@ def save(workdir: str | Path, step: int, tree: dict, cfg: ModelConfig, specs: di
     return directory / str(step)
 
 
-def _steps(directory: Path) -> list[int]:
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
-
-
 def has_checkpoints(workdir: str | Path) -> bool:
-    return bool(_steps((Path(workdir) / "checkpoints").resolve()))
+    return bool(saved_steps((Path(workdir) / "checkpoints").resolve()))
 
 
 def read_meta(workdir: str | Path, step: int | None = None) -> tuple[dict[str, Any], int]:
     """(meta, step) of a workdir's latest (or given) checkpoint."""
     workdir = Path(workdir)
     directory = (workdir / "checkpoints").resolve()
-    steps = _steps(directory)
+    steps = saved_steps(directory)
     if not steps:
         raise UserError(f"--workdir {workdir}: no checkpoint in {directory}")
     if step is not None and step not in steps:
@@ -161,7 +151,7 @@ def load(workdir: str | Path, step: int | None = None, compute_dtype: str | None
     finally:
         manager.close()
     model_def = ModelDef.from_config(cfg)
-    tree = _deserialize(_int_keys(jax.tree.map(jnp.asarray, state["params"])), specs, model_def.shapes)
+    tree = _deserialize(int_keys(jax.tree.map(jnp.asarray, state["params"])), specs, model_def.shapes)
     return model_def, tree, step
 
 

@@ -62,6 +62,19 @@ def check_optimizer_state(saved: dict | None, wanted: dict | None, where: Any) -
         "mesh, or another --workdir")
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps of the checkpoints in `directory`, ascending (none when it does not exist)."""
+    directory = Path(directory)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def int_keys(tree: Any) -> Any:
+    """A restored tree with its digit keys as ints again (Orbax returns the block indices as strings)."""
+    if isinstance(tree, dict):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: int_keys(v) for k, v in tree.items()}
+    return tree
+
+
 def workdir_step(workdir: str | os.PathLike, step: int | None = None, command: str = "python -m jaxllm.train"
                  ) -> tuple[Path, int]:
     """(checkpoints directory, step) of a run's workdir: `step`, or its newest checkpoint; a UserError
@@ -70,7 +83,7 @@ def workdir_step(workdir: str | os.PathLike, step: int | None = None, command: s
     if not workdir.is_dir():
         raise UserError(f"--workdir {workdir}: directory not found")
     directory = workdir / "checkpoints"
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    steps = saved_steps(directory)
     if not steps:
         raise UserError(f"--workdir {workdir}: no checkpoint in {directory}; train first with "
                         f"{command} --workdir {workdir}")

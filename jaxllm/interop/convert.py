@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from jaxllm.config import ModelConfig
-from jaxllm.engine.checkpoint import model_config
+from jaxllm.engine.checkpoint import int_keys, model_config
 from jaxllm.errors import UserError, exit_status
 
 
@@ -66,13 +66,6 @@ def _model_config(meta: dict[str, Any], where: Path) -> ModelConfig:
     return cfg
 
 
-def _int_keys(tree: Any) -> Any:
-    """Orbax returns the block indices as strings; the model's params tree uses ints."""
-    if isinstance(tree, dict):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
-    return tree
-
-
 def read_checkpoint_params(step_dir: Path) -> tuple[dict, ModelConfig]:
     """(params as host numpy arrays, model config) from a jaxllm `checkpoints/<step>` folder."""
     import jax
@@ -88,7 +81,7 @@ def read_checkpoint_params(step_dir: Path) -> tuple[dict, ModelConfig]:
     item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])
     restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
     args = ocp.args.PyTreeRestore(item={"params": item}, restore_args={"params": restore}, partial_restore=True)
-    return _int_keys(checkpointer.restore(step_dir / "state", args=args)["params"]), cfg
+    return int_keys(checkpointer.restore(step_dir / "state", args=args)["params"]), cfg
 
 
 def to_hf(run: Path, out: Path, step: int | None = None, dtype: str = "float32",
@@ -97,8 +90,7 @@ def to_hf(run: Path, out: Path, step: int | None = None, dtype: str = "float32",
 
     step_dir = _step_dir(run, step)
     source, target = Path(run).resolve(), Path(out).resolve()
-    if target == source or source in target.parents or target in step_dir.resolve().parents:
-        # Writing there (with --overwrite: replacing it) would destroy the checkpoint being read.
+    if target == source or source in target.parents or target in step_dir.resolve().parents:  # overwriting loses it
         raise UserError(f"OUT '{out}' is, contains or lies inside the run '{run}' it reads; choose a directory "
                         "outside it")
     params, cfg = read_checkpoint_params(step_dir)

@@ -32,7 +32,7 @@ from jaxllm.data.tokenizer import (
     train_tokenizer,
     workdir_tokenizer_file,
 )
-from jaxllm.engine.checkpoint import SHAPE_KEYS, Checkpointer, model_config, model_meta, run_meta
+from jaxllm.engine.checkpoint import SHAPE_KEYS, Checkpointer, model_config, model_meta, run_meta, saved_steps
 from jaxllm.engine.state import ParamTree
 from jaxllm.errors import UserError
 from jaxllm.rlhf import synthetic
@@ -162,11 +162,6 @@ class Source:
         return file_digest(path) if path is not None else None
 
 
-def latest_step(directory: Path) -> int | None:
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
-    return steps[-1] if steps else None
-
-
 def _state_tree(directory: Path, step: int) -> dict[str, Any]:
     """The saved state's tree (leaves: array metadata), read without restoring anything."""
     absl = logging.getLogger("absl")
@@ -194,7 +189,7 @@ def load_source(workdir: str | Path, key: str, kind: str, mesh: Mesh, zero_stage
     if not workdir.is_dir():
         raise UserError(f"config key '{key}': workdir '{workdir}' does not exist")
     if step is None:
-        step = latest_step(directory)
+        step = (saved_steps(directory) or [None])[-1]
     if step is None:
         raise UserError(f"config key '{key}': workdir '{workdir}' has no checkpoint in {directory}")
     params_tree = _state_tree(directory, step).get("params")

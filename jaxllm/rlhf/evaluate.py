@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.data.tokenizer import TextTokenizer, load_tokenizer, workdir_tokenizer_file
-from jaxllm.engine.checkpoint import Checkpointer
+from jaxllm.engine.checkpoint import Checkpointer, saved_steps
 from jaxllm.engine.state import ParamTree
 from jaxllm.errors import UserError
 from jaxllm.generate import generate_tokens
@@ -46,7 +46,7 @@ def load_policy(workdir: str | Path, mesh, ema: bool = False) -> Policy:
         raise UserError(f"workdir '{workdir}' has no tokenizer in data/")
     tokenizer = load_tokenizer(tokenizer_file)
     directory = workdir / "checkpoints"
-    step = common.latest_step(directory)
+    step = (saved_steps(directory) or [None])[-1]
     if step is None:
         raise UserError(f"workdir '{workdir}' has no checkpoint")
     ckpt = Checkpointer(directory, async_save=False)
