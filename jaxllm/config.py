@@ -732,19 +732,20 @@ def _numbers_from_strings(tree: Any) -> Any:
     return tree
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error (the plain loader
-    silently keeps the last value: `model: {layers: 2, layers: 64}` would train 64 layers)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _check_unique_keys(node: yaml.Node | None, path: Path) -> None:
+    """A key given twice in one mapping is an error: `yaml.safe_load` silently keeps the last value, so
+    `model: {layers: 2, layers: 64}` would train 64 layers. Reads the composed node tree only."""
+    if isinstance(node, yaml.MappingNode):
         seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+        for key_node, value_node in node.value:
+            if key_node.value in seen:
+                raise UserError(f"config file '{path}' line {key_node.start_mark.line + 1}: key "
+                                f"'{key_node.value}' appears twice in one mapping")
+            seen.add(key_node.value)
+            _check_unique_keys(value_node, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, path)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -754,8 +755,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist")
     try:
-        with path.open(encoding="utf-8") as stream:  # read from the file: YAML's messages name it and the line
-            loaded = yaml.load(stream, Loader=_UniqueKeyLoader)
+        text = path.read_text(encoding="utf-8")
+        _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"config file '{path}' is not valid YAML: {' '.join(str(err).split())}") from None
     except UnicodeDecodeError as err:

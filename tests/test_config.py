@@ -89,7 +89,7 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
 def test_a_key_given_twice_in_a_yaml_mapping_is_an_error_naming_it_and_its_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  layers: 2\n  d_model: 64\n  layers: 64\n")
-    with pytest.raises(UserError, match=r"key 'layers' appears twice in one mapping in \".*c\.yaml\", line 4"):
+    with pytest.raises(UserError, match=r"c\.yaml' line 4: key 'layers' appears twice in one mapping"):
         config_lib.load(path)
     path.write_text("model: {layers: 2}\ntrain: {steps: 3}\n")  # the same key in two mappings is fine
     assert config_lib.load(path).model.layers == 2

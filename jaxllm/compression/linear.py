@@ -2,11 +2,11 @@
 
 A compressed weight (`jaxllm.compression.qtensor`) implements `jaxllm.ops.linear.Weight`: before it
 multiplies, it quantizes the input activations if its spec asks (token-wise dynamic ranges, or the
-static EMA range the weight carries) with `quantize_input`, then multiplies by the quantized weight:
+static EMA range the weight carries), then multiplies by the quantized weight:
 
 - `FakeQuantWeight`: `fake_quant(w)` in f32 (straight-through gradients; training, LKD, XTC);
 - `QuantizedWeight`: the integer codes. On CPU (and with `implementation="xla"`) the codes are
-  dequantized and multiplied in XLA; on GPU/TPU ("auto") or with "pallas" (`pallas_selected`) the Pallas
+  dequantized and multiplied in XLA; on GPU/TPU ("auto") or with "pallas" (`jaxllm.ops.dispatch`) the Pallas
   kernel of `pallas_kernels/quantized_matmul.py` multiplies int8 / packed int4 / packed 2-bit codes with
   per-group scales, and uses int8 x int8 products with per-token activation scales for symmetric
   8-bit weights and activations (W8A8).
@@ -22,17 +22,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
-from jaxtyping import Array, Float
-
-from jaxllm.compression.quantizers import ActRange, quantize_static, quantize_tokens, update_range
-from jaxllm.errors import UserError
-
-if TYPE_CHECKING:  # qtensor imports this module; the spec is only named here
-    from jaxllm.compression.qtensor import QuantSpec
+from jaxllm.compression.quantizers import ActRange
 
 _state = threading.local()
 
@@ -49,18 +40,6 @@ def record_ranges(momentum: float = 0.95) -> Iterator[dict[str, ActRange]]:
         _state.recorder = previous
 
 
-def quantize_input(x: Float[Array, "... k"], spec: QuantSpec, act_range: ActRange | None) -> Float[Array, "... k"]:
-    """The matmul input after the spec's activation quantization (identity when `act_bits` is None)."""
-    if spec.act_bits is None:
-        return x
-    if not spec.act_static:
-        return quantize_tokens(x, spec.act_bits, spec.act_symmetric)
-    if act_range is None:
-        raise UserError(f"module '{spec.name}': static activation quantization needs a calibrated range")
-    recorder = getattr(_state, "recorder", None)
-    if recorder is not None:
-        ranges, momentum = recorder
-        observed = jax.lax.stop_gradient(x.astype(jnp.float32))
-        act_range = update_range(act_range, jnp.min(observed), jnp.max(observed), momentum)
-        ranges[spec.name] = act_range
-    return quantize_static(x, jax.tree.map(jax.lax.stop_gradient, act_range), spec.act_bits, spec.act_symmetric)
+def active_recorder() -> tuple[dict[str, ActRange], float] | None:
+    """(ranges collected so far, momentum) of the innermost `record_ranges`, or None outside one."""
+    return getattr(_state, "recorder", None)

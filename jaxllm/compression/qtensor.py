@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxllm.compression import packing
-from jaxllm.compression.linear import quantize_input
+from jaxllm.compression.linear import active_recorder
 from jaxllm.compression.quantizers import (
     ActRange,
     GroupCodes,
@@ -42,6 +42,9 @@ from jaxllm.compression.quantizers import (
     fake_quant,
     kind_of,
     quantize_groups,
+    quantize_static,
+    quantize_tokens,
+    update_range,
 )
 from jaxllm.errors import UserError
 from jaxllm.ops.dispatch import pallas_selected
@@ -164,7 +167,25 @@ class _CompressedWeight(abc.ABC):
         if not transpose_w and self.spec.contract != contract:
             raise ValueError(f"module '{self.spec.name}' was quantized for contract={self.spec.contract}, called "
                              f"with contract={contract}")
-        return self._product(quantize_input(x, self.spec, self.act_range), x, compute_dtype, contract, transpose_w)
+        return self._product(self.quantize_input(x), x, compute_dtype, contract, transpose_w)
+
+    def quantize_input(self, x: Float[Array, "... k"]) -> Float[Array, "... k"]:
+        """The matmul input after the spec's activation quantization (identity when `act_bits` is None);
+        inside `record_ranges` a static range first takes its EMA update from this batch."""
+        spec, act_range = self.spec, self.act_range
+        if spec.act_bits is None:
+            return x
+        if not spec.act_static:
+            return quantize_tokens(x, spec.act_bits, spec.act_symmetric)
+        if act_range is None:
+            raise UserError(f"module '{spec.name}': static activation quantization needs a calibrated range")
+        recorder = active_recorder()
+        if recorder is not None:
+            ranges, momentum = recorder
+            observed = jax.lax.stop_gradient(x.astype(jnp.float32))
+            act_range = update_range(act_range, jnp.min(observed), jnp.max(observed), momentum)
+            ranges[spec.name] = act_range
+        return quantize_static(x, jax.tree.map(jax.lax.stop_gradient, act_range), spec.act_bits, spec.act_symmetric)
 
     def _product(self, x: jax.Array, raw_x: jax.Array, compute_dtype: Any, contract: int,
                  transpose_w: bool) -> jax.Array:
