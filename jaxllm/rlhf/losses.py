@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxllm.ops.cross_entropy import token_cross_entropy
+
 
 def token_logprobs(logits: Float[Array, "b l vocab"], tokens: Int[Array, "b l"]) -> Float[Array, "b l-1"]:
     """log p(tokens[:, t + 1] | tokens[:, :t + 1]) from next-token logits, in f32."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -token_cross_entropy(logits[:, :-1], tokens[:, 1:])
 
 
 def last_token_values(values: Float[Array, "b l"], lengths: Int[Array, " b"]) -> Float[Array, " b"]:

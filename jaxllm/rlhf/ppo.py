@@ -33,17 +33,16 @@ import optax
 from jaxllm import runtime
 from jaxllm.config import ModelConfig
 from jaxllm.data.pipeline import make_train_dataset, make_train_iterator, padded_eval_batches
-from jaxllm.engine import loop
+from jaxllm.engine import loop, optimizer
 from jaxllm.engine.checkpoint import Checkpointer, model_meta
 from jaxllm.engine.onebit import is_onebit
-from jaxllm.engine.state import state_layout
 from jaxllm.errors import UserError
 from jaxllm.optim import build_optimizer, warmup_cosine
 from jaxllm.rlhf import common, lora
 from jaxllm.rlhf.config import RLHFConfig
 from jaxllm.rlhf.data import PromptRows, SFTRows, read_text_rows, special_ids
 from jaxllm.rlhf.models import actor_def, value_def
-from jaxllm.rlhf.ppo_step import PPOModels, Role, make_generate, make_score, make_train
+from jaxllm.rlhf.ppo_step import PPOModels, PPOUpdate, Role, make_generate, make_score
 
 
 def _trainable_def(model_def, dim: int, module_name: str):
@@ -55,11 +54,15 @@ def _trainable_def(model_def, dim: int, module_name: str):
                            shapes={"base": model_def.shapes, "lora": shapes})
 
 
-def _optimizer(config: RLHFConfig, lr: float, lora_lr: float, dim: int, total: int):
+def _optimizer(config: RLHFConfig, mesh, trainable, lr: float, lora_lr: float, dim: int, total: int
+               ) -> optimizer.TrainOptimizer:
+    """A trained model's optimizer over `total` updates; with LoRA, AdamW with the LoRA factors' own
+    learning rate (and the base frozen with `ppo.only_optimize_lora`)."""
     train = config.train
-    tx, schedule = build_optimizer(config, warmup_cosine(lr, train.warmup_steps, total, train.min_lr_ratio))
+    schedule = warmup_cosine(lr, train.warmup_steps, total, train.min_lr_ratio)
     if not dim:
-        return tx, schedule
+        return optimizer.build(config, mesh, trainable, schedule=schedule)
+    tx, _ = build_optimizer(config, schedule)
     lora_tx, _ = build_optimizer(config, warmup_cosine(lora_lr, train.warmup_steps, total, train.min_lr_ratio))
     base_tx = optax.set_to_zero() if config.ppo.only_optimize_lora else tx
 
@@ -67,7 +70,7 @@ def _optimizer(config: RLHFConfig, lr: float, lora_lr: float, dim: int, total: i
         return {"base": jax.tree.map(lambda _: "base", params["base"]),
                 "lora": jax.tree.map(lambda _: "lora", params["lora"])}
 
-    return optax.multi_transform({"base": base_tx, "lora": lora_tx}, labels), schedule
+    return optimizer.TrainOptimizer(optax.multi_transform({"base": base_tx, "lora": lora_tx}, labels), schedule)
 
 
 def _structure(config: RLHFConfig) -> dict[str, Any]:
@@ -97,9 +100,10 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
         if not getattr(p, key):
             step = "step 1 (sft)" if key == "actor_workdir" else "step 2 (reward)"
             raise UserError(f"config key 'ppo.{key}': required; the workdir of {step}")
-    if is_onebit(config):
-        raise UserError(f"config key 'optimizer.name': PPO trains its actor and critic with adamw, got "
-                        f"{config.optimizer.name!r}; the 1-bit optimizers train steps 1 and 2")
+    for key in ("actor_lora_dim", "critic_lora_dim"):
+        if is_onebit(config) and getattr(p, key):
+            raise UserError(f"config key 'ppo.{key}': {config.optimizer.name} trains a model with one learning "
+                            "rate, and LoRA gives its factors their own; set it to 0 or use optimizer.name=adamw")
     mesh = runtime.start(config)
     runtime.make_directory(workdir)
     runtime.check_rows_divide(p.generation_batch_size, mesh, "ppo.generation_batch_size")
@@ -148,29 +152,31 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
     num_rows = p.generation_batch_size * p.generation_batches
     updates = p.ppo_epochs * (num_rows // p.train_batch_size)
     total = train_cfg.steps * updates
-    actor_tx, actor_schedule = _optimizer(config, p.actor_learning_rate, p.actor_lora_learning_rate,
-                                          p.actor_lora_dim, total)
-    critic_tx, critic_schedule = _optimizer(config, p.critic_learning_rate, p.critic_lora_learning_rate,
-                                            p.critic_lora_dim, total)
+    a_trainable = _trainable_def(a_def, p.actor_lora_dim, p.lora_module_name)
+    c_trainable = _trainable_def(c_def, p.critic_lora_dim, p.lora_module_name)
     with jax.set_mesh(mesh):
-        a_layout = state_layout(mesh, _trainable_def(a_def, p.actor_lora_dim, p.lora_module_name), actor_tx, zero)
-        c_layout = state_layout(mesh, _trainable_def(c_def, p.critic_lora_dim, p.lora_module_name), critic_tx, zero)
+        actor_opt = _optimizer(config, mesh, a_trainable, p.actor_learning_rate, p.actor_lora_learning_rate,
+                               p.actor_lora_dim, total)
+        critic_opt = _optimizer(config, mesh, c_trainable, p.critic_learning_rate, p.critic_lora_learning_rate,
+                                p.critic_lora_dim, total)
+        a_layout = actor_opt.layout(mesh, a_trainable, zero)
+        c_layout = critic_opt.layout(mesh, c_trainable, zero)
     shardings, abstract = _state_layout(a_layout, c_layout, p.enable_ema)
 
     pidx, pcount = jax.process_index(), jax.process_count()
     iterator = make_train_iterator(prompts, p.generation_batch_size, config.seed, pidx, pcount)
     ptx_data = make_train_dataset(ptx_rows, p.train_batch_size, config.seed + 1, pidx, pcount) if ptx_rows else None
-    meta = common.stage_meta(actor_src.model, None, "ppo", tokenizer, critic_model=model_meta(critic_src.model),
-                            actor={"workdir": str(actor_src.workdir), "step": actor_src.step},
-                            critic={"workdir": str(critic_src.workdir), "step": critic_src.step},
-                            structure=_structure(config))
+    meta = common.stage_meta(actor_src.model, actor_opt.signature(), "ppo", tokenizer,
+                             critic_model=model_meta(critic_src.model),
+                             actor={"workdir": str(actor_src.workdir), "step": actor_src.step},
+                             critic={"workdir": str(critic_src.workdir), "step": critic_src.step},
+                             structure=_structure(config))
     with jax.set_mesh(mesh):
         state, start = ckpt.resume_or_init(abstract, iterator, meta, lambda: _initial_state(
-            config, models, actor_tx, critic_tx, actor_src.params, critic_src.params, shardings))
+            config, models, actor_opt.tx, critic_opt.tx, actor_src.params, critic_src.params, shardings))
         generate = make_generate(models, p, mesh)
         score = make_score(models, p, mesh)
-        train = make_train(models, p, actor_tx, critic_tx, actor_schedule, critic_schedule, shardings, num_rows,
-                           ptx_data is not None, p.enable_ema)
+        train = PPOUpdate(models, p, actor_opt, critic_opt, a_layout, c_layout, mesh, num_rows, p.enable_ema)
         greedy = make_generate(models, p, mesh, temperature=0.0) if len(eval_prompts) else None
 
     def evaluate(state, step) -> dict[str, float]:
@@ -301,12 +307,13 @@ def _round(config: RLHFConfig, mesh, iterator, generate, score, train, ptx_data,
         ptx = None if ptx_data is None else _ptx_batch(ptx_data, step, updates, mesh, p.train_batch_size)
         t2 = time.perf_counter()
         train_key = jax.random.fold_in(round_key, p.generation_batches)  # generation used 0 .. G - 1
-        state, metrics = jax.block_until_ready(train(state, exp, ptx, train_key))
+        state, metrics = train(state, exp, ptx, train_key)
+        jax.block_until_ready(state)
         times["training_time"] = time.perf_counter() - t2
         done = {k: float(np.mean([m[k] for m in exp_metrics])) for k in exp_metrics[0] if k != "answer_tokens"}
         done["answer_tokens"] = float(sum(m["answer_tokens"] for m in exp_metrics))
-        done.update({k: float(v) for k, v in jax.device_get(metrics).items()}, **times)
-        return state, metrics, done
+        done.update(metrics, **times)
+        return state, {}, done
 
     return round_fn
 

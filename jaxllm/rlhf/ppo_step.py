@@ -12,9 +12,10 @@ runs the training forward of all four models over `prompt + answer` to get the o
 log-probabilities, the old values and the reward model's score, and computes rewards, advantages and
 returns (`jaxllm.rlhf.losses`).
 
-Update (`make_train`): the experience rows are cut into minibatches of `ppo.train_batch_size`; for each
+Update (`PPOUpdate`): the experience rows are cut into minibatches of `ppo.train_batch_size`; for each
 of `ppo_epochs` epochs (minibatch order shuffled after the first), each minibatch takes one actor step
-(clipped policy loss, plus PTX) and one critic step (clipped value loss), then updates the actor EMA.
+(clipped policy loss, plus PTX) and one critic step (clipped value loss) of the engine's train step,
+then updates the actor EMA.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxllm import mesh as mesh_lib
+from jaxllm.engine.step import LossFn, make_train_step
 from jaxllm.generate import Generation, generate_tokens
 from jaxllm.models.definition import ModelDef
+from jaxllm.ops.cross_entropy import token_cross_entropy
 from jaxllm.rlhf import lora
 from jaxllm.rlhf.config import PPOConfig
 from jaxllm.rlhf.losses import (
@@ -164,88 +167,147 @@ def _split_rows(x: jax.Array, parts: int) -> jax.Array:
 def lm_loss(model_def: ModelDef, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
     """Mean next-token cross-entropy over `loss_mask` (the PTX objective)."""
     logits = model_def.bind(params)(batch["inputs"], batch["positions"], batch["segment_ids"])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
     mask = batch["loss_mask"]
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _apply(tx, grads, opt_state, params, ok):
-    updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-    return keep(new_params, params), keep(new_opt, opt_state)
+PTX = "ptx_"  # prefix of the PTX rows' keys in an actor batch
 
 
-def make_train(models: PPOModels, cfg: PPOConfig, actor_tx, critic_tx, actor_schedule, critic_schedule,
-               state_shardings, num_rows: int, use_ptx: bool, use_ema: bool):
-    """jit(state, experience, ptx batch or None, key) -> (state, metrics) over all updates of one round.
+def actor_loss_fn(models: PPOModels, cfg: PPOConfig) -> LossFn:
+    """The actor's `jaxllm.engine.step.LossFn` on a batch of `Experience` fields (and `ptx_*` rows).
 
-    The actor's loss is the clipped policy loss; with PTX it is `(policy + unsup_coef * lm) / 2`, the
-    gradient DeepSpeed-Chat takes when it doubles the actor's gradient accumulation for the PTX
-    backward. Each model's update is skipped (and counted) when its loss or gradient is not finite
-    or the minibatch holds no valid answer token.
-    """
-    minibatches = num_rows // cfg.train_batch_size
-    P = models.prompt_width
+    The loss is the clipped policy loss, a mean over the batch's answer tokens; with PTX it is
+    `(policy + unsup_coef * lm) / 2`, the gradient DeepSpeed-Chat takes when it doubles the actor's
+    gradient accumulation for the PTX backward. The engine divides sums by the count, so the mean is
+    returned times the answer-token count (the same for the aux metrics)."""
 
-    def actor_loss(trainable, mb: Experience, ptx):
+    def loss_fn(trainable, batch, ltd=None):
+        mb = Experience(**{k: batch[k] for k in Experience._fields})
         params = models.actor.params(trainable, for_grad=True)
-        logp = answer_logprobs(models.actor.model_def, params, mb.seq, mb.positions, mb.segment_ids, P)
+        logp = answer_logprobs(models.actor.model_def, params, mb.seq, mb.positions, mb.segment_ids,
+                               models.prompt_width)
         pg, clip_fraction = policy_loss(logp, mb.logprobs, mb.advantages, mb.mask, cfg.cliprange)
-        approx_kl = jnp.sum((mb.logprobs - logp) * mb.mask) / jnp.maximum(jnp.sum(mb.mask), 1.0)
-        ptx_loss = lm_loss(models.actor.model_def, params, ptx) if ptx is not None else jnp.float32(0)
-        loss = (pg + cfg.unsup_coef * ptx_loss) / 2 if ptx is not None else pg
-        return loss, {"policy_loss": pg, "clip_fraction": clip_fraction, "approx_kl": approx_kl, "ptx_loss": ptx_loss}
+        count = jnp.sum(mb.mask)
+        stats = {"policy_loss": pg, "clip_fraction": clip_fraction,
+                 "approx_kl": jnp.sum((mb.logprobs - logp) * mb.mask) / jnp.maximum(count, 1.0)}
+        loss = pg
+        if PTX + "inputs" in batch:
+            stats["ptx_loss"] = lm_loss(models.actor.model_def, params,
+                                        {k[len(PTX):]: v for k, v in batch.items() if k.startswith(PTX)})
+            loss = (pg + cfg.unsup_coef * stats["ptx_loss"]) / 2
+        return loss * count, count, {k: v * count for k, v in stats.items()}
 
-    def critic_loss(trainable, mb: Experience):
+    return loss_fn
+
+
+def critic_loss_fn(models: PPOModels, cfg: PPOConfig) -> LossFn:
+    """The critic's `LossFn`: the clipped value loss over the batch's answer tokens (times their count)."""
+
+    def loss_fn(trainable, batch, ltd=None):
         params = models.critic.params(trainable, for_grad=True)
-        values = answer_values(models.critic.model_def, params, mb.seq, mb.positions, mb.segment_ids, P)
-        return value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value)
+        values = answer_values(models.critic.model_def, params, batch["seq"], batch["positions"],
+                               batch["segment_ids"], models.prompt_width)
+        mask = batch["mask"]
+        count = jnp.sum(mask)
+        return value_loss(values, batch["values"], batch["returns"], mask, cfg.cliprange_value) * count, count, {}
 
-    actor_grad = jax.value_and_grad(actor_loss, has_aux=True)
-    critic_grad = jax.value_and_grad(critic_loss)
+    return loss_fn
 
-    def train(state, exp: Experience, ptx, key):
-        minis = jax.tree.map(lambda x: _split_rows(x, minibatches), exp)
-        orders = [jnp.arange(minibatches)] + [jax.random.permutation(jax.random.fold_in(key, e), minibatches)
-                                              for e in range(1, cfg.ppo_epochs)]
-        order = jnp.concatenate(orders)
-        ptx_seq = None if ptx is None else jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), ptx)  # [U, bs, ...]
 
-        def update(state, inputs):
-            u, index = inputs
-            mb = jax.tree.map(lambda x: x[index], minis)
-            ptx_mb = None if ptx_seq is None else jax.tree.map(lambda x: x[u], ptx_seq)
-            has_tokens = jnp.sum(mb.mask) > 0
-            actor, critic = state["actor"], state["critic"]
-            (a_loss, stats), a_grads = actor_grad(actor["params"], mb, ptx_mb)
-            a_norm = optax.tree.norm(a_grads)
-            a_ok = jnp.isfinite(a_loss) & jnp.isfinite(a_norm) & has_tokens
-            a_params, a_opt = _apply(actor_tx, a_grads, actor["opt_state"], actor["params"], a_ok)
-            c_loss, c_grads = critic_grad(critic["params"], mb)
-            c_norm = optax.tree.norm(c_grads)
-            c_ok = jnp.isfinite(c_loss) & jnp.isfinite(c_norm) & has_tokens
-            c_params, c_opt = _apply(critic_tx, c_grads, critic["opt_state"], critic["params"], c_ok)
-            skipped = (~a_ok).astype(jnp.int32) + (~c_ok).astype(jnp.int32)
-            new = {"step": state["step"], "skipped_steps": state["skipped_steps"] + skipped,
-                   "actor": {"params": a_params, "opt_state": a_opt},
-                   "critic": {"params": c_params, "opt_state": c_opt}}
-            if use_ema:  # DeepSpeed-Chat's moving_average: ema = beta * ema + (1 - beta) * theta
-                new["actor_ema"] = jax.tree.map(lambda e, p: cfg.ema_beta * e + (1.0 - cfg.ema_beta) * p,
-                                                state["actor_ema"], a_params)
-            new = jax.lax.with_sharding_constraint(new, state_shardings)
-            return new, {**stats, "value_loss": c_loss, "actor_grad_norm": a_norm, "critic_grad_norm": c_norm}
+def make_minibatches(cfg: PPOConfig, num_rows: int, mesh):
+    """jit(experience, key) -> (minibatches `[M, rows, ...]`, update order `[epochs * M]`, answer tokens
+    per minibatch `[M]`). The order is 0 .. M - 1 in the first epoch, then shuffled per epoch."""
+    parts = num_rows // cfg.train_batch_size
+    rows = jax.sharding.NamedSharding(mesh, mesh_lib.logical_to_spec((None, "batch"), mesh=mesh))
 
-        updates = jnp.arange(order.shape[0])
-        state, per_update = jax.lax.scan(update, state, (updates, order))
-        metrics = jax.tree.map(jnp.mean, per_update)
-        done = state["step"] * order.shape[0]  # optimizer updates before this round
-        metrics["actor_lr"] = actor_schedule(done)
-        metrics["critic_lr"] = critic_schedule(done)
-        if ptx is None:
-            del metrics["ptx_loss"]
-        state = {**state, "step": state["step"] + 1}
-        return state, metrics
+    def split(exp: Experience, key):
+        minis = {k: jax.lax.with_sharding_constraint(_split_rows(v, parts), rows)
+                 for k, v in exp._asdict().items()}
+        orders = [jnp.arange(parts)] + [jax.random.permutation(jax.random.fold_in(key, e), parts)
+                                        for e in range(1, cfg.ppo_epochs)]
+        return minis, jnp.concatenate(orders), jnp.sum(minis["mask"], axis=(1, 2))
 
-    return jax.jit(train, in_shardings=(state_shardings, None, None, None), out_shardings=(state_shardings, None),
+    return jax.jit(split)
+
+
+def make_take(mesh):
+    """jit(minibatches, index) -> the minibatch `index`, its rows laid out as a batch."""
+    rows = jax.sharding.NamedSharding(mesh, mesh_lib.logical_to_spec(("batch",), mesh=mesh))
+    return jax.jit(lambda minis, index: jax.tree.map(lambda x: x[index], minis), out_shardings=rows)
+
+
+def make_ema(cfg: PPOConfig, params_shardings):
+    """jit(ema, params) -> DeepSpeed-Chat's moving_average, `ema = beta * ema + (1 - beta) * theta`."""
+    return jax.jit(lambda ema, params: jax.tree.map(lambda e, p: cfg.ema_beta * e + (1.0 - cfg.ema_beta) * p,
+                                                     ema, params),
+                   in_shardings=(params_shardings, params_shardings), out_shardings=params_shardings,
                    donate_argnums=0)
+
+
+class PPOUpdate:
+    """The update phase of a round: `update(state, experience, ptx, key) -> (state, metrics)`.
+
+    The experience is cut into minibatches of `ppo.train_batch_size` rows; for each of `ppo_epochs`
+    epochs each minibatch takes one actor step and one critic step of the engine
+    (`jaxllm.engine.step.make_train_step`, so AdamW and the 1-bit optimizers alike), then the actor
+    EMA is updated. A minibatch without a valid answer token is skipped by both models (counted in
+    `skipped_steps`, left out of the means). The models' step counters are the optimizer updates done,
+    `round * updates + u`, which drive their learning-rate schedules and 1-bit phases.
+    """
+
+    def __init__(self, models: PPOModels, cfg: PPOConfig, actor_opt, critic_opt, actor_layout, critic_layout,
+                 mesh, num_rows: int, use_ema: bool):
+        self.updates = cfg.ppo_epochs * (num_rows // cfg.train_batch_size)
+        self.actor_step = make_train_step(actor_loss_fn(models, cfg), actor_opt, actor_layout)
+        self.critic_step = make_train_step(critic_loss_fn(models, cfg), critic_opt, critic_layout)
+        self.minibatches = make_minibatches(cfg, num_rows, mesh)
+        self.take = make_take(mesh)
+        self.ema = make_ema(cfg, actor_layout.state["params"]) if use_ema else None
+        self.schedules = {"actor_lr": actor_opt.schedule, "critic_lr": critic_opt.schedule}
+        self.counter = actor_layout.state["step"]  # the sharding of a step counter
+
+    def _engine_state(self, model_state: dict, done: int) -> dict:
+        put = lambda n: jax.device_put(np.int32(n), self.counter)  # noqa: E731
+        return {"step": put(done), "skipped_steps": put(0), **model_state}
+
+    def __call__(self, state: dict, exp: Experience, ptx: dict[str, jax.Array] | None, key):
+        done = int(jax.device_get(state["step"])) * self.updates  # optimizer updates before this round
+        actor = self._engine_state(state["actor"], done)
+        critic = self._engine_state(state["critic"], done)
+        ema = state.get("actor_ema")
+        minis, order, tokens = self.minibatches(exp, key)
+        order, tokens = jax.device_get((order, tokens))
+        ptx_rows = None if ptx is None else jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), ptx)  # [U, rows, ...]
+        skipped, actor_metrics, critic_metrics = 0, [], []
+        for u, index in enumerate(order):
+            if tokens[index] == 0:  # nothing to learn from: both models skip, their counters advance
+                actor = {**actor, "step": actor["step"] + 1}
+                critic = {**critic, "step": critic["step"] + 1}
+                skipped += 2
+                continue
+            batch = self.take(minis, index)
+            if ptx_rows is not None:
+                batch |= {PTX + k: v[u] for k, v in ptx_rows.items()}
+            actor, a_metrics = self.actor_step(actor, batch)
+            critic, c_metrics = self.critic_step(critic, batch)
+            if ema is not None:
+                ema = self.ema(ema, actor["params"])
+            actor_metrics.append(a_metrics)
+            critic_metrics.append(c_metrics)
+        new = {"step": state["step"] + 1,
+               "skipped_steps": state["skipped_steps"] + skipped + actor["skipped_steps"] + critic["skipped_steps"],
+               "actor": {"params": actor["params"], "opt_state": actor["opt_state"]},
+               "critic": {"params": critic["params"], "opt_state": critic["opt_state"]}}
+        if ema is not None:
+            new["actor_ema"] = ema
+        return new, self._metrics(actor_metrics, critic_metrics, done, ptx is not None)
+
+    def _metrics(self, actor: list, critic: list, done: int, use_ptx: bool) -> dict[str, float]:
+        actor, critic = jax.device_get((actor, critic))
+        names = ["policy_loss", "clip_fraction", "approx_kl"] + (["ptx_loss"] if use_ptx else [])
+        mean = lambda rows, key: float(np.mean([r[key] for r in rows])) if rows else float("nan")  # noqa: E731
+        out = {k: mean(actor, k) for k in names}
+        out |= {"value_loss": mean(critic, "loss"), "actor_grad_norm": mean(actor, "grad_norm"),
+                "critic_grad_norm": mean(critic, "grad_norm")}
+        return out | {k: float(schedule(done)) for k, schedule in self.schedules.items()}

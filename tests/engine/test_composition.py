@@ -48,6 +48,21 @@ def rlhf(stage: str, workdir: Path, overrides: list[str]) -> None:
     run_rlhf(stage, rlhf_config.load(REPO / "configs/rlhf/sft.yaml", [*RLHF, *overrides]), workdir)
 
 
+PPO = ["ppo.generation_batch_size=8", "ppo.train_batch_size=8", "ppo.generation_batches=1", "ppo.ppo_epochs=1",
+       "ppo.max_answer_seq_len=6", "data.max_prompt_seq_len=6", "ppo.unsupervised_data=sft"]
+
+
+def ppo(workdir: Path, overrides: list[str]) -> None:
+    """Step 3 from an actor and a critic trained (once, with AdamW) beside the run."""
+    sources = workdir.parent.parent / "ppo_sources"
+    if not (sources / "reward").is_dir():
+        base = [*MESH, *RUN]
+        rlhf("sft", sources / "sft", base)
+        rlhf("reward", sources / "reward", [*base, f"reward.init_workdir={sources / 'sft'}"])
+    rlhf("ppo", workdir, [*PPO, *overrides, f"ppo.actor_workdir={sources / 'sft'}",
+                          f"ppo.critic_workdir={sources / 'reward'}"])
+
+
 def visual_chat(workdir: Path, overrides: list[str]) -> None:
     base = workdir.parent / "visualchat.yaml"
     base.write_text(yaml.safe_dump(tiny_config(warmup_steps=1) | {"eval": {"accuracy": False}}))
@@ -55,12 +70,13 @@ def visual_chat(workdir: Path, overrides: list[str]) -> None:
 
 
 TASKS = {"pretraining": pretraining, "sft": functools.partial(rlhf, "sft"),
-         "reward": functools.partial(rlhf, "reward"), "visualchat": visual_chat}
+         "reward": functools.partial(rlhf, "reward"), "ppo": ppo, "visualchat": visual_chat}
+LOSSES = ("loss", "policy_loss", "value_loss", "reward_mean")  # PPO logs the last three
 
 
-def logged_losses(workdir: Path) -> dict[int, float]:
+def logged_losses(workdir: Path) -> dict[int, dict[str, float]]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: {k: r[k] for k in LOSSES if k in r} for r in rows if any(k in r for k in LOSSES)}
 
 
 def killed_and_resumed(run, tmp_path: Path, overrides: list[str]) -> tuple[dict, dict]:
@@ -75,8 +91,9 @@ def killed_and_resumed(run, tmp_path: Path, overrides: list[str]) -> tuple[dict,
 
 # The default run takes each 1-bit optimizer with a different task (AdamW with every task, and
 # pretraining with the 1-bit optimizers, resume bitwise in their own tests); JAXLLM_FULL_MATRIX=1
-# runs all sixteen pairs (about six minutes on two cores).
-COVERING = {("sft", "onebit_adam"), ("reward", "zero_one_adam"), ("visualchat", "onebit_lamb")}
+# runs all twenty pairs (about eight minutes on two cores).
+COVERING = {("sft", "onebit_adam"), ("reward", "zero_one_adam"), ("ppo", "zero_one_adam"),
+            ("visualchat", "onebit_lamb")}
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))

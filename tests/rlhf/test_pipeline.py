@@ -145,6 +145,12 @@ def test_mismatched_tokenizers_are_refused(pipeline, tmp_path):
         run_stage("ppo", cfg, tmp_path / "ppo")
 
 
+def test_onebit_optimizer_with_lora_is_refused(tmp_path):
+    cfg = stage_config("ppo", tmp_path, "optimizer.name=onebit_adam", "optimizer.freeze_step=1")
+    with pytest.raises(UserError, match="ppo.actor_lora_dim': onebit_adam trains a model with one learning rate"):
+        run_stage("ppo", cfg, tmp_path / "ppo")
+
+
 def test_resume_with_another_structure_is_refused(pipeline):
     root, _ = pipeline
     with pytest.raises(UserError, match="was trained with .*'enable_ema': True"):
