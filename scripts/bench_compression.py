@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -46,7 +47,6 @@ from jaxllm.compression import rules as rules_lib
 from jaxllm.compression.qtensor import QuantizedWeight, is_compressed
 from jaxllm.generate import generate
 from jaxllm.models.definition import ModelDef
-from jaxllm.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -156,15 +156,17 @@ def main() -> None:
             f"LKD {args.lkd_steps} steps/block, lr {args.lkd_lr}; block MSE {ratios}")
 
     xtc_config = config_lib.load(QUICKSTART, overrides + [f"train.steps={args.xtc_steps}", f"train.lr={args.xtc_lr}",
-                                                          "train.warmup_steps=5"])
-    tx, _ = build_optimizer(xtc_config)
+                                                          "train.warmup_steps=5", "train.log_every=20",
+                                                          "log.progress_bar=false", "log.tensorboard=false"])
     for name, kept in (("ternary XTC", None), ("XTC, 2 of 4 layers", (1, 3))):
         student, scfg = (teacher.params, cfg) if kept is None else cmodel.reduce_layers(teacher.params, cfg, kept)
         sdef = ModelDef.from_config(scfg)
         specs = rules_lib.plan(scfg, recipe["ternary"], rules_lib.module_shapes(sdef.shapes, scfg))
         start = time.perf_counter()
-        result = xtc.train_xtc(md, teacher.params, sdef, student, specs, data.train_iterator(), steps=args.xtc_steps,
-                               tx=tx, maps=xtc.layer_maps(cfg.layers, scfg.layers, kept), log_every=20, log=print)
+        run = workdir / ("xtc" if kept is None else "xtc_reduced")
+        shutil.rmtree(run, ignore_errors=True)  # a fresh distillation, not a resumed one
+        result = xtc.train_student(xtc_config, run, md, teacher.params, sdef, student, specs, data.train_iterator(),
+                                   xtc.layer_maps(cfg.layers, scfg.layers, kept))
         tree = cmodel.store_params(result.student, specs, result.ranges)
         keeps = "all 4 blocks" if kept is None else f"teacher blocks {list(kept)} as its 2 blocks"
         measure(name, sdef, tree, specs, time.perf_counter() - start,

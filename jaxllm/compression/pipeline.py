@@ -26,6 +26,7 @@ from jaxllm.errors import UserError
 from jaxllm.models.definition import ModelDef
 
 COMMANDS = ("ptq", "lkd", "xtc", "eval", "generate")
+XTC_RUN = "xtc_training"  # OUT/xtc_training: the distillation run's checkpoints and metrics.jsonl
 
 
 def compression_rules(config: Config) -> tuple[list[rules_lib.Rule], tuple[int, ...] | None]:
@@ -132,18 +133,14 @@ def compress(command: str, config: Config, teacher: Teacher, out: Path, student:
         student_def = ModelDef.from_config(student_cfg)
         specs = rules_lib.plan(student_cfg, rules, rules_lib.module_shapes(student_def.shapes, student_cfg),
                                section.implementation)
-        from jaxllm.optim import build_optimizer
-
         if config.optimizer.name != "adamw":
             raise UserError(f"config key 'optimizer.name': XTC trains with adamw, got {config.optimizer.name!r}")
-        tx, _ = build_optimizer(config)
         maps = xtc.layer_maps(config.model.layers, student_cfg.layers, teacher_layers)
         ranges = zeroquant.calibrate(student_def, student, specs, data.train_batches(section.calibration_batches))
         kd = section.kd
-        result = xtc.train_xtc(teacher.model_def, teacher.params, student_def, student, specs, data.train_iterator(),
-                               steps=config.train.steps, tx=tx, maps=maps,
-                               weights=xtc.KDWeights(kd.logits, kd.attention, kd.hidden, kd.lm), ranges=ranges,
-                               log_every=config.train.log_every, log=log)
+        result = xtc.train_student(config, out / XTC_RUN, teacher.model_def, teacher.params, student_def, student,
+                                   specs, data.train_iterator(), maps,
+                                   xtc.KDWeights(kd.logits, kd.attention, kd.hidden, kd.lm), ranges)
         tree = cmodel.store_params(result.student, specs, result.ranges)
         info |= {"teacher_layers": None if teacher_layers is None else list(teacher_layers),
                  "layer_maps": maps._asdict(), "history": result.history}

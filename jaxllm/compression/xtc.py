@@ -24,8 +24,9 @@ vocabulary too), restricted to counted tokens when the batch has a loss mask.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
+import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -33,10 +34,17 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float
 
+from jaxllm import mesh as mesh_lib
+from jaxllm import runtime
 from jaxllm.compression.linear import record_ranges
 from jaxllm.compression.model import States, compress_params, forward_states
 from jaxllm.compression.qtensor import QuantSpec
 from jaxllm.compression.quantizers import ActRange
+from jaxllm.config import MeshConfig
+from jaxllm.engine import loop, optimizer
+from jaxllm.engine.checkpoint import Checkpointer, run_meta
+from jaxllm.engine.state import ParamTree, initial_state
+from jaxllm.engine.step import BUFFERS, LossFn, make_train_step
 from jaxllm.errors import UserError
 from jaxllm.models.definition import ModelDef
 
@@ -106,72 +114,72 @@ def _batch_inputs(batch):
     return tokens, batch.get("positions"), batch.get("segment_ids")
 
 
-def make_kd_step(teacher_def: ModelDef, student_def: ModelDef, specs: dict[str, QuantSpec],
-                 tx: optax.GradientTransformation, maps: LayerMaps, weights: KDWeights) -> Callable:
-    """The jitted step `(student, opt_state, ranges, teacher, batch) -> (student, opt_state, ranges, metrics)`.
+TEACHER, STUDENT = "teacher", "student"  # parameter groups of the distillation state
 
-    Static activation ranges follow DeepSpeed's training-mode EMA (`record_ranges`); the teacher runs
-    in f32 without gradients.
-    """
+
+def kd_loss_fn(teacher_def: ModelDef, student_def: ModelDef, specs: dict[str, QuantSpec], maps: LayerMaps,
+               weights: KDWeights) -> LossFn:
+    """XTC's `jaxllm.engine.step.LossFn` over the groups `student` (trained), `teacher` (frozen, f32,
+    no gradient) and `buffers` (the static activation ranges, when any module has them): the batch's
+    distillation loss with a count of 1 (the loss is a batch mean, so micro-batches are averaged), its
+    parts as aux, and the ranges after the batch (DeepSpeed's training-mode EMA, `record_ranges`)."""
     use_attention = weights.attention != 0
 
-    def loss_fn(student, ranges, teacher, batch):
-        t_states = forward_states(teacher_def.bind(teacher), *_batch_inputs(batch), attention=use_attention)
-        model = student_def.bind(compress_params(student, specs, ranges=ranges))
+    def loss_fn(params, batch, ltd=None):
+        ranges = params.get(BUFFERS, {})
+        inputs = _batch_inputs(batch)
+        t_states = forward_states(teacher_def.bind(params[TEACHER]), *inputs, attention=use_attention)
+        model = student_def.bind(compress_params(params[STUDENT], specs, ranges=ranges))
         with record_ranges() as updated:
-            s_states = forward_states(model, *_batch_inputs(batch), attention=use_attention)
+            s_states = forward_states(model, *inputs, attention=use_attention)
         loss, parts = kd_loss(s_states, t_states, maps, weights, batch)
-        return loss, (parts, {**ranges, **updated})
+        aux = dict(parts) | ({BUFFERS: {**ranges, **updated}} if ranges else {})
+        return loss, jnp.float32(1), aux
 
-    @jax.jit
-    def step(student, opt_state, ranges, teacher, batch):
-        (loss, (parts, ranges)), grads = jax.value_and_grad(loss_fn, has_aux=True)(student, ranges, teacher, batch)
-        updates, opt_state = tx.update(grads, opt_state, student)
-        student = optax.apply_updates(student, updates)
-        return student, opt_state, ranges, {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
-
-    return step
+    return loss_fn
 
 
 class XTCResult(NamedTuple):
     student: dict  # f32 master params
     ranges: dict[str, ActRange]
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]  # the logged rows
 
 
-def train_xtc(
-    teacher_def: ModelDef,
-    teacher: dict,
-    student_def: ModelDef,
-    student: dict,
-    specs: dict[str, QuantSpec],
-    batches: Iterator[dict[str, Any]],
-    *,
-    steps: int,
-    tx: optax.GradientTransformation,
-    maps: LayerMaps,
-    weights: KDWeights | None = None,
-    ranges: dict[str, ActRange] | None = None,
-    log_every: int = 10,
-    log: Callable[[str], None] | None = None,
-) -> XTCResult:
-    """Distils the fake-quantized `student` from `teacher` for `steps` batches; returns its master
-    params, the static activation ranges and the logged metrics."""
-    if steps < 1:
-        raise UserError(f"XTC steps: got {steps}; expected a positive integer")
-    step_fn = make_kd_step(teacher_def, student_def, specs, tx, maps, weights or KDWeights())
-    ranges = dict(ranges or {})
-    opt_state = tx.init(student)
-    history = []
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
-        student, opt_state, ranges, metrics = step_fn(student, opt_state, ranges, teacher, batch)
-        if step % log_every == 0 or step in (1, steps):
-            row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()},
-                   "seconds": time.perf_counter() - start}
-            history.append(row)
-            if log is not None:
-                log(f"XTC step {step}/{steps}: loss {row['loss']:.4f} (logits {row['kd_logits']:.4g}, attention "
-                    f"{row['kd_attention']:.4g}, hidden {row['kd_hidden']:.4g})")
-    return XTCResult(student, ranges, history)
+def train_student(config: Any, workdir: Path, teacher_def: ModelDef, teacher: dict, student_def: ModelDef,
+                  student: dict, specs: dict[str, QuantSpec], batches: Any, maps: LayerMaps,
+                  weights: KDWeights | None = None, ranges: dict[str, ActRange] | None = None) -> XTCResult:
+    """Distils the fake-quantized `student` from `teacher` for `train.steps` steps of the training
+    engine on one device: `optimizer.*` and `train.*` (batch size, `grad_accum`, learning-rate
+    schedule, `log_every`) as in pretraining; checkpoints every `checkpoint.every` steps in
+    `WORKDIR/checkpoints` and rows in `WORKDIR/metrics.jsonl`, so a rerun resumes. `batches`: a
+    checkpointable iterator of `train.batch_size` rows (`jaxllm.data.pipeline.make_train_iterator`)."""
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
+    model = ParamTree({TEACHER: teacher_def.logical_axes, STUDENT: student_def.logical_axes},
+                      {TEACHER: teacher_def.shapes, STUDENT: student_def.shapes})
+    ranges = dict(ranges or {}) or None
+    with jax.set_mesh(mesh):
+        opt = optimizer.build(config, mesh, model, frozen=(TEACHER,))
+        layout = opt.layout(mesh, model, 0, frozen=(TEACHER,), buffers=ranges)
+    student_cfg = student_def.bind(student).cfg
+    meta = run_meta(student_cfg, opt.signature(), xtc={"layer_maps": maps._asdict()})
+    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    train = config.train
+    with jax.set_mesh(mesh):
+        state, start = ckpt.resume_or_init(layout.abstract, batches, meta, lambda: initial_state(
+            layout, opt.tx, {TEACHER: teacher, STUDENT: student}, ranges, donate=False))
+        step = make_train_step(kd_loss_fn(teacher_def, student_def, specs, maps, weights or KDWeights()), opt, layout,
+                               train.grad_accum)
+
+    def step_fn(state, _):
+        state, metrics = step(state, runtime.to_global(next(batches), mesh, train.batch_size))
+        return state, metrics, {}
+
+    def row_fn(_, host, work, seconds, steps):
+        return {k: float(v) for k, v in host.items() if k not in ("tokens", "skipped")} | {
+            "steps_per_sec": steps / seconds}
+
+    with jax.set_mesh(mesh):
+        state, _ = loop.run(config, workdir, loop.Cadence.from_config(config, eval_at_end=False), state, start,
+                            step_fn, row_fn, None, ckpt, batches, meta, ("loss", "kd_logits", "kd_hidden"))
+    history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return XTCResult(state["params"][STUDENT], dict(state.get(BUFFERS, {})), history)

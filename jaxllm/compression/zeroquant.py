@@ -14,13 +14,13 @@ gradients) minimises
 
     L_l = mean((block_l^student(H_l) - H_{l+1})^2)
 
-with AdamW on that block's parameters only. Every block starts from the teacher's weights and sees
-the teacher's input, so the blocks are independent and the loss of each is reported before and after.
+with AdamW on that block's parameters only, through the training engine's step (`block_loss_fn`).
+Every block starts from the teacher's weights and sees the teacher's input, so the blocks are
+independent and the loss of each is reported before and after.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm import mesh as mesh_lib
 from jaxllm.compression.linear import record_ranges
 from jaxllm.compression.model import (
     check_same_shapes,
@@ -39,6 +40,10 @@ from jaxllm.compression.model import (
 )
 from jaxllm.compression.qtensor import QuantSpec
 from jaxllm.compression.quantizers import ActRange
+from jaxllm.config import MeshConfig
+from jaxllm.engine.optimizer import TrainOptimizer
+from jaxllm.engine.state import ParamTree, all_params, initial_state
+from jaxllm.engine.step import LossFn, evaluate, make_eval_step, make_train_step
 from jaxllm.errors import UserError
 from jaxllm.models.definition import ModelDef
 
@@ -108,6 +113,24 @@ def teacher_hidden(model_def: ModelDef, params: dict, batches: Sequence[Batch]) 
     return [states(params, *_inputs(b)) for b in batches]
 
 
+BLOCK, MODEL = "block", "model"  # parameter groups of a block's distillation state
+
+
+def block_loss_fn(model_def: ModelDef, specs: dict[str, QuantSpec], ranges: dict[str, ActRange] | None,
+                  layer: int) -> LossFn:
+    """LKD's `jaxllm.engine.step.LossFn` for block `layer`: `L_l` of the module doc on a batch of the
+    teacher's `x` (input) and `target` (output) hidden states, with the trained `block` in place of
+    that block of the frozen `model` (count 1: the loss is a batch mean)."""
+
+    def loss_fn(params, batch, ltd=None):
+        tree = dict(params[MODEL], blocks={**params[MODEL]["blocks"], layer: params[BLOCK]})
+        model = model_def.bind(compress_params(tree, specs, ranges=ranges))
+        out = run_block(model, layer, batch["x"], batch["positions"], batch["segment_ids"])
+        return jnp.mean(jnp.square(out - batch["target"])), jnp.float32(1), {}
+
+    return loss_fn
+
+
 def lkd(
     model_def: ModelDef,
     teacher: dict,
@@ -147,41 +170,30 @@ def lkd(
     hidden = teacher_hidden(model_def, teacher, batches)
     inputs = [_inputs(b) for b in batches]
     tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+    opt = TrainOptimizer(tx, optax.constant_schedule(learning_rate))
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
 
-    def block_loss(block_params, params, layer, x, target, positions, segments):
-        tree = dict(params, blocks={**params["blocks"], layer: block_params})
-        model = model_def.bind(compress_params(tree, specs, ranges=ranges))
-        out = run_block(model, layer, x, positions, segments)
-        return jnp.mean(jnp.square(out - target))
-
-    @functools.partial(jax.jit, static_argnums=2)
-    def loss_only(block_params, params, layer, x, target, positions, segments):
-        return block_loss(block_params, params, layer, x, target, positions, segments)
-
-    @functools.partial(jax.jit, static_argnums=2, donate_argnums=(0, 3))
-    def train_step(block_params, params, layer, opt_state, x, target, positions, segments):
-        loss, grads = jax.value_and_grad(block_loss)(block_params, params, layer, x, target, positions, segments)
-        updates, opt_state = tx.update(grads, opt_state, block_params)
-        return optax.apply_updates(block_params, updates), opt_state, loss
-
-    def mean_loss(block_params, params, layer):
-        losses = [loss_only(block_params, params, layer, h[layer], h[layer + 1], p, s)
-                  for h, (_, p, s) in zip(hidden, inputs, strict=True)]
-        return float(jnp.mean(jnp.stack(losses)))
+    def block_batch(i: int, layer: int) -> Batch:
+        _, positions, segments = inputs[i]
+        return {"x": hidden[i][layer], "target": hidden[i][layer + 1], "positions": positions, "segment_ids": segments}
 
     before, after = [], []
     student = dict(student, blocks=dict(student["blocks"]))
     for layer in layers:
-        block = jax.tree.map(jnp.copy, student["blocks"][layer])
-        before.append(mean_loss(block, student, layer))
-        opt_state = tx.init(block)
-        for step in range(steps):
-            i = step % len(batches)
-            _, positions, segments = inputs[i]
-            block, opt_state, loss = train_step(block, student, layer, opt_state, hidden[i][layer],
-                                                hidden[i][layer + 1], positions, segments)
-        student["blocks"][layer] = block
-        after.append(mean_loss(block, student, layer))
+        loss_fn = block_loss_fn(model_def, specs, ranges, layer)
+        tree = ParamTree({BLOCK: model_def.logical_axes["blocks"][layer], MODEL: model_def.logical_axes},
+                         {BLOCK: model_def.shapes["blocks"][layer], MODEL: model_def.shapes})
+        eval_step = make_eval_step(loss_fn)
+        block_batches = [block_batch(i, layer) for i in range(len(batches))]
+        with jax.set_mesh(mesh):
+            layout = opt.layout(mesh, tree, 0, frozen=(MODEL,))
+            state = initial_state(layout, tx, {BLOCK: student["blocks"][layer], MODEL: student}, donate=False)
+            before.append(evaluate(eval_step, all_params(state), block_batches)["loss"])
+            train_step = make_train_step(loss_fn, opt, layout)
+            for step in range(steps):
+                state, _ = train_step(state, block_batches[step % len(batches)])
+            after.append(evaluate(eval_step, all_params(state), block_batches)["loss"])
+        student["blocks"][layer] = state["params"][BLOCK]
         if log is not None:
             log(f"LKD block {layer}: distillation loss {before[-1]:.4g} -> {after[-1]:.4g} ({steps} steps)")
     return student, LKDReport(before, after)

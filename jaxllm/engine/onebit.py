@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import mesh as mesh_lib
 from jaxllm.engine.state import ParamTree, StateLayout, is_axes
-from jaxllm.engine.step import gradient_sums, with_ltd_indices
+from jaxllm.engine.step import BUFFERS, gradient_sums, with_ltd_indices
 from jaxllm.ltd import LTDSetup
 from jaxllm.ops.cross_entropy import one_hot_targets
 from jaxllm.optim import ONEBIT_OPTIMIZERS, PhasePlan, build_optimizer, phase_plan
@@ -235,6 +235,8 @@ class OneBitTraining:
         """The step callable for a task's `loss_fn` (`jaxllm.engine.step.LossFn`); `summarize(step)` says
         after which (1-based) steps to reduce the per-device metrics to the usual scalars (`loss`,
         `grad_norm`, `lr`, `tokens`, `skipped` and the loss's aux metrics)."""
+        if BUFFERS in layout.state:  # each data slice would update its own copy
+            raise ValueError("the 1-bit optimizers' train step does not carry buffers (state updated by the loss)")
         return OneBitStep(self, loss_fn, layout, grad_accum, ltd, summarize or (lambda step: True))
 
     def _step_fn(self, phase: int, loss_fn: Callable, grad_accum: int, ltd: LTDSetup | None,
@@ -251,7 +253,7 @@ class OneBitTraining:
             if offset is not None:  # 0/1 Adam: this slice's parameters include its local progress
                 params = jax.tree.map(lambda p, a: p + a[0], params, offset)
             with one_hot_targets():  # vocab-sharded logits cannot be gathered in a data-manual shard_map
-                grad_sum, loss_sum, count, aux = gradient_sums(loss_fn, params, frozen, batch, grad_accum, ltd)
+                grad_sum, loss_sum, count, aux, _ = gradient_sums(loss_fn, params, frozen, batch, grad_accum, ltd)
             grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grad_sum)
             norm = optax.tree.norm(grads)
             if clip > 0:  # as optax.clip_by_global_norm, on this slice's gradient

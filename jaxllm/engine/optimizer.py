@@ -23,10 +23,11 @@ class TrainOptimizer:
     schedule: optax.Schedule
     onebit: OneBitTraining | None = None
 
-    def layout(self, mesh: Mesh, model: Any, zero_stage: int, frozen: tuple[str, ...] = ()) -> StateLayout:
+    def layout(self, mesh: Mesh, model: Any, zero_stage: int, frozen: tuple[str, ...] = (),
+               buffers: Any = None) -> StateLayout:
         """The state layout of `model` (a `ModelDef` or `ParamTree`) trained with this optimizer."""
         opt_state = self.onebit.opt_state_layout() if self.onebit else None
-        return state_layout(mesh, model, self.tx, zero_stage, frozen, opt_state)
+        return state_layout(mesh, model, self.tx, zero_stage, frozen, opt_state, buffers)
 
     def signature(self) -> dict[str, Any] | None:
         """What the saved optimizer state is bound to (None: it restores onto any mesh)."""

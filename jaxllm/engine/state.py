@@ -94,10 +94,12 @@ class StateLayout:
 
 
 def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_stage: int,
-                 frozen: tuple[str, ...] = (), opt_state: tuple[Any, Any] | None = None) -> StateLayout:
+                 frozen: tuple[str, ...] = (), opt_state: tuple[Any, Any] | None = None,
+                 buffers: Any = None) -> StateLayout:
     """The layout of a task's state. `model`: a `ModelDef` or `ParamTree`; `frozen`: top-level groups
     without gradients; `opt_state`: (abstract, shardings) of an optimizer that lays out its own state
-    (a 1-bit optimizer's per-device buffers), else they follow `tx.init` and the parameters."""
+    (a 1-bit optimizer's per-device buffers), else they follow `tx.init` and the parameters;
+    `buffers`: a tree of arrays the loss updates (`jaxllm.engine.step`), replicated."""
     whole = ParamTree(model.logical_axes, model.shapes)
     trainable = whole.subset(tuple(k for k in whole.shapes if k not in frozen)) if frozen else whole
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -115,6 +117,9 @@ def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_
         rest = whole.subset(frozen)
         shardings["frozen"] = rest.shardings(mesh, mesh_lib.param_drop(zero_stage))
         tree["frozen"] = rest.abstract()
+    if buffers is not None:
+        tree["buffers"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), buffers)
+        shardings["buffers"] = jax.tree.map(lambda _: replicated, buffers)
     grads = trainable.shardings(mesh, mesh_lib.grad_drop(zero_stage))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
     return StateLayout(shardings, grads, abstract, tuple(frozen))
@@ -125,20 +130,24 @@ def all_params(state: dict[str, Any]) -> dict[str, Any]:
     return {**state["params"], **state.get("frozen", {})}
 
 
-def initial_state(layout: StateLayout, tx: optax.GradientTransformation, params: Any) -> dict[str, Any]:
-    """The step-0 state for `params` (every group, trainable and frozen), built straight into the
-    layout's shards; `params` may be an array tree (donated) or a function that returns one (traced, so
-    a fresh initialisation is never materialised whole on one device)."""
+def initial_state(layout: StateLayout, tx: optax.GradientTransformation, params: Any, buffers: Any = None,
+                  donate: bool = True) -> dict[str, Any]:
+    """The step-0 state for `params` (every group, trainable and frozen) and the layout's `buffers`,
+    built straight into the layout's shards; `params` may be an array tree (donated unless `donate` is
+    false) or a function that returns one (traced, so a fresh initialisation is never materialised whole
+    on one device)."""
 
-    def init(values):
+    def init(values, buffers):
         values = params() if callable(params) else values
         trainable = {k: v for k, v in values.items() if k not in layout.frozen}
         zero = jnp.zeros((), jnp.int32)
         state = {"step": zero, "skipped_steps": zero, "params": trainable, "opt_state": tx.init(trainable)}
         if layout.frozen:
             state["frozen"] = {k: values[k] for k in layout.frozen}
+        if buffers is not None:
+            state["buffers"] = buffers
         return state
 
     if callable(params):
-        return jax.jit(init, out_shardings=layout.state)(None)
-    return jax.jit(init, out_shardings=layout.state, donate_argnums=0)(params)
+        return jax.jit(init, out_shardings=layout.state)(None, buffers)
+    return jax.jit(init, out_shardings=layout.state, donate_argnums=0 if donate else ())(params, buffers)

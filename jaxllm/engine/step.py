@@ -2,7 +2,11 @@
 
 A task gives its loss as a `LossFn`: `loss_fn(params, batch, ltd) -> (loss_sum, count, aux_sums)`,
 sums over what its batch counts (tokens, pairs, answer tokens), `ltd` the random-LTD plan of the
-batch or None. The step adds everything else: gradient accumulation over `grad_accum` micro-batches,
+batch or None. State that the loss updates but nobody trains (XTC's static activation ranges) lives
+in the state's `buffers`: the loss reads it as `params["buffers"]` and returns its new value as
+`aux_sums["buffers"]`; micro-batches see it in turn, and a skipped step keeps the old value.
+
+The step adds everything else: gradient accumulation over `grad_accum` micro-batches,
 the mean over the global count, the skip of a step whose loss or gradient is not finite (parameters
 and optimizer state unchanged, `skipped_steps` + 1), random-LTD's kept positions, and for a
 1-bit optimizer its per-device path (`jaxllm.engine.onebit`) behind the same call.
@@ -43,36 +47,42 @@ def with_ltd_indices(batch: dict[str, jax.Array], ltd: ltd_lib.LTDSetup, step: j
     return {**batch, "ltd_indices": jnp.swapaxes(indices, 0, 1)}
 
 
-def gradient_sums(loss_fn: LossFn, params: Any, frozen: Any, batch: dict[str, jax.Array], grad_accum: int,
-                  ltd: ltd_lib.LTDSetup | None = None, grad_shardings: Any = None
-                  ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
-    """(gradient sum, loss sum, count, aux sums) of `batch` over `grad_accum` micro-batches, the
-    gradient taken with respect to `params` only (`frozen` groups join them in the loss)."""
+BUFFERS = "buffers"
 
-    def micro_loss(p, b):
+
+def gradient_sums(loss_fn: LossFn, params: Any, frozen: Any, batch: dict[str, jax.Array], grad_accum: int,
+                  ltd: ltd_lib.LTDSetup | None = None, grad_shardings: Any = None, buffers: Any = None
+                  ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array], Any]:
+    """(gradient sum, loss sum, count, aux sums, buffers) of `batch` over `grad_accum` micro-batches,
+    the gradient taken with respect to `params` only (`frozen` groups and `buffers` join them in the
+    loss; the buffers come back as the last micro-batch left them)."""
+
+    def micro_loss(p, b, buf):
         plan = None
         if "ltd_indices" in b:
             plan = ltd_lib.LTDPlan(ltd.layers, jnp.swapaxes(b["ltd_indices"], 0, 1), ltd.implementation)
             b = {k: v for k, v in b.items() if k != "ltd_indices"}
-        loss, count, aux = loss_fn({**p, **frozen} if frozen else p, b, plan)
-        return loss, (count, aux)
+        full = {**p, **frozen} if frozen else p
+        loss, count, aux = loss_fn(full if buf is None else {**full, BUFFERS: buf}, b, plan)
+        aux = dict(aux)
+        return loss, (count, aux, aux.pop(BUFFERS, buf))
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     constrain = (lambda g: g) if grad_shardings is None else (  # noqa: E731
         lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
 
     def accumulate(carry, micro):
-        grad_sum, loss_sum, count, aux_sum = carry
-        (loss, (n, aux)), grads = grad_fn(params, micro)
+        grad_sum, loss_sum, count, aux_sum, buf = carry
+        (loss, (n, aux, buf)), grads = grad_fn(params, micro, buf)
         return (jax.tree.map(jnp.add, grad_sum, constrain(grads)), loss_sum + loss, count + n,
-                jax.tree.map(jnp.add, aux_sum, aux)), None
+                jax.tree.map(jnp.add, aux_sum, aux), buf), None
 
     micro = batch if grad_accum == 1 else split_micro(batch, grad_accum)
     first = micro if grad_accum == 1 else jax.tree.map(lambda x: x[0], micro)
-    _, (_, aux_shape) = jax.eval_shape(micro_loss, params, first)
+    _, (_, aux_shape, _) = jax.eval_shape(micro_loss, params, first, buffers)
     zero = jnp.float32(0)
     init = (constrain(jax.tree.map(jnp.zeros_like, params)), zero, zero,
-            jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape))
+            jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape), buffers)
     if grad_accum == 1:
         sums, _ = accumulate(init, batch)
     else:
@@ -95,8 +105,8 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
         params = state["params"]
         if kept is not None:
             batch = with_ltd_indices(batch, ltd, state["step"], kept)
-        grad_sum, loss_sum, count, aux = gradient_sums(loss_fn, params, state.get("frozen"), batch, grad_accum, ltd,
-                                                       layout.grads)
+        grad_sum, loss_sum, count, aux, buffers = gradient_sums(loss_fn, params, state.get("frozen"), batch,
+                                                                grad_accum, ltd, layout.grads, state.get(BUFFERS))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
         loss = loss_sum / denom
@@ -109,6 +119,8 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
         new_state = dict(state, step=state["step"] + 1,
                          skipped_steps=state["skipped_steps"] + (~finite).astype(jnp.int32),
                          params=keep(new_params, params), opt_state=keep(new_opt, state["opt_state"]))
+        if buffers is not None:
+            new_state[BUFFERS] = keep(buffers, state[BUFFERS])
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,
                    "skipped": (~finite).astype(jnp.int32), **{k: v / denom for k, v in aux.items()}}
         return new_state, metrics
@@ -119,9 +131,11 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
 
 
 def make_eval_step(loss_fn: LossFn, params_shardings: Any = None) -> Callable:
-    """`eval_step(params, batch) -> (loss_sum, count, aux_sums)` (every parameter group in `params`)."""
+    """`eval_step(params, batch) -> (loss_sum, count, aux_sums)` (every parameter group in `params`;
+    buffers are read, not updated)."""
     def step(params, batch):
-        return loss_fn(params, batch, None)
+        loss, count, aux = loss_fn(params, batch, None)
+        return loss, count, {k: v for k, v in aux.items() if k != BUFFERS}
 
     return jax.jit(step) if params_shardings is None else jax.jit(step, in_shardings=(params_shardings, None))
 

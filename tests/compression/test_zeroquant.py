@@ -1,16 +1,20 @@
 """ZeroQuant PTQ and LKD, XTC distillation and layer reduction on tiny decoders."""
 
+import functools
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from jaxllm import config as config_lib
 from jaxllm.compression import model as cmodel
 from jaxllm.compression import xtc, zeroquant
 from jaxllm.compression.qtensor import QuantizedWeight
 from jaxllm.compression.rules import Rule, module_shapes, plan
 from jaxllm.config import ModelConfig
+from jaxllm.data.pipeline import SyntheticRows, make_train_iterator
 from jaxllm.errors import UserError
 from jaxllm.models.definition import ModelDef, init_params
 
@@ -139,18 +143,30 @@ def test_soft_cross_entropy_is_deepspeeds_mean():
     np.testing.assert_allclose(xtc.soft_cross_entropy(s, t, mask), (per * mask).sum() / 3, rtol=1e-6)
 
 
-def test_xtc_ternary_half_layers_reduces_the_kd_loss():
+def test_xtc_ternary_half_layers_reduces_the_kd_loss_and_resumes(tmp_path):
     cfg, md, params = make()
     student, scfg = cmodel.reduce_layers(params, cfg, [1])
     assert scfg.layers == 1 and student["blocks"][0] is params["blocks"][1]
     sdef = ModelDef.from_config(scfg)
     specs = specs_for(scfg, sdef, [Rule(("attn", "mlp", "embed"), weight_bits=2), Rule(("attn", "mlp"), act_bits=8)])
-    batch = {"inputs": tokens(1), "targets": tokens(2), "loss_mask": jnp.ones((4, 16))}
-    result = xtc.train_xtc(md, params, sdef, student, specs, iter([batch] * 8), steps=8, tx=optax.adam(3e-3),
-                           maps=xtc.layer_maps(2, 1, [1]), log_every=7)
+    config = config_lib.load(None, ["train.steps=8", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=0",
+                                     "train.log_every=7", "checkpoint.every=4", "checkpoint.async_save=false",
+                                     "log.progress_bar=false", "log.tensorboard=false"])
+    rows = SyntheticRows(cfg.vocab_size, 16, 8)  # 8 rows, batch 4: the same two batches again and again
+    run = functools.partial(xtc.train_student, config, tmp_path / "xtc", md, params, sdef, student, specs,
+                            maps=xtc.layer_maps(2, 1, [1]))
+    result = run(make_train_iterator(rows, 4, seed=0))
     losses = [row["loss"] for row in result.history]
+    assert [row["step"] for row in result.history] == [1, 7, 8]
     assert losses[-1] < 0.9 * losses[0]
     assert result.history[0]["kd_attention"] > 0 and result.history[0]["kd_hidden"] > 0
+    # Killed after the step-4 checkpoint, the rerun resumes and ends on the same weights.
+    shutil.rmtree(tmp_path / "xtc" / "checkpoints" / "8")
+    again = run(make_train_iterator(rows, 4, seed=0))
+    assert [(r["step"], r["loss"]) for r in again.history] == [(1, losses[0]), (5, again.history[1]["loss"]),
+                                                                (7, losses[1]), (8, losses[2])]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again.student), jax.tree.leaves(result.student),
+                                                     strict=True))
 
 
 def test_incompatible_teacher_and_student():
