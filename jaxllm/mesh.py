@@ -74,6 +74,13 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def one_replica_mesh(tensor: int = 1) -> Mesh:
+    """One replica of the model (no data parallelism) on the first device, or split over the first
+    `tensor` devices: how the compression pipeline and the readers of a trained model (generate, chat)
+    run."""
+    return make_mesh(MeshConfig(data=1, fsdp=1, tensor=tensor, sequence=1), jax.devices()[:tensor])
+
+
 def logical_to_spec(
     logical_axes: Sequence[str | None],
     shape: Sequence[int] | None = None,

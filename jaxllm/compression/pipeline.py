@@ -19,7 +19,7 @@ from jaxllm import mesh as mesh_lib
 from jaxllm.compression import checkpoint, xtc, zeroquant
 from jaxllm.compression import model as cmodel
 from jaxllm.compression import rules as rules_lib
-from jaxllm.config import Config, MeshConfig
+from jaxllm.config import Config
 from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
 from jaxllm.data.sources import build_sources, token_directory
 from jaxllm.errors import UserError
@@ -72,7 +72,7 @@ def load_teacher(workdir: str | Path, step: int | None = None, flag: str = "--te
     """A training workdir's f32 parameters on the first device."""
     if checkpoint.is_compressed_checkpoint(workdir, step):
         raise UserError(f"{flag} {workdir}: holds a compressed checkpoint; give the f32 training run")
-    mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
+    mesh = mesh_lib.one_replica_mesh()
     with jax.set_mesh(mesh):
         model, step = generate_lib.load_workdir(workdir, mesh, step)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -40,7 +40,6 @@ from jaxllm.compression.linear import record_ranges
 from jaxllm.compression.model import States, compress_params, forward_states
 from jaxllm.compression.qtensor import QuantSpec
 from jaxllm.compression.quantizers import ActRange
-from jaxllm.config import MeshConfig
 from jaxllm.engine import loop, optimizer
 from jaxllm.engine.checkpoint import Checkpointer, run_meta
 from jaxllm.engine.state import ParamTree, initial_state
@@ -153,7 +152,7 @@ def train_student(config: Any, workdir: Path, teacher_def: ModelDef, teacher: di
     schedule, `log_every`) as in pretraining; checkpoints every `checkpoint.every` steps in
     `WORKDIR/checkpoints` and rows in `WORKDIR/metrics.jsonl`, so a rerun resumes. `batches`: a
     checkpointable iterator of `train.batch_size` rows (`jaxllm.data.pipeline.make_train_iterator`)."""
-    mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
+    mesh = mesh_lib.one_replica_mesh()
     model = ParamTree({TEACHER: teacher_def.logical_axes, STUDENT: student_def.logical_axes},
                       {TEACHER: teacher_def.shapes, STUDENT: student_def.shapes})
     ranges = dict(ranges or {}) or None

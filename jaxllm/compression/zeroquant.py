@@ -40,7 +40,6 @@ from jaxllm.compression.model import (
 )
 from jaxllm.compression.qtensor import QuantSpec
 from jaxllm.compression.quantizers import ActRange
-from jaxllm.config import MeshConfig
 from jaxllm.engine.optimizer import TrainOptimizer
 from jaxllm.engine.state import ParamTree, all_params, initial_state
 from jaxllm.engine.step import LossFn, evaluate, make_eval_step, make_train_step
@@ -171,7 +170,7 @@ def lkd(
     inputs = [_inputs(b) for b in batches]
     tx = optax.adamw(learning_rate, weight_decay=weight_decay)
     opt = TrainOptimizer(tx, optax.constant_schedule(learning_rate))
-    mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
+    mesh = mesh_lib.one_replica_mesh()
 
     def block_batch(i: int, layer: int) -> Batch:
         _, positions, segments = inputs[i]

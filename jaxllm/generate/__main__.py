@@ -11,7 +11,6 @@ from typing import Any
 import jax
 
 from jaxllm import mesh as mesh_lib
-from jaxllm.config import MeshConfig
 from jaxllm.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE
 from jaxllm.errors import UserError, exit_status
 from jaxllm.generate import find_tokenizer, generate, load_hf, load_workdir
@@ -56,8 +55,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UserError("no prompt: give --prompt TEXT or --prompt-ids IDS (each may be repeated)")
     if args.tensor < 1 or args.tensor > jax.device_count():
         raise UserError(f"--tensor {args.tensor}: expected 1 to the {jax.device_count()} available devices")
-    mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=args.tensor, sequence=1),
-                              jax.devices()[:args.tensor])
+    mesh = mesh_lib.one_replica_mesh(args.tensor)
     with jax.set_mesh(mesh):
         if args.workdir is not None:
             model, _ = load_workdir(args.workdir, mesh, args.step, args.compute_dtype)

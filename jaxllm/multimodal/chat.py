@@ -22,7 +22,6 @@ from typing import Any
 import jax
 
 from jaxllm import mesh as mesh_lib
-from jaxllm.config import MeshConfig
 from jaxllm.errors import UserError, exit_status
 from jaxllm.generate import Sampling, check_sampling
 from jaxllm.multimodal import data as data_lib
@@ -53,7 +52,7 @@ def chat(args: argparse.Namespace, questions: Sequence[str]) -> list[dict[str, A
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
-    mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
+    mesh = mesh_lib.one_replica_mesh()
     with jax.set_mesh(mesh):
         loaded = load_workdir(args.workdir, mesh, args.step)
     questions = list(questions)

@@ -3,10 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
+from jaxllm.engine.optimizer import TrainOptimizer
+from jaxllm.engine.state import ParamTree, initial_state
+from jaxllm.engine.step import make_train_step
 from jaxllm.optim import build_optimizer, warmup_cosine
 from jaxllm.pretraining import LanguageModelTraining
 
@@ -105,3 +109,29 @@ def test_weight_decay_skips_norms_and_biases():
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
     assert float(jnp.abs(updates["b"]).max()) == 0.0
     np.testing.assert_allclose(updates["w"], -cfg.train.lr * cfg.optimizer.weight_decay * np.ones((2, 2)), rtol=1e-6)
+
+
+def test_buffers_follow_the_micro_batches_and_a_skipped_step_keeps_them():
+    """A loss that keeps a running mean of its inputs in `buffers` (as XTC keeps activation ranges):
+    with 2 micro-batches the buffer sees them in order, and a non-finite step leaves it unchanged."""
+    def loss_fn(params, batch, ltd):
+        x = batch["x"]
+        loss = jnp.sum((x * params["w"]) ** 2)
+        running = 0.5 * params["buffers"]["mean"] + 0.5 * jnp.mean(x)
+        return loss, jnp.float32(x.shape[0]), {"buffers": {"mean": running}}
+
+    mesh = mesh_lib.one_replica_mesh()
+    opt = TrainOptimizer(optax.sgd(0.1), optax.constant_schedule(0.1))
+    model = ParamTree({"w": (None,)}, {"w": (3,)})
+    with jax.set_mesh(mesh):
+        layout = opt.layout(mesh, model, 0, buffers={"mean": jnp.zeros(())})
+        state = initial_state(layout, opt.tx, {"w": jnp.ones(3)}, {"mean": jnp.float32(0)})
+        step = make_train_step(loss_fn, opt, layout, grad_accum=2)
+        rows = np.arange(12, dtype=np.float32).reshape(4, 3)  # micro-batch a takes rows a and a + 2
+        state, metrics = step(state, {"x": jnp.asarray(rows)})
+        first, second = rows[[0, 2]].mean(), rows[[1, 3]].mean()
+        np.testing.assert_allclose(state["buffers"]["mean"], 0.5 * (0.5 * first) + 0.5 * second, rtol=1e-6)
+        kept = np.asarray(state["buffers"]["mean"])
+        state, metrics = step(state, {"x": jnp.full((4, 3), jnp.inf)})
+        assert int(metrics["skipped"]) == 1
+        np.testing.assert_array_equal(state["buffers"]["mean"], kept)
