@@ -6,6 +6,11 @@ import tempfile
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# The Pallas kernel tests run interpreted (any backend); JAXLLM_PALLAS_INTERPRET=0 compiles them for the
+# accelerator instead (scripts/device_check.sh on a GPU).
+PALLAS_INTERPRET = os.environ.get("JAXLLM_PALLAS_INTERPRET", "1") != "0"
+if PALLAS_INTERPRET:  # the aot extra's libtpu and CUDA plugin would otherwise probe for devices at start-up
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 CACHE = Path(tempfile.gettempdir()) / "jaxllm-test-xla-cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -14,9 +19,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# The Pallas kernel tests run interpreted (any backend); JAXLLM_PALLAS_INTERPRET=0 compiles them for the
-# accelerator instead (scripts/device_check.sh on a GPU).
-PALLAS_INTERPRET = os.environ.get("JAXLLM_PALLAS_INTERPRET", "1") != "0"
 
 
 @pytest.fixture(scope="session")

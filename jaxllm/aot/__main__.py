@@ -1,0 +1,80 @@
+"""`python -m jaxllm.aot --config=PATH --target=TARGET [--json OUT] [section.key=value ...]`
+
+Compiles the train step `python -m jaxllm.train --config=PATH` would run for TARGET's devices (say
+`tpu:v5e:2x2`, `tpu:v5p:2x2x2`, `gpu:h100:1x8`, `gpu:a100-80g:48x8`) with the target's own compiler,
+on this machine, and prints per device: the arguments (parameters, optimizer state, batch), outputs,
+temporaries and aliasing as the compiler counts them, their total against the device's memory, the
+model FLOPs of a step against the compiled program's, and the compile time. Exit status 0 when it
+fits, 3 when it does not (with the compiler's own figures and what to try), 2 on a bad config or target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+
+from jaxllm import config as config_lib
+from jaxllm.aot import CompileReport, Target, compile_train_step
+from jaxllm.errors import exit_status
+
+DOES_NOT_FIT = 3
+GIB = 2**30
+
+
+def describe(report: CompileReport) -> str:
+    mesh = " x ".join(f"{axis} {size}" for axis, size in report.mesh.items() if size > 1) or "one device"
+    lines = [f"target {report.target}: {report.devices} devices, mesh {mesh}"]
+    if report.error:
+        lines.append(f"the compiler refused the step: {report.error}")
+    else:
+        lines += [
+            "per device, as compiled:",
+            f"  arguments     {report.arguments / GIB:9.3f} GiB  (parameters {report.parameters / GIB:.3f}, "
+            f"optimizer state {report.optimizer_state / GIB:.3f}, batch {report.batch / GIB:.3f})",
+            f"  outputs       {report.outputs / GIB:9.3f} GiB  ({report.aliased / GIB:.3f} GiB of them written over "
+            "donated arguments)",
+            f"  temporaries   {report.temporaries / GIB:9.3f} GiB",
+            f"  total         {report.total / GIB:9.3f} GiB of {report.capacity / GIB:.2f} GiB "
+            f"({'fits, ' + format(report.headroom, '.0%') + ' headroom' if report.fits else 'does NOT fit'})",
+            f"  --dry-run's estimate {report.estimate / GIB:.3f} GiB ({report.estimate / report.total - 1:+.0%})",
+        ]
+        if report.compiled_flops:
+            lines.append(f"FLOPs per step: model {report.model_flops:.4g}, compiled {report.compiled_flops:.4g} "
+                         f"({report.compiled_flops / report.model_flops:.2f}x)")
+    lines.append(f"compiled in {report.compile_seconds:.1f} s")
+    if not report.fits:
+        lines.append("to fit: rematerialise more (model.remat=dots or full), a smaller micro-batch (raise "
+                     "train.grad_accum), or shard more (mesh.fsdp, mesh.tensor)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config, as for python -m jaxllm.train")
+    parser.add_argument("--target", required=True, help="tpu:<version>:<topology> or gpu:<model>:<nodes>x<gpus>")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    if not os.environ.get("JAX_PLATFORMS"):  # compile for the target; start no local accelerator
+        jax.config.update("jax_platforms", "cpu")
+    fits = []
+
+    def run() -> None:
+        target = Target.parse(args.target)
+        report = compile_train_step(config_lib.load(args.config, args.overrides), target)
+        print(describe(report), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        fits.append(report.fits)
+
+    status = exit_status(run)
+    return status if status or all(fits) else DOES_NOT_FIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
