@@ -348,6 +348,8 @@ class Decoder(nnx.Module):
             raise ValueError("random-LTD layers run their own attention; an attention override cannot be combined")
         x = constrain(self._embed(tokens, positions, embeddings), ("batch", "length", None))
         alibi = alibi_slopes(cfg.heads) if cfg.family == "bloom" else None
+        if cfg.scan_layers and ltd is None and self._stackable():
+            return self._logits(self._scanned_blocks(x, positions, segment_ids, alibi, attention))
         for layer, block in enumerate(self.blocks):
             x = gradient_barrier(x)  # one materialised residual gradient per layer (see jaxllm.ops.barrier)
             kept = None if ltd is None else ltd.kept(layer)
@@ -385,6 +387,29 @@ class Decoder(nnx.Module):
         if last_only:
             x = x[:, -1:]
         return self._logits(x), cache._replace(index=cache.index + new)
+
+    def _stackable(self) -> bool:
+        """Whether every block has the same weight tree (compressed weights may differ per block)."""
+        first = jax.tree.structure(nnx.state(self.blocks[0]))
+        return all(jax.tree.structure(nnx.state(b)) == first for b in self.blocks[1:])
+
+    def _scanned_blocks(self, x, positions, segment_ids, alibi, attention):
+        """The blocks as one `jax.lax.scan` over their weights stacked along a new leading axis.
+
+        The stack is built inside the step from the per-block parameters (and its gradient split back),
+        so the scanned model has the unrolled one's parameter tree; XLA compiles one block, with the
+        same remat policy, instead of `layers`. Random-LTD, whose layers differ, runs unrolled."""
+        graphdef = nnx.graphdef(self.blocks[0])
+        stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(b) for b in self.blocks))
+
+        def body(x, weights):
+            x = gradient_barrier(x)
+            return nnx.merge(graphdef, weights)(x, positions, segment_ids, alibi, attention=attention), None
+
+        if self.cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
+        x, _ = jax.lax.scan(body, x, stacked)
+        return x
 
     def _kept_tokens_block(self, block, alibi, implementation):
         """`block` as a function of the gathered tokens, their positions, segments and original indices."""

@@ -70,10 +70,11 @@ def test_repeated_batch_loss_drops(devices):
     assert losses[-1] < losses[0] - 0.05
 
 
-def test_zero_stages_and_grad_accum_keep_the_losses(devices):
+def test_zero_stages_grad_accum_and_scanned_layers_keep_the_losses(devices):
     base, _, _ = run("gpt2", ["mesh.data=2", "mesh.fsdp=4"])
     for overrides in (["mesh.zero_stage=1"], ["mesh.zero_stage=2"], ["train.grad_accum=2"],
-                      ["train.grad_accum=4", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"]):
+                      ["train.grad_accum=4", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"],
+                      ["model.scan_layers=true", "model.remat=dots", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]):
         losses, _, _ = run("gpt2", ["mesh.data=2", "mesh.fsdp=4", *overrides])
         np.testing.assert_allclose(losses, base, rtol=1e-5, err_msg=str(overrides))
 

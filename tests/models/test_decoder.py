@@ -133,7 +133,7 @@ def test_causal(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_remat_and_bf16(family):
+def test_remat_scanned_layers_and_bf16(family):
     cfg, model = make(family)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 9)))
     params = _params(model)
@@ -144,9 +144,11 @@ def test_remat_and_bf16(family):
         return jnp.mean(jax.nn.log_softmax(m(tokens)) ** 2)
 
     base_loss, base = jax.value_and_grad(lambda p: loss(cfg, p))(params)
-    for remat in ("full", "dots"):
-        remat_cfg = ModelConfig(**(cfg.__dict__ | {"remat": remat}))
-        other = jax.grad(lambda p, c=remat_cfg: loss(c, p))(params)
+    for change in ({"remat": "full"}, {"remat": "dots"}, {"scan_layers": True},
+                   {"scan_layers": True, "remat": "dots"}):
+        other_cfg = ModelConfig(**(cfg.__dict__ | change))
+        other_loss, other = jax.value_and_grad(lambda p, c=other_cfg: loss(c, p))(params)
+        np.testing.assert_allclose(other_loss, base_loss, rtol=1e-6)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), base, other)
     bf16_cfg = ModelConfig(**(cfg.__dict__ | {"compute_dtype": "bfloat16"}))
     bf16_loss, bf16 = jax.value_and_grad(lambda p: loss(bf16_cfg, p))(params)
