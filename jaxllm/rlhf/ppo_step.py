@@ -29,7 +29,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxllm import mesh as mesh_lib
-from jaxllm.engine.step import LossFn, make_train_step
+from jaxllm.engine.step import LossFn, make_train_step, split_micro
 from jaxllm.generate import Generation, generate_tokens
 from jaxllm.models.definition import ModelDef
 from jaxllm.ops.cross_entropy import token_cross_entropy
@@ -159,11 +159,6 @@ def make_score(models: PPOModels, cfg: PPOConfig, mesh):
     return jax.jit(score)
 
 
-def _split_rows(x: jax.Array, parts: int) -> jax.Array:
-    """[N, ...] -> [parts, N / parts, ...] with rows i * parts + m in part m (each device keeps its rows)."""
-    return jnp.swapaxes(x.reshape(x.shape[0] // parts, parts, *x.shape[1:]), 0, 1)
-
-
 def lm_loss(model_def: ModelDef, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
     """Mean next-token cross-entropy over `loss_mask` (the PTX objective)."""
     logits = model_def.bind(params)(batch["inputs"], batch["positions"], batch["segment_ids"])
@@ -222,8 +217,7 @@ def make_minibatches(cfg: PPOConfig, num_rows: int, mesh):
     rows = jax.sharding.NamedSharding(mesh, mesh_lib.logical_to_spec((None, "batch"), mesh=mesh))
 
     def split(exp: Experience, key):
-        minis = {k: jax.lax.with_sharding_constraint(_split_rows(v, parts), rows)
-                 for k, v in exp._asdict().items()}
+        minis = jax.lax.with_sharding_constraint(split_micro(exp._asdict(), parts), rows)  # each device keeps its rows
         orders = [jnp.arange(parts)] + [jax.random.permutation(jax.random.fold_in(key, e), parts)
                                         for e in range(1, cfg.ppo_epochs)]
         return minis, jnp.concatenate(orders), jnp.sum(minis["mask"], axis=(1, 2))
