@@ -19,18 +19,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
-# name: (config, target, overrides)
+# name: (config, target, overrides). LLM-jp 13B and BLOOM-176B at the global batch and sequence length
+# of their published training runs (the presets' batch_size x seq_len, reached by gradient accumulation).
 RECIPES = {
-    "gpt2-124m v5e": ("configs/gpt2_124m.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=16",
-                                                                "train.grad_accum=1"]),
-    "gpt2-124m h100": ("configs/gpt2_124m.yaml", "gpu:h100:1x8", ["mesh.fsdp=8", "train.batch_size=16",
-                                                                  "train.grad_accum=1"]),
-    "llama-1b v5e, batch 16": ("configs/llama_1b.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=16",
-                                                                        "train.grad_accum=1"]),
-    "llama-1b v5e, batch 4": ("configs/llama_1b.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=4",
-                                                                       "train.grad_accum=1"]),
-    "llama-1b h100": ("configs/llama_1b.yaml", "gpu:h100:1x8", ["mesh.fsdp=8", "train.batch_size=8",
-                                                                "train.grad_accum=1"]),
+    "GPT-2 124M": ("configs/gpt2_124m.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=64",
+                                                             "train.grad_accum=4"]),
+    "GPT-2 124M ": ("configs/gpt2_124m.yaml", "gpu:h100:1x8", ["mesh.fsdp=8", "train.batch_size=64",
+                                                               "train.grad_accum=2"]),
+    "BLOOM-560m": ("configs/bloom_560m.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=32",
+                                                              "train.grad_accum=8"]),
+    "BLOOM-560m ": ("configs/bloom_560m.yaml", "gpu:h100:1x8", ["mesh.fsdp=8", "train.batch_size=32",
+                                                                "train.grad_accum=2"]),
+    "Llama 1B, batch 16": ("configs/llama_1b.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=16",
+                                                                    "train.grad_accum=1"]),
+    "Llama 1B": ("configs/llama_1b.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=16",
+                                                          "train.grad_accum=4"]),
+    "Llama 1B ": ("configs/llama_1b.yaml", "gpu:h100:1x8", ["mesh.fsdp=8", "train.batch_size=16",
+                                                            "train.grad_accum=2"]),
+    "LLM-jp 13B": ("configs/llmjp_13b.yaml", "tpu:v5p:4x4x4", ["mesh.fsdp=64"]),
+    "LLM-jp 13B ": ("configs/llmjp_13b.yaml", "gpu:h100:8x8", ["mesh.fsdp=64"]),
+    "BLOOM-176B": ("configs/bloom_176b.yaml", "tpu:v5p:8x8x4", ["mesh.tensor=8", "mesh.fsdp=32"]),
+    "BLOOM-176B ": ("configs/bloom_176b.yaml", "gpu:h100:32x8", ["mesh.tensor=8", "mesh.fsdp=32"]),
 }
 
 
@@ -47,9 +56,11 @@ def compile_recipe(config: str, target: str, overrides: list[str]) -> dict:
 
 def row(name: str, r: dict) -> str:
     flops = f"{r['compiled_flops'] / r['model_flops']:.2f}x" if r["compiled_flops"] else "-"
+    if r["compiled_flops"] and r["scanned_layers"]:
+        flops += " (scanned block counted once)"
     memory = f"{r['total'] / GIB:.2f}" if not r["error"] else f"refused ({r['temporaries'] / GIB:.2f} temporaries)"
     headroom = f"{r['headroom']:.0%}" if r["fits"] else "does not fit"
-    return (f"| {name} | {r['target']} | {r['devices']} | {memory} | {r['estimate'] / GIB:.2f} | "
+    return (f"| {name.strip()} | {r['target']} | {r['devices']} | {memory} | {r['estimate'] / GIB:.2f} | "
             f"{r['capacity'] / GIB:.2f} | {headroom} | {flops} | {r['compile_seconds']:.0f} |")
 
 

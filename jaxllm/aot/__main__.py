@@ -44,8 +44,9 @@ def describe(report: CompileReport) -> str:
             f"  --dry-run's estimate {report.estimate / GIB:.3f} GiB ({report.estimate / report.total - 1:+.0%})",
         ]
         if report.compiled_flops:
+            once = " (XLA counts the scanned block once, not once per layer)" if report.scanned_layers else ""
             lines.append(f"FLOPs per step: model {report.model_flops:.4g}, compiled {report.compiled_flops:.4g} "
-                         f"({report.compiled_flops / report.model_flops:.2f}x)")
+                         f"({report.compiled_flops / report.model_flops:.2f}x){once}")
     lines.append(f"compiled in {report.compile_seconds:.1f} s")
     if not report.fits:
         lines.append("to fit: rematerialise more (model.remat=dots or full), a smaller micro-batch (raise "
