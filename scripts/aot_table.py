@@ -55,9 +55,9 @@ def compile_recipe(config: str, target: str, overrides: list[str]) -> dict:
 
 
 def row(name: str, r: dict) -> str:
-    flops = f"{r['compiled_flops'] / r['model_flops']:.2f}x" if r["compiled_flops"] else "-"
-    if r["compiled_flops"] and r["scanned_layers"]:
-        flops += " (scanned block counted once)"
+    flops = "-"
+    if r["compiled_flops"] and not r["scanned_layers"]:  # like for like: one micro-batch (see jaxllm.aot)
+        flops = f"{r['compiled_flops'] / (r['model_flops'] / r['micro_batches']):.2f}x"
     memory = f"{r['total'] / GIB:.2f}" if not r["error"] else f"refused ({r['temporaries'] / GIB:.2f} temporaries)"
     headroom = f"{r['headroom']:.0%}" if r["fits"] else "does not fit"
     return (f"| {name.strip()} | {r['target']} | {r['devices']} | {memory} | {r['estimate'] / GIB:.2f} | "
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     names = args.only or list(RECIPES)
     print("| recipe | target | devices | compiler GiB/device | estimate GiB | device GiB | headroom | "
-          "compiled / model FLOPs | compile s |")
+          "compiled / model FLOPs per micro-batch | compile s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     reports = {}
     for name in names:

@@ -118,8 +118,11 @@ class CompileReport:
     aliased: int  # outputs written over donated arguments
     capacity: int
     model_flops: float  # per step, all devices: 6 N per token + attention (jaxllm.metrics.flops_per_token)
-    compiled_flops: float | None  # per step, all devices, as XLA counts the compiled program
-    scanned_layers: bool  # XLA's count then includes the scanned block once, not once per layer
+    # All devices, as XLA counts the compiled program: a loop's body once, so with gradient accumulation
+    # it is one micro-batch's FLOPs (plus the update), and with scanned layers one block's.
+    compiled_flops: float | None
+    micro_batches: int  # train.grad_accum
+    scanned_layers: bool
     compile_seconds: float
     estimate: int  # `python -m jaxllm.train --dry-run`'s per-device estimate
     error: str | None = None  # the compiler's own message when it refused the program
@@ -195,7 +198,8 @@ def compile_train_step(config: Any, target: Target) -> CompileReport:
         aliased=peak.alias_size_in_bytes if peak else 0, capacity=target.memory_bytes,
         model_flops=flops_per_token(config.model, length) * rows * length,
         compiled_flops=max(flops) * len(devices) if flops and None not in flops else None,
-        scanned_layers=config.model.scan_layers, compile_seconds=seconds, estimate=estimate, error=error)
+        micro_batches=config.train.grad_accum, scanned_layers=config.model.scan_layers, compile_seconds=seconds,
+        estimate=estimate, error=error)
 
 
 def _compiled_flops(compiled: Any, target: Target) -> float | None:

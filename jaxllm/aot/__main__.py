@@ -44,14 +44,25 @@ def describe(report: CompileReport) -> str:
             f"  --dry-run's estimate {report.estimate / GIB:.3f} GiB ({report.estimate / report.total - 1:+.0%})",
         ]
         if report.compiled_flops:
-            once = " (XLA counts the scanned block once, not once per layer)" if report.scanned_layers else ""
-            lines.append(f"FLOPs per step: model {report.model_flops:.4g}, compiled {report.compiled_flops:.4g} "
-                         f"({report.compiled_flops / report.model_flops:.2f}x){once}")
+            lines.append(flops_line(report))
     lines.append(f"compiled in {report.compile_seconds:.1f} s")
     if not report.fits:
         lines.append("to fit: rematerialise more (model.remat=dots or full), a smaller micro-batch (raise "
                      "train.grad_accum), or shard more (mesh.fsdp, mesh.tensor)")
     return "\n".join(lines)
+
+
+def flops_line(report: CompileReport) -> str:
+    """Model against compiled FLOPs, like for like: XLA counts a loop's body once, so with gradient
+    accumulation the compiled count is one micro-batch's, and with scanned layers one block's."""
+    if report.scanned_layers:
+        return (f"FLOPs per step: model {report.model_flops:.4g}; compiled {report.compiled_flops:.4g} counts the "
+                "scanned block once, not once per layer")
+    model, what = report.model_flops / report.micro_batches, "per step"
+    if report.micro_batches > 1:
+        what = f"per micro-batch (1 of {report.micro_batches}; XLA counts the accumulation loop's body once)"
+    ratio = report.compiled_flops / model
+    return f"FLOPs {what}: model {model:.4g}, compiled {report.compiled_flops:.4g} ({ratio:.2f}x)"
 
 
 def main(argv: list[str] | None = None) -> int:
