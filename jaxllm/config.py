@@ -267,6 +267,9 @@ class CheckpointConfig:
     every: int = 0  # 0: only at the end of the run
     keep: int = 3
     async_save: bool = True
+    # A SHA-256 manifest beside each finished checkpoint, checked on resume (bit rot, truncated files).
+    # The lead process reads the whole checkpoint once per save: turn off for checkpoints of terabytes.
+    checksums: bool = True
 
     def validate(self) -> None:
         require(self.every >= 0, "checkpoint.every", self.every, "an integer >= 0")

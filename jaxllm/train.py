@@ -97,7 +97,7 @@ def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: D
             return task.init_state(hf.load_params(config.model.init_from, config.model, task.layout.state["params"]))
         return task.init_state()
 
-    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    ckpt = Checkpointer.for_run(workdir, config)
     meta = run_meta(config.model, task.optimizer.signature())
     total_steps = efficiency.total_steps if efficiency else config.train.steps
     ltd = None

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -44,8 +45,57 @@ def test_run_writes_metrics_eval_tensorboard_and_checkpoints(tmp_path, devices):
     assert "eval_loss" in logged[2] and "eval_perplexity" in logged[4] and "eval_loss" not in logged[1]
     assert logged[4]["eval_perplexity"] == pytest.approx(np.exp(logged[4]["eval_loss"]), rel=1e-6)
     assert last["step"] == 8
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "4.sha256", "8", "8.sha256"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _first_data_file(step_dir: Path) -> Path:
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)),
+               key=lambda p: p.stat().st_size)
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 8])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no_meta", "empty"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_intact_one_resumes_bitwise(tmp_path, capsys, devices,
+                                                                                     damage):
+    # A constant LR after warm-up, so that the shorter first run follows the same schedule.
+    args = [*TINY, "train.steps=6", "train.log_every=1", "checkpoint.every=2", "checkpoint.async_save=false",
+            "train.min_lr_ratio=1.0"]
+    straight = tmp_path / "straight"
+    train(config_lib.load(None, args), straight)
+    run = tmp_path / "run"
+    train(config_lib.load(None, [*args, "train.steps=4"]), run)  # checkpoints 2 and 4
+    newest = run / "checkpoints" / "4"
+    if damage == "flip":  # bit rot: only the manifest can tell
+        _flip(_first_data_file(newest))
+    elif damage == "truncate":
+        victim = _first_data_file(newest)
+        victim.write_bytes(victim.read_bytes()[:10])
+    elif damage == "no_meta":
+        shutil.rmtree(newest / "meta")
+    else:  # a later step's directory left empty
+        (run / "checkpoints" / "5").mkdir()
+    capsys.readouterr()
+    train(config_lib.load(None, args), run)
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "set aside as" in err and "resuming from checkpoint" in err, err
+    assert losses(run) == losses(straight)  # bitwise, from the intact checkpoint
+    aside = sorted(p.name for p in (run / "checkpoints").iterdir() if "damaged" in p.name)
+    assert aside and aside[0] in ("4.damaged", "5.damaged")  # kept for inspection, not deleted
+
+
+def test_with_every_checkpoint_damaged_the_run_stops_instead_of_starting_over(tmp_path, devices):
+    args = [*TINY, "train.steps=2", "checkpoint.async_save=false"]
+    train(config_lib.load(None, args), tmp_path)
+    _flip(_first_data_file(tmp_path / "checkpoints" / "2"))
+    with pytest.raises(UserError, match="no intact checkpoint in .*checkpoints: 2 set aside as damaged"):
+        train(config_lib.load(None, [*args, "train.steps=4"]), tmp_path)
+    assert (tmp_path / "checkpoints" / "2.damaged").is_dir()
 
 
 def test_quickstart_text_pipeline_runs_and_learns(tmp_path, devices):

@@ -161,7 +161,7 @@ def train_student(config: Any, workdir: Path, teacher_def: ModelDef, teacher: di
         layout = opt.layout(mesh, model, 0, frozen=(TEACHER,), buffers=ranges)
     student_cfg = student_def.bind(student).cfg
     meta = run_meta(student_cfg, opt.signature(), xtc={"layer_maps": maps._asdict()})
-    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    ckpt = Checkpointer.for_run(workdir, config)
     train = config.train
     with jax.set_mesh(mesh):
         state, start = ckpt.resume_or_init(layout.abstract, batches, meta, lambda: initial_state(

@@ -11,16 +11,21 @@ random choice is derived from `config.seed` and the step, which the state holds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 import jaxllm
+from jaxllm import runtime
 from jaxllm.config import ModelConfig
 from jaxllm.errors import UserError
 
@@ -93,16 +98,31 @@ def workdir_step(workdir: str | os.PathLike, step: int | None = None, command: s
 
 
 class Checkpointer:
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+    """Saves and restores a run's checkpoints in `directory`, keeping the newest `keep`.
+
+    With `checksums`, every finished checkpoint gets a manifest beside it, `<step>.sha256` (the SHA-256
+    of each of its files), written by the lead process once the save has completed; restoring checks it.
+    A checkpoint that fails its manifest or cannot be read is damaged: `resume_or_init` sets it aside as
+    `<step>.damaged` (nothing is deleted), says so in one line, and restores the newest intact one."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True, checksums: bool = False):
         self.directory = Path(directory).resolve()
+        self.checksums = checksums
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    @classmethod
+    def for_run(cls, workdir: Path, config: Any) -> Checkpointer:
+        """The checkpointer of a training run: `WORKDIR/checkpoints` with the config's `checkpoint.*`."""
+        c = config.checkpoint
+        return cls(workdir / "checkpoints", c.keep, c.async_save, c.checksums)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> None:
+        self._seal()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iterator),
                                   meta=ocp.args.JsonSave(meta))
@@ -132,23 +152,89 @@ class Checkpointer:
 
     def resume_or_init(self, abstract_state: Any, data_iterator: Any, meta: dict[str, Any],
                        init: Callable[[], Any], check: Callable[[int], None] | None = None) -> tuple[Any, int]:
-        """(state, step): the newest checkpoint restored onto `abstract_state`'s shardings (the iterator
-        rewound with it), or `init()` at step 0 when there is none. Before restoring, the checkpoint must
-        hold the same model shape and optimizer-state binding as `meta`, and pass the task's `check`. On
-        any error the checkpointer is closed before the error propagates."""
+        """(state, step): the newest intact checkpoint restored onto `abstract_state`'s shardings (the
+        iterator rewound with it), or `init()` at step 0 when there is none. Before restoring, the
+        checkpoint must hold the same model shape and optimizer-state binding as `meta`, and pass the
+        task's `check` (a UserError otherwise). Damaged checkpoints are set aside on the way; when every
+        checkpoint is damaged the run stops with a UserError rather than start over. On any error the
+        checkpointer is closed before the error propagates."""
         try:
-            start = self.latest_step()
-            if start is None:
-                return init(), 0
-            self.check_compatible(start, meta["model"])
-            check_optimizer_state(self.read_meta(start).get("optimizer_state"), meta.get("optimizer_state"),
-                                  self.directory / str(start))
-            if check is not None:
-                check(start)
-            return self.restore(start, abstract_state, data_iterator), start
+            damaged = []
+            for step in sorted(self.manager.all_steps(), reverse=True):
+                try:
+                    self.verify(step)
+                    self.check_compatible(step, meta["model"])
+                    check_optimizer_state(self.read_meta(step).get("optimizer_state"),
+                                          meta.get("optimizer_state"), self.directory / str(step))
+                    if check is not None:
+                        check(step)
+                    state = self.restore(step, abstract_state, data_iterator)
+                except UserError:
+                    raise
+                except Exception as err:  # noqa: BLE001 -- any failure to read a checkpoint is damage
+                    damaged.append(self._set_aside(step, err))
+                    continue
+                if damaged:
+                    _say(f"resuming from checkpoint {step}, the newest intact one")
+                return state, step
+            if damaged:
+                raise UserError(f"no intact checkpoint in {self.directory}: {', '.join(damaged)} set aside as damaged; "
+                                "restore them from a copy, or move them away to start the run afresh")
+            return init(), 0
         except BaseException:
             self.close()  # the loop that would close it never starts
             raise
+
+    def verify(self, step: int) -> None:
+        """Raises DamagedCheckpoint when a file of checkpoint `step` differs from its manifest."""
+        manifest = self.directory / f"{step}.sha256"
+        if not manifest.is_file():
+            return  # written without checksums, or killed before the save was sealed
+        want = json.loads(manifest.read_text())
+        got = _file_digests(self.directory / str(step))
+        for name in sorted(set(want) | set(got)):
+            if want.get(name) != got.get(name):
+                problem = "is missing" if name not in got else "is not in the manifest" if name not in want else \
+                    "fails its checksum"
+                raise DamagedCheckpoint(f"{name} {problem}")
+
+    def _seal(self) -> None:
+        """Writes the manifest of every finished checkpoint that has none (lead process only), and drops
+        the manifests of checkpoints that `keep` has removed."""
+        if not self.checksums:
+            return
+        self.manager.wait_until_finished()
+        if jax.process_index() != 0:
+            return
+        steps = set(self.manager.all_steps())
+        for step in steps:
+            manifest = self.directory / f"{step}.sha256"
+            if not manifest.exists():
+                tmp = manifest.with_suffix(".sha256.tmp")
+                tmp.write_text(json.dumps(_file_digests(self.directory / str(step)), indent=1, sort_keys=True))
+                os.replace(tmp, manifest)
+        for manifest in self.directory.glob("*.sha256"):
+            if manifest.stem.isdigit() and int(manifest.stem) not in steps:
+                manifest.unlink()
+
+    def _set_aside(self, step: int, err: BaseException) -> str:
+        """Renames a damaged checkpoint (and its manifest) out of Orbax's sight; returns its new name."""
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.damaged"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}.damaged.{n}"
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        if jax.process_index() == 0:
+            source.rename(target)
+            manifest = self.directory / f"{step}.sha256"
+            if manifest.exists():
+                manifest.rename(target.with_name(target.name + ".sha256"))
+        runtime.barrier(f"set aside checkpoint {step}")
+        self.manager.reload()
+        _say(f"checkpoint {source} is damaged ({type(err).__name__}: {reason}); set aside as {target.name}")
+        return str(step)
 
     def restore_part(self, step: int, abstract: Any) -> Any:
         """Only the part of the saved state that `abstract` names (a sub-tree of `ShapeDtypeStruct`s with
@@ -157,12 +243,32 @@ class Checkpointer:
                                       partial_restore=True)
         return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self._seal()
         self.manager.close()
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint's files differ from its manifest."""
+
+
+def _file_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under `directory`, by path relative to it."""
+    digests = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digests[str(path.relative_to(directory))] = h.hexdigest()
+    return digests
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def fault_point(name: str, step: int) -> None:

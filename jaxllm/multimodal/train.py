@@ -287,7 +287,7 @@ def _train(config: VisualChatConfig, workdir: Path, mesh: Mesh) -> dict[str, Any
         layout = opt.layout(mesh, mdef, config.mesh.zero_stage, frozen)
     slot, slots = runtime.data_slot(mesh, (train_cfg.batch_size, seq_len))
     iterator = make_train_iterator(rows, train_cfg.batch_size, config.seed, slot, slots)
-    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    ckpt = Checkpointer.for_run(workdir, config)
     meta = run_meta(config, model, vision, tokenizer, layout, opt.signature())
     loss = functools.partial(loss_sums, mdef)
     with jax.set_mesh(mesh):

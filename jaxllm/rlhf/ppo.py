@@ -112,7 +112,7 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
     train_rows, held_out = common.stage_split(config, records, eval_records, "ppo")
     tokenizer = common.setup_tokenizer(config, workdir, p.actor_workdir, records)
 
-    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    ckpt = Checkpointer.for_run(workdir, config)
     start = ckpt.latest_step()
     recorded = ckpt.read_meta(start).get("rlhf", {}) if start is not None else {}
     if recorded and recorded.get("structure") != _structure(config):

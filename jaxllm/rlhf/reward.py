@@ -80,7 +80,7 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
         layout = opt.layout(mesh, model_def, config.mesh.zero_stage)
     slot, slots = runtime.data_slot(mesh, (train_cfg.batch_size, width))
     iterator = make_train_iterator(pairs, train_cfg.batch_size, config.seed, slot, slots)
-    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    ckpt = Checkpointer.for_run(workdir, config)
     origin = {"workdir": str(source.workdir), "step": source.step} if source else None
     meta = common.stage_meta(cfg, opt.signature(), "reward", tokenizer, init=origin, value_head=True)
 

@@ -46,7 +46,7 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
         task = LanguageModelTraining.build(dataclasses.replace(config, model=cfg), mesh)
     slot, slots = runtime.data_slot(mesh, (train_cfg.batch_size, width))
     iterator = make_train_iterator(rows, train_cfg.batch_size, config.seed, slot, slots)
-    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    ckpt = Checkpointer.for_run(workdir, config)
     origin = {"workdir": str(source.workdir), "step": source.step} if source else None
     meta = common.stage_meta(cfg, task.optimizer.signature(), "sft", tokenizer, init=origin,
                              loss_on_prompt=config.sft.loss_on_prompt)
