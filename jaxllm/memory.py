@@ -10,6 +10,7 @@ plus one block's worth during its recomputation.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import jax
@@ -54,3 +55,14 @@ def estimate(config: Config, layout_abstract: Any, grads_bytes: int, mesh_shape:
     acts = activation_bytes(config, data_parallel, mesh_shape["sequence"], mesh_shape["tensor"])
     return {"params": params, "gradients": grads_bytes, "optimizer": optimizer, "activations": acts,
             "total": params + grads_bytes + optimizer + acts}
+
+
+def device_memory(device: Any) -> tuple[int, str]:
+    """(bytes, what) one device can hold: an accelerator's own memory limit, or on CPU the machine's
+    RAM shared by its host devices."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+    devices = max(len(jax.local_devices()), 1)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // devices, f"this machine's RAM over its {devices} {device.platform} devices"

@@ -53,6 +53,10 @@ def dry_run(config: Config, mesh, layout) -> None:
     print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
     print(f"parameters: {counts['total']:,} ({counts['non_embedding']:,} non-embedding)")
     print("per-device memory estimate: " + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in est.items()))
+    capacity, what = memory.device_memory(mesh.devices.flat[0])
+    verdict = "fits" if est["total"] <= capacity else "does NOT fit"
+    print(f"verdict: {est['total'] / 2**30:.3f} GiB per device against {capacity / 2**30:.2f} GiB ({what}): {verdict} "
+          "by this estimate; python -m jaxllm.aot --target=... gives the compiler's figure for a TPU or GPU")
     print(f"model FLOPs per token (training): {flops_per_token(config.model, config.data.seq_len):.4g}")
 
 

@@ -222,4 +222,7 @@ def test_dry_run_reports_sizes_without_writing(tmp_path, capsys, devices):
     out = capsys.readouterr().out
     assert "parameters: 2,590,848" in out and "per-device memory estimate" in out
     assert "'fsdp': 4" in out
+    assert "GiB (this machine's RAM over its 8 cpu devices): fits by this estimate" in out
     assert not (tmp_path / "w").exists()
+    train(config_lib.load(REPO / "configs/llmjp_13b.yaml"), tmp_path / "w", dry=True)  # 26 GB of state per device
+    assert "does NOT fit by this estimate" in capsys.readouterr().out
