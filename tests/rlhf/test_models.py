@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxllm import mesh as mesh_lib
 from jaxllm.config import ModelConfig
+from jaxllm.engine import optimizer
+from jaxllm.engine.state import initial_state
 from jaxllm.generate import generate_tokens
 from jaxllm.models.definition import ModelDef, init_params
+from jaxllm.rlhf import config as rlhf_config
 from jaxllm.rlhf import lora
 from jaxllm.rlhf.models import ValueModel, actor_def, init_value_params, sequence_inputs, value_def
-from jaxllm.rlhf.ppo_step import answer_logprobs, answer_values
+from jaxllm.rlhf.ppo_step import Experience, PPOModels, PPOUpdate, Role, answer_logprobs, answer_values
 
 TINY = dict(layers=2, d_model=32, heads=4, vocab_size=48, max_len=32)
 
@@ -94,3 +98,38 @@ def test_padded_vocabulary_is_never_sampled():
                           temperature=1.0)
     assert int(out.tokens.max()) < 20
     assert isinstance(model_def.bind(params), nnx.Module)
+
+
+def test_ppo_update_skips_minibatches_without_answer_tokens(devices):
+    """A minibatch whose answers are all masked out (EOS-only answers) trains neither model: both
+    skip it (counted), their parameters stay, and a minibatch with tokens still trains them."""
+    config = rlhf_config.load(None, ["model.layers=1", "model.d_model=16", "model.heads=2", "model.vocab_size=32",
+                                     "model.max_len=16", "ppo.train_batch_size=2", "ppo.generation_batch_size=4",
+                                     "train.warmup_steps=0"])
+    cfg, P, A = config.model, 4, 4
+    mesh = mesh_lib.one_replica_mesh()
+    a_def, c_def = ModelDef.from_config(cfg), value_def(cfg)
+    models = PPOModels(Role(a_def, 0, 1.0, False), Role(c_def, 0, 1.0, False), a_def, c_def, P, A, 1, 0)
+    with jax.set_mesh(mesh):
+        opts = [optimizer.build(config, mesh, d) for d in (a_def, c_def)]
+        layouts = [o.layout(mesh, d, 0) for o, d in zip(opts, (a_def, c_def), strict=True)]
+        update = PPOUpdate(models, config.ppo, *opts, *layouts, mesh, num_rows=4, use_ema=False)
+        states = [initial_state(lay, o.tx, p) for lay, o, p in
+                  zip(layouts, opts, (init_params(cfg, 0), init_value_params(cfg, 1)), strict=True)]
+        state = {"step": jnp.int32(0), "skipped_steps": jnp.int32(0),
+                 **{k: {"params": s["params"], "opt_state": s["opt_state"]} for k, s in zip(("actor", "critic"),
+                                                                                           states, strict=True)}}
+        before = jax.tree.map(np.asarray, state)
+        rows, width = 4, P + A
+        seq = jnp.tile(jnp.arange(width, dtype=jnp.int32)[None] % 32, (rows, 1))
+        ones = jnp.ones((rows, A), jnp.float32)
+        mask = jnp.zeros((rows, A)).at[1].set(1.0).at[3].set(1.0)  # rows 1 and 3: minibatch 1 (rows i*2 + 1)
+        exp = Experience(seq, jnp.tile(jnp.arange(width)[None], (rows, 1)), jnp.ones((rows, width), jnp.int32), mask,
+                         -ones, -ones, ones * 0.1, ones, ones, ones, jnp.ones(rows), jnp.full(rows, A), jnp.ones(rows))
+        state, metrics = update(state, exp, None, jax.random.key(0))
+    assert int(state["skipped_steps"]) == 2 and int(state["step"]) == 1  # minibatch 0 skipped by both models
+    assert np.isfinite(metrics["policy_loss"]) and np.isfinite(metrics["value_loss"])
+    for name in ("actor", "critic"):
+        changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]["params"]),
+                                                             jax.tree.leaves(state[name]["params"]), strict=True)]
+        assert any(changed), f"the {name} did not train on the minibatch with tokens"
