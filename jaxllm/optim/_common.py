@@ -8,19 +8,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
-from jaxllm.optim.onebit_allreduce import (
-    CompressionState,
-    compressed_allreduce_tree,
-    init_compression_state,
-    world_size,
-)
+from jaxllm.optim.onebit_allreduce import compressed_allreduce_tree, init_compression_state, world_size
 
 NO_PARAMS = "this optimizer needs the parameters: call update(grads, state, params)"
-
-
-def is_compression_state(x: Any) -> bool:
-    return isinstance(x, CompressionState)
 
 
 def init_leaf_compression(params: Any, axis_name: str | None) -> Any:
@@ -53,19 +45,20 @@ def exact_mean(tree: Any, axis_name: str | None, dtype: Any = None) -> Any:
     if jnp.dtype(dtype).itemsize != 2:
         raise ValueError(f"exact_mean: dtype {jnp.dtype(dtype).name} is not a 16-bit float")
     world = world_size(axis_name)
-    leaves, treedef = jax.tree.flatten(tree)
-    flat = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in leaves])
+    flat, unravel = ravel_f32(tree)
     n = flat.size
     shares = jnp.pad(flat / world, (0, -n % world)).astype(dtype).reshape(world, -1)  # row j: device j's part
     words = jax.lax.all_to_all(jax.lax.bitcast_convert_type(shares, jnp.uint16), axis_name, 0, 0, tiled=True)
     part = jnp.sum(jax.lax.bitcast_convert_type(words, dtype).astype(jnp.float32), axis=0).astype(dtype)
     gathered = jax.lax.all_gather(jax.lax.bitcast_convert_type(part, jnp.uint16), axis_name)  # [W, n / W]
     mean = jax.lax.bitcast_convert_type(gathered, dtype).astype(jnp.float32).reshape(-1)[:n]
-    out, start = [], 0
-    for x in leaves:
-        out.append(mean[start:start + x.size].reshape(x.shape).astype(x.dtype))
-        start += x.size
-    return treedef.unflatten(out)
+    return cast_like(unravel(mean), tree)
+
+
+def ravel_f32(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+    """All leaves of `tree` as one flat f32 vector, and the function that cuts such a vector back into
+    f32 leaves shaped like them (`cast_like` restores their dtypes)."""
+    return ravel_pytree(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 class StepInputs(NamedTuple):
@@ -161,25 +154,3 @@ def leaf_reducers(norm_axes: Any, params: Any) -> tuple[Any, Any]:
     return (jax.tree.map(lambda a: make(a, "sum"), axes_tree, is_leaf=is_axes),
             jax.tree.map(lambda a: make(a, "max"), axes_tree, is_leaf=is_axes))
 
-
-__all__ = [
-    "NO_PARAMS",
-    "CompressionState",
-    "StepInputs",
-    "adam_moments",
-    "apply_momentum_mask",
-    "cast_like",
-    "decay_rates",
-    "exact_mean",
-    "exchange_leaves",
-    "init_leaf_compression",
-    "is_compression_state",
-    "leaf_reducers",
-    "learning_rate_at",
-    "step_inputs",
-    "switch",
-    "switch_typed",
-    "tree_select",
-    "world_size",
-    "zero_comm",
-]
