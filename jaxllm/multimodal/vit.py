@@ -150,15 +150,7 @@ _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh", "g
 
 
 def _hf_vision_config(path: Path) -> dict[str, Any]:
-    file = path / hf_io.CONFIG
-    if not file.is_file():
-        raise UserError(f"CLIP checkpoint '{path}': '{hf_io.CONFIG}' is missing")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"'{file}' is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"'{file}': expected a JSON object")
+    file, config = path / hf_io.CONFIG, hf_io.read_config(path, "CLIP checkpoint")
     if config.get("model_type") == "clip" or "vision_config" in config:
         config = config.get("vision_config") or {}
     if config.get("model_type") not in (None, "clip_vision_model"):
@@ -192,31 +184,6 @@ def vision_config_from_hf(path: str | Path, base: VisionConfig | None = None) ->
             raise UserError(f"'{preprocessor}' is not valid JSON with image_mean/image_std lists") from None
     cfg.validate()
     return cfg
-
-
-def _tensor_files(path: Path) -> dict[str, tuple[Path, str]]:
-    """Tensor name -> (file, name) of the directory's safetensors (single file or index)."""
-    index, single = path / hf_io.INDEX, path / hf_io.SINGLE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-            raise UserError(f"'{index}' is not a safetensors index (a JSON object with a 'weight_map')") from None
-        files = {}
-        for name, file in weight_map.items():
-            if not isinstance(file, str) or Path(file).name != file or not (path / file).is_file():
-                raise UserError(f"'{index}': tensor '{name}' maps to {file!r}, which is not a file in '{path}'")
-            files[name] = (path / file, name)
-        return files
-    if single.is_file():
-        with hf_io.HFCheckpoint._open(single) as f:
-            return {name: (single, name) for name in f.keys()}
-    pickled = sorted(p.name for pattern in hf_io.PICKLE_PATTERNS for p in path.glob(pattern))
-    if pickled:
-        raise UserError(f"CLIP checkpoint '{path}' holds only '{pickled[0]}', a pickle-based format that can execute "
-                        "code when read; jaxllm reads safetensors only (re-save with safe_serialization=True)")
-    raise UserError(f"CLIP checkpoint '{path}' has neither '{hf_io.SINGLE}' nor '{hf_io.INDEX}'")
 
 
 def _expected(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
@@ -256,7 +223,7 @@ def load_clip_vision(path: str | Path, cfg: VisionConfig | None = None) -> tuple
     if not path.is_dir():
         raise UserError(f"CLIP checkpoint '{path}' is not a directory")
     cfg = vision_config_from_hf(path, cfg)
-    files = _canonical(_tensor_files(path))
+    files = _canonical(hf_io.tensor_files(path, "CLIP checkpoint"))
     expected = _expected(cfg)
     tensors: dict[str, np.ndarray] = {}
     with contextlib.ExitStack() as stack:
@@ -266,14 +233,9 @@ def load_clip_vision(path: str | Path, cfg: VisionConfig | None = None) -> tuple
                 raise UserError(f"CLIP checkpoint '{path}': tensor '{name}' is missing")
             file, stored = files[name]
             if file not in handles:
-                handles[file] = stack.enter_context(hf_io.HFCheckpoint._open(file))
+                handles[file] = stack.enter_context(hf_io.open_safetensors(file))
             sl = handles[file].get_slice(stored)
-            if tuple(sl.get_shape()) != shape:
-                raise UserError(f"tensor '{stored}' in '{file}' has shape {list(sl.get_shape())}, but "
-                                f"'{hf_io.CONFIG}' implies {list(shape)}")
-            if sl.get_dtype() not in hf_io.DTYPES:
-                raise UserError(f"tensor '{stored}' in '{file}' has dtype {sl.get_dtype()}; expected one of "
-                                f"{', '.join(hf_io.DTYPES)}")
+            hf_io.check_tensor(file, stored, tuple(sl.get_shape()), sl.get_dtype(), shape)
             tensors[name] = np.asarray(sl[:]).astype(np.float32)
 
     d, h = cfg.d_model, cfg.heads
