@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from jaxllm.errors import UserError
+from jaxllm.errors import UserError, exit_status
 
 # Top-level standard-library names whose sources are GUIs, demos, tests, vendored data or jokes.
 SKIPPED_MODULES = frozenset({
@@ -193,13 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output .jsonl file")
     parser.add_argument("--max-chars", type=int, default=2_000_000)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         path = build_stdlib_corpus(args.out, max_chars=args.max_chars)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(read_documents(path))} documents to {path}")
-    return 0
+        print(f"wrote {len(read_documents(path))} documents to {path}")
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

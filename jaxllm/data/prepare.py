@@ -25,7 +25,7 @@ from jaxllm import runtime
 from jaxllm.data.corpus import read_documents
 from jaxllm.data.shards import TokenShards, write_shards
 from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
-from jaxllm.errors import UserError
+from jaxllm.errors import UserError, exit_status
 
 TOKENIZER_NAME = "tokenizer.model"
 
@@ -88,17 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--character-coverage", type=float, default=1.0)
     parser.add_argument("--tokens-per-shard", type=int, default=1 << 24)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         out = prepare_corpus(args.input, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                             tokens_per_shard=args.tokens_per_shard,
-                             character_coverage=args.character_coverage)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    shards = TokenShards(out)
-    print(f"wrote {shards.num_documents} documents, {shards.num_tokens} tokens "
-          f"(vocab {shards.vocab_size}) to {out}")
-    return 0
+                             tokens_per_shard=args.tokens_per_shard, character_coverage=args.character_coverage)
+        shards = TokenShards(out)
+        print(f"wrote {shards.num_documents} documents, {shards.num_tokens} tokens "
+              f"(vocab {shards.vocab_size}) to {out}")
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import yaml
 
 from jaxllm import config as config_lib
 from jaxllm.compression import rules as rules_lib
-from jaxllm.errors import UserError
+from jaxllm.errors import UserError, exit_status
 from jaxllm.interop import deepspeed_data_efficiency
 
 DEFAULT_PRESET = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
@@ -389,15 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(DEFAULT_PRESET),
                         help="jaxllm YAML whose seed/model/data sections the output uses (default: quickstart)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def run() -> None:
         config, notes = translate(read(args.ds_config), config_lib.read_yaml(args.model))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for key, reason in notes:
-        print(f"not translated: {key}: {reason}", file=sys.stderr)
-    print(render(config, notes, args.ds_config), end="")
-    return 0
+        for key, reason in notes:
+            print(f"not translated: {key}: {reason}", file=sys.stderr)
+        print(render(config, notes, args.ds_config), end="")
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":
