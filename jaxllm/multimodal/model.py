@@ -25,7 +25,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.decoder import Decoder, KVCache, Norm
+from jaxllm.models.decoder import Decoder, KVCache, Norm, init_param, zeros_param
 from jaxllm.models.definition import ModelDef
 from jaxllm.multimodal.config import MultimodalConfig, VisionConfig
 from jaxllm.multimodal.mmca import IMAGE, PAD, mmca_cached_override, mmca_override
@@ -39,8 +39,8 @@ class Projection(nnx.Module):
     """DeepSpeed-VisualChat's "baseline" projection: Linear(vision d -> language d) then LayerNorm."""
 
     def __init__(self, d_in: int, d_out: int, eps: float, rngs: nnx.Rngs, init_std: float = 0.02):
-        self.w = nnx.Param(init_std * jax.random.normal(rngs.params(), (d_in, d_out)), logical_axes=(None, "embed"))
-        self.b = nnx.Param(jnp.zeros((d_out,), jnp.float32), logical_axes=("embed",))
+        self.w = init_param(rngs, (d_in, d_out), (None, "embed"), init_std)
+        self.b = zeros_param((d_out,), ("embed",))
         self.norm = Norm(d_out, False, eps, rngs)
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:

@@ -33,17 +33,9 @@ from jaxtyping import Array, Float
 
 from jaxllm.errors import UserError
 from jaxllm.interop import hf_io
-from jaxllm.models.decoder import Norm
+from jaxllm.models.decoder import Norm, init_param, zeros_param
 from jaxllm.multimodal.config import VisionConfig
 from jaxllm.ops.matmul import matmul
-
-
-def _param(rngs: nnx.Rngs, shape, axes, std: float) -> nnx.Param:
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape), logical_axes=axes)
-
-
-def _zeros(shape, axes) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:
@@ -62,12 +54,12 @@ class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
         d, h = cfg.d_model, cfg.heads
         hd = d // h
-        self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
-        self.wk = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
-        self.wv = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
-        self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg.init_std / math.sqrt(2 * cfg.layers))
-        self.bq, self.bk, self.bv = (_zeros((h, hd), ("heads", "head_dim")) for _ in range(3))
-        self.bo = _zeros((d,), ("embed",))
+        self.wq = init_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.wk = init_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.wv = init_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.wo = init_param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg.init_std / math.sqrt(2 * cfg.layers))
+        self.bq, self.bk, self.bv = (zeros_param((h, hd), ("heads", "head_dim")) for _ in range(3))
+        self.bo = zeros_param((d,), ("embed",))
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:
         def project(w, b):
@@ -91,10 +83,11 @@ class VisionBlock(nnx.Module):
         self.norm1 = Norm(cfg.d_model, False, cfg.norm_eps, rngs)
         self.attn = VisionAttention(cfg, rngs)
         self.norm2 = Norm(cfg.d_model, False, cfg.norm_eps, rngs)
-        self.w_in = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std)
-        self.b_in = _zeros((cfg.d_ff,), ("mlp",))
-        self.w_out = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.layers))
-        self.b_out = _zeros((cfg.d_model,), ("embed",))
+        self.w_in = init_param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std)
+        self.b_in = zeros_param((cfg.d_ff,), ("mlp",))
+        self.w_out = init_param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"),
+                                cfg.init_std / math.sqrt(2 * cfg.layers))
+        self.b_out = zeros_param((cfg.d_model,), ("embed",))
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:
         x = x + self.attn(self.norm1(x), dtype)
@@ -108,9 +101,9 @@ class ViT(nnx.Module):
     def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs, compute_dtype: str = "float32"):
         self.cfg, self.compute_dtype = cfg, compute_dtype
         d, p, c = cfg.d_model, cfg.patch_size, cfg.channels
-        self.patch_embed = _param(rngs, (c * p * p, d), (None, "embed"), cfg.init_std)  # rows ordered (c, y, x)
-        self.class_embed = _param(rngs, (d,), ("embed",), cfg.init_std)
-        self.pos_embed = _param(rngs, (cfg.grid**2 + 1, d), ("positions", "embed"), cfg.init_std)
+        self.patch_embed = init_param(rngs, (c * p * p, d), (None, "embed"), cfg.init_std)  # rows ordered (c, y, x)
+        self.class_embed = init_param(rngs, (d,), ("embed",), cfg.init_std)
+        self.pos_embed = init_param(rngs, (cfg.grid**2 + 1, d), ("positions", "embed"), cfg.init_std)
         self.pre_norm = Norm(d, False, cfg.norm_eps, rngs)
         self.blocks = nnx.List([VisionBlock(cfg, rngs) for _ in range(cfg.layers)])
         self.post_norm = Norm(d, False, cfg.norm_eps, rngs)
