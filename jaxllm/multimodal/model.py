@@ -32,8 +32,6 @@ from jaxllm.multimodal.mmca import IMAGE, PAD, mmca_cached_override, mmca_overri
 from jaxllm.multimodal.vit import ViT
 from jaxllm.ops.matmul import matmul
 
-GROUPS = ("vision", "projection", "decoder", "text_embed")
-
 
 class Projection(nnx.Module):
     """DeepSpeed-VisualChat's "baseline" projection: Linear(vision d -> language d) then LayerNorm."""
@@ -117,11 +115,3 @@ def init_params(model: ModelConfig, vision: VisionConfig, multimodal: Multimodal
     """A fresh parameter dict (the text embedding starts as a copy of the decoder's)."""
     module = VisualChat(model, vision, multimodal, rngs=nnx.Rngs(params=seed))
     return nnx.to_pure_dict(nnx.state(module, nnx.Param))
-
-
-def count_params(mdef: ModelDef) -> dict[str, int]:
-    """Parameter counts of each top-level group."""
-    import math
-
-    leaves = lambda tree: jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple))  # noqa: E731
-    return {group: sum(math.prod(s) for s in leaves(mdef.shapes[group])) for group in GROUPS}

@@ -153,4 +153,3 @@ def leaf_reducers(norm_axes: Any, params: Any) -> tuple[Any, Any]:
     is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
     return (jax.tree.map(lambda a: make(a, "sum"), axes_tree, is_leaf=is_axes),
             jax.tree.map(lambda a: make(a, "max"), axes_tree, is_leaf=is_axes))
-
