@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jaxllm.config import Config
 from jaxllm.data.corpus import build_stdlib_corpus
+from jaxllm.data.jsonl import write_atomic
 from jaxllm.data.pipeline import PackedRows, RowSource, SyntheticRows, split_train_eval
 from jaxllm.data.prepare import prepare_corpus
 from jaxllm.data.shards import TokenShards
@@ -58,9 +59,7 @@ def prepare_text(config: Config, workdir: Path) -> Path:
         index = cache / "index.json"
         content = json.loads(index.read_text())
         content.setdefault("metadata", {})["request"] = [config.model.vocab_size, tokenizer]
-        tmp = index.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(content))
-        tmp.replace(index)
+        write_atomic(index, [json.dumps(content)])
     return cache
 
 
