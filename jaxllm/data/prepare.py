@@ -20,6 +20,7 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from jaxllm import runtime
 from jaxllm.data.corpus import read_documents
@@ -32,7 +33,7 @@ TOKENIZER_NAME = "tokenizer.model"
 
 def prepare_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vocab_size: int = 8000,
                    tokenizer: str | os.PathLike | None = None, tokens_per_shard: int = 1 << 24,
-                   character_coverage: float = 1.0) -> Path:
+                   character_coverage: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
     """Tokenizes corpus files into a shard directory and returns it.
 
     Args:
@@ -43,6 +44,7 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         training one.
       tokens_per_shard: passed to :func:`jaxllm.data.shards.write_shards`.
       character_coverage: passed to :func:`jaxllm.data.tokenizer.train_tokenizer`.
+      metadata: more entries for the index metadata.
 
     The index metadata records the tokenizer file name, its EOS id and the input paths.
     """
@@ -70,7 +72,7 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                 yield [*tok.encode(doc), tok.eos_id]
 
     metadata = {"tokenizer": TOKENIZER_NAME, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-                "inputs": [str(p) for p in paths]}
+                "inputs": [str(p) for p in paths], **(metadata or {})}
     return write_shards(encoded(), out, tok.vocab_size, tokens_per_shard=tokens_per_shard, metadata=metadata)
 
 

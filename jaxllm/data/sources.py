@@ -12,7 +12,6 @@ from pathlib import Path
 
 from jaxllm.config import Config
 from jaxllm.data.corpus import build_stdlib_corpus
-from jaxllm.data.jsonl import write_atomic
 from jaxllm.data.pipeline import PackedRows, RowSource, SyntheticRows, split_train_eval
 from jaxllm.data.prepare import prepare_corpus
 from jaxllm.data.shards import TokenShards
@@ -55,11 +54,8 @@ def prepare_text(config: Config, workdir: Path) -> Path:
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise UserError(f"config key 'data.tokenizer': tokenizer file '{tokenizer}' does not exist")
     if not _prepared(cache, inputs, config.model.vocab_size, tokenizer):
-        prepare_corpus(inputs, cache, vocab_size=config.model.vocab_size, tokenizer=tokenizer)
-        index = cache / "index.json"
-        content = json.loads(index.read_text())
-        content.setdefault("metadata", {})["request"] = [config.model.vocab_size, tokenizer]
-        write_atomic(index, [json.dumps(content)])
+        prepare_corpus(inputs, cache, vocab_size=config.model.vocab_size, tokenizer=tokenizer,
+                       metadata={"request": [config.model.vocab_size, tokenizer]})
     return cache
 
 

@@ -96,8 +96,7 @@ def _stream(ckpt: HFCheckpoint, views: dict, shapes: dict, shardings: dict) -> d
                     cache[key] = io.read_block(view, read, index, shape)
                 return cache[key]
 
-            array = jax.make_array_from_callback(shape, flat_shardings[path], callback)
-            params[path] = array
+            params[path] = jax.make_array_from_callback(shape, flat_shardings[path], callback)
     return traverse_util.unflatten_dict(params)
 
 

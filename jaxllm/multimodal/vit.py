@@ -35,6 +35,7 @@ from jaxllm.errors import UserError
 from jaxllm.interop import hf_io
 from jaxllm.models.decoder import Norm, init_param, zeros_param
 from jaxllm.multimodal.config import VisionConfig
+from jaxllm.ops.attention import grouped_mix, grouped_scores
 from jaxllm.ops.matmul import matmul
 
 
@@ -67,11 +68,7 @@ class VisionAttention(nnx.Module):
             return matmul(x, w[...].reshape(d, h * hd), dtype).reshape(*x.shape[:-1], h, hd) + b[...]
 
         q, k, v = project(self.wq, self.bq), project(self.wk, self.bk), project(self.wv, self.bv)
-        scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
-                            preferred_element_type=jnp.float32) * scale
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype), preferred_element_type=jnp.float32)
+        out = grouped_mix(jax.nn.softmax(grouped_scores(q, k, dtype), axis=-1), v, dtype)  # every token sees all
         batch, length, heads, hd = out.shape
         return matmul(out.reshape(batch, length, heads * hd), self.wo[...].reshape(heads * hd, -1), dtype) + \
             self.bo[...]
