@@ -83,10 +83,6 @@ def adam_moments(mu: Any, nu: Any, g: Any, b1: float, b2: float) -> tuple[Any, A
             jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, nu, g))
 
 
-def zero_comm(comm: Any) -> Any:
-    return jax.tree.map(jnp.zeros_like, comm)
-
-
 def learning_rate_at(learning_rate: float | optax.Schedule, count: jax.Array) -> jax.Array:
     return learning_rate(count) if callable(learning_rate) else jnp.asarray(learning_rate)
 
@@ -115,20 +111,17 @@ def tree_select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def switch(phase: int | None, computed: jax.Array, branches: list[Callable[[], Any]]) -> Any:
+def switch_typed(phase: int | None, computed: jax.Array, branches: list[Callable[[], Any]], reference: Any) -> Any:
     """Runs branch `phase` when the caller fixed it (Python int: only that branch is traced, so only
-    its collectives are compiled), else `lax.switch` on the phase computed from the state."""
+    its collectives are compiled), else `lax.switch` on the phase computed from the state. Outputs are
+    cast to the dtypes of `reference`: `lax.switch` needs every branch to return the same types, and the
+    state must keep its dtypes across phases."""
+    branches = [lambda branch=branch: cast_like(branch(), reference) for branch in branches]
     if phase is not None:
         if not 0 <= phase < len(branches):
             raise ValueError(f"phase {phase} is not one of 0..{len(branches) - 1}")
         return branches[phase]()
     return jax.lax.switch(computed, branches)
-
-
-def switch_typed(phase: int | None, computed: jax.Array, branches: list[Callable[[], Any]], reference: Any) -> Any:
-    """`switch` over branches whose outputs are cast to the dtypes of `reference`: `lax.switch` needs
-    every branch to return the same types, and the state must keep its dtypes across phases."""
-    return switch(phase, computed, [lambda branch=branch: cast_like(branch(), reference) for branch in branches])
 
 
 Reducer = Callable[[jax.Array], jax.Array]
