@@ -22,6 +22,7 @@ from jaxllm.optim import _common as common
 
 EXACT_VARIANCE, COMPRESSED_GRADIENT, LOCAL, SYNC = 0, 1, 2, 3
 PHASES = ("exact_variance", "compressed_gradient", "local", "sync")
+COMMUNICATING = (True, True, False, True)  # phase -> whether it exchanges anything over the data axis
 
 
 class ZeroOneAdamLocal(NamedTuple):
