@@ -140,8 +140,8 @@ class TrainConfig:
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
             require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
-        require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an integer >= 0")
-        require(self.max_skipped_steps >= 0, "train.max_skipped_steps", self.max_skipped_steps, "an integer >= 0")
+        for key in ("warmup_steps", "max_skipped_steps"):
+            require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "an integer >= 0")
         require(0 < self.lr < math.inf, "train.lr", self.lr, "a positive finite number")
         require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "a value in [0, 1]")
         require(self.batch_size % self.grad_accum == 0, "train.batch_size", self.batch_size,
@@ -201,8 +201,8 @@ class OptimizerConfig:
         return ONEBIT_DEFAULTS[key] if value is None else value
 
     def validate(self) -> None:
-        require(0.0 <= self.b1 < 1.0, "optimizer.b1", self.b1, "a value in [0, 1)")
-        require(0.0 <= self.b2 < 1.0, "optimizer.b2", self.b2, "a value in [0, 1)")
+        for key in ("b1", "b2"):
+            require(0.0 <= getattr(self, key) < 1.0, f"optimizer.{key}", getattr(self, key), "a value in [0, 1)")
         require(0 < self.eps < math.inf, "optimizer.eps", self.eps, "a positive finite number")
         require(0 <= self.weight_decay < math.inf, "optimizer.weight_decay", self.weight_decay,
                 "a finite number >= 0")
@@ -227,14 +227,11 @@ class OptimizerConfig:
             require(self.param(key) > 0, f"optimizer.{key}", self.param(key), "a positive integer")
         for key in ("max_coeff", "min_coeff", "factor_max", "factor_min"):
             require(self.param(key) > 0, f"optimizer.{key}", self.param(key), "a positive number")
-        require(self.param("min_coeff") <= self.param("max_coeff"), "optimizer.min_coeff", self.param("min_coeff"),
-                 f"at most optimizer.max_coeff={self.param('max_coeff')}")
-        require(self.param("factor_min") <= self.param("factor_max"), "optimizer.factor_min",
-                 self.param("factor_min"), f"at most optimizer.factor_max={self.param('factor_max')}")
-        require(0.0 <= self.param("coeff_beta") < 1.0, "optimizer.coeff_beta", self.param("coeff_beta"),
-                 "a value in [0, 1)")
-        require(0.0 <= self.param("factor_threshold") < 1.0, "optimizer.factor_threshold",
-                 self.param("factor_threshold"), "a value in [0, 1)")
+        for low, high in (("min_coeff", "max_coeff"), ("factor_min", "factor_max")):
+            require(self.param(low) <= self.param(high), f"optimizer.{low}", self.param(low),
+                     f"at most optimizer.{high}={self.param(high)}")
+        for key in ("coeff_beta", "factor_threshold"):
+            require(0.0 <= self.param(key) < 1.0, f"optimizer.{key}", self.param(key), "a value in [0, 1)")
 
     def warn_unreached_phases(self, steps: int) -> None:
         """Warns when the run ends before the optimizer's compressed phase (harmless, but pointless)."""
@@ -312,8 +309,6 @@ class LogConfig:
 
 
 # Data efficiency (DeepSpeed's `data_efficiency` section; keys keep DeepSpeed's names).
-
-CURRICULUM_SCHEDULES = ("fixed_linear", "fixed_root", "fixed_discrete", "custom")
 
 
 @dataclasses.dataclass
@@ -668,8 +663,7 @@ def build_config(root: type, values: dict[str, Any]) -> Any:
     return _build(root, values, "", root)
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "", root: type | None = None) -> Any:
-    root = root or cls
+def _build(cls: type, values: dict[str, Any], prefix: str, root: type) -> Any:
     if not isinstance(values, dict):
         raise UserError(f"config key '{prefix.rstrip('.')}': got {values!r}; expected a mapping of keys")
     hints = typing.get_type_hints(cls)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+from jaxllm.data.jsonl import write_atomic
 from jaxllm.models.decoder import count_params
 
 
@@ -155,6 +155,4 @@ def truncate_after(path: Path, step: int) -> None:
             continue
         if row.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, (line + "\n" for line in kept))

@@ -37,12 +37,11 @@ from jaxllm.models.decoder import count_params
 from jaxllm.pretraining import LanguageModelTraining
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = run_parser("python -m jaxllm.train", __doc__.splitlines()[0], "runs/default")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, build the mesh and abstract model, print sizes and memory, then exit")
-    args = parse_run_args(parser, argv)
-    return args, args.overrides
+    return parse_run_args(parser, argv)
 
 
 def dry_run(config: Config, mesh, layout) -> None:
@@ -110,8 +109,7 @@ def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: D
     with jax.set_mesh(mesh):
         state, start = ckpt.resume_or_init(task.layout.abstract, iterator, meta, init)
         # Per-device metrics of a 1-bit optimizer are reduced only on the steps that log them.
-        logged = lambda s: s % config.train.log_every == 0 or s in (start + 1, total_steps)  # noqa: E731
-        train_step = task.train_step(ltd, summarize=logged)
+        train_step = task.train_step(ltd, summarize=loop.logged_steps(config, start, total_steps))
         eval_step = task.eval_step()
     if efficiency and config.train.background_compile and hasattr(train_step, "lower"):
         signatures = [(efficiency.rows(t), efficiency.seq_len(t), efficiency.kept(t))
@@ -167,8 +165,9 @@ def _compilations(jitted) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    return exit_status(lambda: train(config_lib.load(args.config, overrides), Path(args.workdir), dry=args.dry_run))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return exit_status(lambda: train(config_lib.load(args.config, args.overrides), Path(args.workdir),
+                                     dry=args.dry_run))
 
 
 if __name__ == "__main__":

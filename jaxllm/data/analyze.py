@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxllm.data.jsonl import write_atomic
 from jaxllm.data.pipeline import PackedRows
 from jaxllm.data.shards import INDEX_NAME, TokenShards
 from jaxllm.errors import UserError, exit_status
@@ -255,9 +256,7 @@ def reduce_metric(values: np.ndarray, out: Path, manifest: dict[str, Any]) -> No
                                           unique.size - 1)]) for p in range(5, 101, 5)}
     manifest = {**manifest, "num_values": int(unique.size), "min_value": int(unique[0]),
                 "max_value": int(unique[-1]), "percentiles": percentiles}
-    tmp = out / ".metric.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / "metric.json")
+    write_atomic(out / "metric.json", [json.dumps(manifest, indent=1) + "\n"])
 
 
 def _done(path: Path, manifest: dict[str, Any]) -> bool:
@@ -304,9 +303,7 @@ def analyze(data: str | os.PathLike, seq_len: int, out: str | os.PathLike, metri
         _run_map(tasks([(VOCAB_FREQ, None)]), workers, log)
         freq = np.sum(_chunks(map_dir, VOCAB_FREQ, len(bounds)), axis=0)
         _save_atomic(freq_path, freq)
-        tmp = out / f".{VOCAB_FREQ}.json.tmp"
-        tmp.write_text(json.dumps(base))
-        os.replace(tmp, out / f"{VOCAB_FREQ}.json")
+        write_atomic(out / f"{VOCAB_FREQ}.json", [json.dumps(base)])
     todo = [(n, t) for n, t in parsed if not _done(out / n / "metric.json", {**base, "metric": n})]
     if todo:
         _run_map(tasks(todo, str(freq_path) if "vocab_rarity" in dict(todo) else None), workers, log)

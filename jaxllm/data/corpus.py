@@ -18,11 +18,11 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from jaxllm.errors import UserError
+from jaxllm.data.jsonl import write_atomic
+from jaxllm.errors import UserError, exit_status
 
 # Top-level standard-library names whose sources are GUIs, demos, tests, vendored data or jokes.
 SKIPPED_MODULES = frozenset({
@@ -87,19 +87,6 @@ def iter_stdlib_docstrings(stdlib: Path | None = None) -> Iterator[tuple[str, st
                 yield source, text
 
 
-def _write_atomic(path: Path, lines: Iterator[str]) -> None:
-    """Writes lines to a temporary file beside ``path`` and renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_stdlib_corpus(out_path: str | os.PathLike, max_chars: int = 2_000_000) -> Path:
     """Writes the standard-library docstring corpus as JSONL and returns its path.
 
@@ -122,7 +109,7 @@ def build_stdlib_corpus(out_path: str | os.PathLike, max_chars: int = 2_000_000)
             total += len(text)
             yield json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
 
-    _write_atomic(out, lines())
+    write_atomic(out, lines())
     return out
 
 
@@ -193,13 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output .jsonl file")
     parser.add_argument("--max-chars", type=int, default=2_000_000)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         path = build_stdlib_corpus(args.out, max_chars=args.max_chars)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(read_documents(path))} documents to {path}")
-    return 0
+        print(f"wrote {len(read_documents(path))} documents to {path}")
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""JSON Lines input: the one line reader behind RLHF rows, VisualChat conversations and metrics files."""
+"""JSON Lines input: the one line reader behind RLHF rows, VisualChat conversations and metrics files; and
+the one atomic writer of the text files a crash must not leave half-written."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +30,17 @@ def jsonl_lines(path: Path) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as err:
                 raise UserError(f"{where}: not valid JSON ({err.msg})") from None
             yield where, value
+
+
+def write_atomic(path: Path, lines: Iterable[str]) -> None:
+    """Writes `lines` (UTF-8) to a temporary file beside `path` and renames it into place, so readers see
+    the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

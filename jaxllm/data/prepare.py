@@ -20,19 +20,20 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from jaxllm import runtime
 from jaxllm.data.corpus import read_documents
 from jaxllm.data.shards import TokenShards, write_shards
 from jaxllm.data.tokenizer import Tokenizer, train_tokenizer
-from jaxllm.errors import UserError
+from jaxllm.errors import UserError, exit_status
 
 TOKENIZER_NAME = "tokenizer.model"
 
 
 def prepare_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vocab_size: int = 8000,
                    tokenizer: str | os.PathLike | None = None, tokens_per_shard: int = 1 << 24,
-                   character_coverage: float = 1.0) -> Path:
+                   character_coverage: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
     """Tokenizes corpus files into a shard directory and returns it.
 
     Args:
@@ -43,6 +44,7 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         training one.
       tokens_per_shard: passed to :func:`jaxllm.data.shards.write_shards`.
       character_coverage: passed to :func:`jaxllm.data.tokenizer.train_tokenizer`.
+      metadata: more entries for the index metadata.
 
     The index metadata records the tokenizer file name, its EOS id and the input paths.
     """
@@ -70,7 +72,7 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                 yield [*tok.encode(doc), tok.eos_id]
 
     metadata = {"tokenizer": TOKENIZER_NAME, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-                "inputs": [str(p) for p in paths]}
+                "inputs": [str(p) for p in paths], **(metadata or {})}
     return write_shards(encoded(), out, tok.vocab_size, tokens_per_shard=tokens_per_shard, metadata=metadata)
 
 
@@ -88,17 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--character-coverage", type=float, default=1.0)
     parser.add_argument("--tokens-per-shard", type=int, default=1 << 24)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         out = prepare_corpus(args.input, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                             tokens_per_shard=args.tokens_per_shard,
-                             character_coverage=args.character_coverage)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    shards = TokenShards(out)
-    print(f"wrote {shards.num_documents} documents, {shards.num_tokens} tokens "
-          f"(vocab {shards.vocab_size}) to {out}")
-    return 0
+                             tokens_per_shard=args.tokens_per_shard, character_coverage=args.character_coverage)
+        shards = TokenShards(out)
+        print(f"wrote {shards.num_documents} documents, {shards.num_tokens} tokens "
+              f"(vocab {shards.vocab_size}) to {out}")
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

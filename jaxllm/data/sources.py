@@ -54,13 +54,8 @@ def prepare_text(config: Config, workdir: Path) -> Path:
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise UserError(f"config key 'data.tokenizer': tokenizer file '{tokenizer}' does not exist")
     if not _prepared(cache, inputs, config.model.vocab_size, tokenizer):
-        prepare_corpus(inputs, cache, vocab_size=config.model.vocab_size, tokenizer=tokenizer)
-        index = cache / "index.json"
-        content = json.loads(index.read_text())
-        content.setdefault("metadata", {})["request"] = [config.model.vocab_size, tokenizer]
-        tmp = index.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(content))
-        tmp.replace(index)
+        prepare_corpus(inputs, cache, vocab_size=config.model.vocab_size, tokenizer=tokenizer,
+                       metadata={"request": [config.model.vocab_size, tokenizer]})
     return cache
 
 

@@ -23,6 +23,7 @@ round-trips exactly when its pipeline does (byte-level BPE such as GPT-2's alway
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -370,13 +371,7 @@ def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokeni
     path = Path(path)
     if path.is_dir():
         hf, sp = path / HF_FILE, path / SENTENCEPIECE_FILE
-        if hf.is_file() and sp.is_file():
-            try:
-                import tokenizers  # noqa: F401
-            except ImportError:
-                return SentencePieceTokenizer.load(sp)
-            return HFTokenizer.load(hf)
-        if hf.is_file():
+        if hf.is_file() and (not sp.is_file() or importlib.util.find_spec("tokenizers") is not None):
             return HFTokenizer.load(hf)
         if sp.is_file():
             return SentencePieceTokenizer.load(sp)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from jaxllm.data.corpus import read_documents
 from jaxllm.data.tokenizer import SENTENCEPIECE_FILE, SentencePieceTokenizer, train_tokenizer
-from jaxllm.errors import UserError
+from jaxllm.errors import UserError, exit_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,15 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         add_dummy_prefix=not args.no_dummy_prefix, max_sentence_length=args.max_sentence_length,
         input_sentence_size=args.input_sentence_size, num_threads=args.threads,
     )
-    try:
+
+    def run() -> None:
         report = train_llmjp_style(args.input, args.out, recipe)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {report.model} (vocab {report.vocab_size}) in {report.seconds:.1f} s; {report.lines} lines, "
-          f"{report.characters} characters -> {report.tokens} tokens ({report.chars_per_token:.2f} characters "
-          "per token); each of these lines decodes to itself")
-    return 0
+        print(f"wrote {report.model} (vocab {report.vocab_size}) in {report.seconds:.1f} s; {report.lines} lines, "
+              f"{report.characters} characters -> {report.tokens} tokens ({report.chars_per_token:.2f} "
+              "characters per token); each of these lines decodes to itself")
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

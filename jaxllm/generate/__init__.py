@@ -276,8 +276,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | Non
         width = int(-(-lengths.max() // multiple) * multiple)
     out = np.full((len(prompts), width), pad_id, np.int32)
     for row, prompt in enumerate(prompts):
-        if prompt:
-            out[row, width - len(prompt):] = prompt
+        out[row, width - len(prompt):] = prompt
     return out, lengths
 
 

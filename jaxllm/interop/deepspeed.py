@@ -24,7 +24,7 @@ import yaml
 
 from jaxllm import config as config_lib
 from jaxllm.compression import rules as rules_lib
-from jaxllm.errors import UserError
+from jaxllm.errors import UserError, exit_status
 from jaxllm.interop import deepspeed_data_efficiency
 
 DEFAULT_PRESET = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
@@ -278,14 +278,10 @@ def _activation_checkpointing(ds: Mapping[str, Any], out: Translation) -> None:
     the same for every block."""
     section = _section(ds, "activation_checkpointing")
     out.set("model.remat", "full")
+    reasons = {"partition_activations": "activations are sharded by the mesh already",
+               "cpu_checkpointing": "no CPU offload of checkpoints"}
     for key in sorted(section):
-        if key == "partition_activations":
-            reason = "activations are sharded by the mesh already"
-        elif key == "cpu_checkpointing":
-            reason = "no CPU offload of checkpoints"
-        else:
-            reason = "XLA decides memory layout and synchronisation"
-        out.note(f"activation_checkpointing.{key}", reason)
+        out.note(f"activation_checkpointing.{key}", reasons.get(key, "XLA decides memory layout and synchronisation"))
 
 
 def _compression(ds: Mapping[str, Any], out: Translation) -> None:
@@ -322,11 +318,8 @@ def translate(ds: Any, preset: Mapping[str, Any] | None = None) -> tuple[dict[st
         if preset and key in preset:
             out.config[key] = json.loads(json.dumps(preset[key]))  # a deep copy
     _batch(ds, out)
-    if "gradient_clipping" in ds:
-        clip = _typed(ds["gradient_clipping"], (int, float), "gradient_clipping", "a number >= 0")
-        out.set("optimizer.grad_clip", float(clip))
-    else:
-        out.set("optimizer.grad_clip", 0.0)  # DeepSpeed clips only when asked
+    clip = _typed(ds.get("gradient_clipping", 0.0), (int, float), "gradient_clipping", "a number >= 0")
+    out.set("optimizer.grad_clip", float(clip))  # 0 (no clipping) unless asked, as in DeepSpeed
     if "steps_per_print" in ds:
         out.set("train.log_every", _typed(ds["steps_per_print"], int, "steps_per_print", "a positive integer"))
     _precision(ds, out)
@@ -389,15 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(DEFAULT_PRESET),
                         help="jaxllm YAML whose seed/model/data sections the output uses (default: quickstart)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def run() -> None:
         config, notes = translate(read(args.ds_config), config_lib.read_yaml(args.model))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for key, reason in notes:
-        print(f"not translated: {key}: {reason}", file=sys.stderr)
-    print(render(config, notes, args.ds_config), end="")
-    return 0
+        for key, reason in notes:
+            print(f"not translated: {key}: {reason}", file=sys.stderr)
+        print(render(config, notes, args.ds_config), end="")
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

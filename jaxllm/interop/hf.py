@@ -96,13 +96,8 @@ def _stream(ckpt: HFCheckpoint, views: dict, shapes: dict, shardings: dict) -> d
                     cache[key] = io.read_block(view, read, index, shape)
                 return cache[key]
 
-            array = jax.make_array_from_callback(shape, flat_shardings[path], callback)
-            params[path] = array
+            params[path] = jax.make_array_from_callback(shape, flat_shardings[path], callback)
     return traverse_util.unflatten_dict(params)
-
-
-def _padded(cfg: ModelConfig, vocab: int) -> ModelConfig:
-    return dataclasses.replace(cfg, vocab_size=vocab)
 
 
 def _param_shardings(model_def: ModelDef, mesh: Mesh | None, zero_stage: int) -> dict:
@@ -155,7 +150,7 @@ def load(
     cfg = ckpt.model_config(max_len, compute_dtype)
     views = ckpt.check(cfg)
     vocab = padded_vocab_size(cfg.vocab_size, pad_vocab_multiple)
-    table_cfg = _padded(cfg, vocab)
+    table_cfg = dataclasses.replace(cfg, vocab_size=vocab)
     model_def = ModelDef.from_config(table_cfg)
     params = _stream(ckpt, views, model_def.shapes, _param_shardings(model_def, mesh, zero_stage))
     if vocab == cfg.vocab_size:
@@ -179,9 +174,7 @@ def resolve_model_config(user: ModelConfig, path: str | os.PathLike) -> ModelCon
     """
     ckpt = HFCheckpoint(path)
     default = ModelConfig()
-    user_max_len = None if user.max_len == default.max_len else user.max_len
-    if ckpt.family == "gpt2":
-        user_max_len = None
+    user_max_len = None if ckpt.family == "gpt2" or user.max_len == default.max_len else user.max_len
     hf = ckpt.model_config(user_max_len, user.compute_dtype)
     fields = ARCHITECTURE_FIELDS + (("rope_theta",) if hf.family == "llama" else ())
     if hf.family == "gpt2":
@@ -199,7 +192,6 @@ def resolve_model_config(user: ModelConfig, path: str | os.PathLike) -> ModelCon
     return dataclasses.replace(hf, remat=user.remat, init_std=user.init_std, init_from=user.init_from)
 
 
-
 def resolve_init_from(config: Any) -> Any:
     """A run config whose `model.init_from` names a Hugging Face directory, with its config.json filling
     the model section (see `resolve_model_config`); unchanged without `init_from`."""
@@ -207,6 +199,7 @@ def resolve_init_from(config: Any) -> Any:
         return config
     model = resolve_model_config(config.model, config.model.init_from)
     return dataclasses.replace(config, model=model).validate()
+
 
 def load_params(path: str | os.PathLike, cfg: ModelConfig, shardings: Any) -> dict:
     """The params pure dict for training `cfg` (which must match the checkpoint), built in `shardings`."""
@@ -288,7 +281,7 @@ def save(
     if dtype not in io.SAVE_DTYPES:
         raise UserError(f"dtype: got {dtype!r}; expected one of {', '.join(io.SAVE_DTYPES)}")
     if isinstance(model, PaddedVocabDecoder) and config.vocab_size == model.cfg.vocab_size:
-        config = _padded(config, model.unpadded_vocab)
+        config = dataclasses.replace(config, vocab_size=model.unpadded_vocab)
     params = model if isinstance(model, dict) else nnx.to_pure_dict(nnx.state(model, nnx.Param))
     path = Path(path)
     limit = io.size_bytes(max_shard_size)

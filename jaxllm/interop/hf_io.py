@@ -54,63 +54,16 @@ class HFCheckpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise UserError(f"Hugging Face checkpoint '{self.path}' is not a directory")
-        config_file = self.path / CONFIG
-        if not config_file.is_file():
-            raise UserError(f"Hugging Face checkpoint '{self.path}': '{CONFIG}' is missing")
-        try:
-            self.config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"'{config_file}' is not valid JSON: {err}") from None
-        if not isinstance(self.config, dict):
-            raise UserError(f"'{config_file}': expected a JSON object at the top level")
-        self.config_file = str(config_file)
+        self.config = read_config(self.path, "Hugging Face checkpoint")
+        self.config_file = str(self.path / CONFIG)
         self.family = layouts.family_of(self.config, self.config_file)
         if safe_open is None:
             raise UserError("reading Hugging Face checkpoints needs the 'safetensors' package "
                             "(pip install safetensors)")
-        self.files = self._tensor_files()  # canonical name -> (file, name in the file)
+        # canonical name -> (file, name in the file)
+        self.files = {layouts.canonical_name(name, self.family): where
+                      for name, where in tensor_files(self.path, "Hugging Face checkpoint").items()}
         self.meta = self._headers()  # canonical name -> (shape, safetensors dtype)
-
-    def _tensor_files(self) -> dict[str, tuple[Path, str]]:
-        index, single = self.path / INDEX, self.path / SINGLE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-                raise UserError(f"'{index}' is not a safetensors index (a JSON object with a 'weight_map' "
-                                "mapping tensor names to files)") from None
-            files = {}
-            for name, file in weight_map.items():
-                if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
-                    raise UserError(f"'{index}': tensor '{name}' maps to {file!r}; expected a .safetensors "
-                                    "file name in the same directory")
-                if not (self.path / file).is_file():
-                    raise UserError(f"'{index}' lists shard '{file}' (holding tensor '{name}'), but "
-                                    f"'{self.path / file}' does not exist")
-                files[layouts.canonical_name(name, self.family)] = (self.path / file, name)
-            return files
-        if single.is_file():
-            return {layouts.canonical_name(name, self.family): (single, name) for name in self._keys(single)}
-        pickled = sorted(p.name for pattern in PICKLE_PATTERNS for p in self.path.glob(pattern))
-        if pickled:
-            raise UserError(f"Hugging Face checkpoint '{self.path}' holds only '{pickled[0]}', a pickle-based "
-                            "format that can execute code when read; jaxllm reads safetensors only (re-save "
-                            "the model with save_pretrained(..., safe_serialization=True))")
-        raise UserError(f"Hugging Face checkpoint '{self.path}' has neither '{SINGLE}' nor '{INDEX}'")
-
-    @staticmethod
-    def _open(file: Path) -> Any:
-        """`safe_open` (numpy arrays, memory-mapped), with a corrupt header as a UserError."""
-        try:
-            return safe_open(str(file), framework="numpy")
-        except Exception as err:  # the Rust reader raises its own error types
-            raise UserError(f"'{file}' is not a readable safetensors file: {err}") from None
-
-    @classmethod
-    def _keys(cls, file: Path) -> list[str]:
-        with cls._open(file) as f:
-            return list(f.keys())
 
     def _headers(self) -> dict[str, tuple[tuple[int, ...], str]]:
         meta = {}
@@ -118,7 +71,7 @@ class HFCheckpoint:
         for canonical, (file, name) in self.files.items():
             by_file.setdefault(file, []).append((canonical, name))
         for file, names in by_file.items():
-            with self._open(file) as f:
+            with open_safetensors(file) as f:
                 present = set(f.keys())
                 for canonical, name in names:
                     if name not in present:
@@ -134,22 +87,12 @@ class HFCheckpoint:
     def check(self, cfg: ModelConfig) -> dict[layouts.Path, layouts.View]:
         """Checks that the tensors are exactly those of `cfg`'s layout; returns the views."""
         views = layouts.views(cfg)
-        expected = {}
-        for view in views.values():
-            expected[view.tensor] = view.hf_shape
+        expected = {view.tensor: view.hf_shape for view in views.values()}
         for name, shape in expected.items():
             if name not in self.meta:
                 where = ", ".join(sorted({f.name for f, _ in self.files.values()}))
-                raise UserError(f"Hugging Face checkpoint '{self.path}': tensor '{name}' is missing "
-                                f"(searched {where})")
-            found, dtype = self.meta[name]
-            file, stored = self.files[name]
-            if found != shape:
-                raise UserError(f"tensor '{stored}' in '{file}' has shape {list(found)}, but '{CONFIG}' "
-                                f"implies {list(shape)}")
-            if dtype not in DTYPES:
-                raise UserError(f"tensor '{stored}' in '{file}' has dtype {dtype}; expected one of "
-                                f"{', '.join(DTYPES)}")
+                raise UserError(f"Hugging Face checkpoint '{self.path}': tensor '{name}' is missing (searched {where})")
+            check_tensor(*self.files[name], *self.meta[name], shape)
         for name in self.meta:
             if name not in expected and not layouts.is_ignored(name, self.family, cfg.tied):
                 file, stored = self.files[name]
@@ -167,10 +110,74 @@ class HFCheckpoint:
             def read(name: str, slices: tuple[slice, ...]) -> np.ndarray:
                 file, stored = self.files[name]
                 if file not in handles:
-                    handles[file] = stack.enter_context(self._open(file))
+                    handles[file] = stack.enter_context(open_safetensors(file))
                 return handles[file].get_slice(stored)[slices]
 
             yield read
+
+
+def read_config(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`'s config.json; `what` names the checkpoint in errors."""
+    file = path / CONFIG
+    if not file.is_file():
+        raise UserError(f"{what} '{path}': '{CONFIG}' is missing")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"'{file}' is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"'{file}': expected a JSON object at the top level")
+    return config
+
+
+def tensor_files(path: Path, what: str) -> dict[str, tuple[Path, str]]:
+    """Tensor name -> (file, name) of the directory's safetensors (`model.safetensors`, or the shards its
+    index lists, each checked to exist). Pickle files are refused, never opened; `what` names the
+    checkpoint in errors."""
+    index, single = path / INDEX, path / SINGLE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+            raise UserError(f"'{index}' is not a safetensors index (a JSON object with a 'weight_map' "
+                            "mapping tensor names to files)") from None
+        files = {}
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+                raise UserError(f"'{index}': tensor '{name}' maps to {file!r}; expected a .safetensors "
+                                "file name in the same directory")
+            if not (path / file).is_file():
+                raise UserError(f"'{index}' lists shard '{file}' (holding tensor '{name}'), but "
+                                f"'{path / file}' does not exist")
+            files[name] = (path / file, name)
+        return files
+    if single.is_file():
+        with open_safetensors(single) as f:
+            return {name: (single, name) for name in f.keys()}
+    pickled = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+    if pickled:
+        raise UserError(f"{what} '{path}' holds only '{pickled[0]}', a pickle-based format that can execute "
+                        "code when read; jaxllm reads safetensors only (re-save the model with "
+                        "save_pretrained(..., safe_serialization=True))")
+    raise UserError(f"{what} '{path}' has neither '{SINGLE}' nor '{INDEX}'")
+
+
+def open_safetensors(file: Path) -> Any:
+    """`safe_open` (numpy arrays, memory-mapped), with a corrupt header as a UserError."""
+    try:
+        return safe_open(str(file), framework="numpy")
+    except Exception as err:  # the Rust reader raises its own error types
+        raise UserError(f"'{file}' is not a readable safetensors file: {err}") from None
+
+
+def check_tensor(file: Path, stored: str, shape: tuple[int, ...], dtype: str, expected: tuple[int, ...]) -> None:
+    """A stored tensor must have the `expected` shape (what config.json implies) and a float dtype."""
+    if shape != expected:
+        raise UserError(f"tensor '{stored}' in '{file}' has shape {list(shape)}, but '{CONFIG}' implies "
+                        f"{list(expected)}")
+    if dtype not in DTYPES:
+        raise UserError(f"tensor '{stored}' in '{file}' has dtype {dtype}; expected one of {', '.join(DTYPES)}")
 
 
 def read_block(view: layouts.View, read: Callable, index: tuple[slice, ...],

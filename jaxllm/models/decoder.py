@@ -40,13 +40,13 @@ from jaxllm.ops.linear import embedding_lookup, linear
 from jaxllm.ops.token_dropped_attention import token_dropped_attention
 
 
-def _param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
+def init_param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
     """A parameter drawn from N(0, std^2) (or ones when std is None) carrying logical axis names."""
     value = jnp.ones(shape, jnp.float32) if std is None else std * jax.random.normal(rngs.params(), shape)
     return nnx.Param(value, logical_axes=axes)
 
 
-def _zeros(shape, axes) -> nnx.Param:
+def zeros_param(shape, axes) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
 
 
@@ -55,8 +55,8 @@ class Norm(nnx.Module):
 
     def __init__(self, dim: int, rms: bool, eps: float, rngs: nnx.Rngs):
         self.rms, self.eps = rms, eps
-        self.scale = _param(rngs, (dim,), ("norm",), None)
-        self.bias = None if rms else _zeros((dim,), ("norm",))
+        self.scale = init_param(rngs, (dim,), ("norm",), None)
+        self.bias = None if rms else zeros_param((dim,), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -160,15 +160,15 @@ class Attention(nnx.Module):
         self.cfg = cfg
         d, h, kv, hd = cfg.d_model, cfg.heads, cfg.num_kv_heads, cfg.head_dim
         out_std = cfg.init_std / math.sqrt(2 * cfg.layers)  # GPT-2's scaled residual init
-        self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
-        self.wk = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std)
-        self.wv = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std)
-        self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std)
+        self.wq = init_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.wk = init_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std)
+        self.wv = init_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std)
+        self.wo = init_param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std)
         biased = cfg.family != "llama"
-        self.bq = _zeros((h, hd), ("heads", "head_dim")) if biased else None
-        self.bk = _zeros((kv, hd), ("kv_heads", "head_dim")) if biased else None
-        self.bv = _zeros((kv, hd), ("kv_heads", "head_dim")) if biased else None
-        self.bo = _zeros((d,), ("embed",)) if biased else None
+        self.bq = zeros_param((h, hd), ("heads", "head_dim")) if biased else None
+        self.bk = zeros_param((kv, hd), ("kv_heads", "head_dim")) if biased else None
+        self.bv = zeros_param((kv, hd), ("kv_heads", "head_dim")) if biased else None
+        self.bo = zeros_param((d,), ("embed",)) if biased else None
 
     def _project(self, x, w, b):
         y = linear(x, w[...], self.cfg.compute_dtype)  # [d, heads, head_dim] -> [..., heads, head_dim]
@@ -259,12 +259,12 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         d, f = cfg.d_model, cfg.ffn_dim
-        self.w_in = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
-        self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std) if cfg.family == "llama" else None
-        self.w_out = _param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.layers))
+        self.w_in = init_param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
+        self.w_gate = init_param(rngs, (d, f), ("embed", "mlp"), cfg.init_std) if cfg.family == "llama" else None
+        self.w_out = init_param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.layers))
         biased = cfg.family != "llama"
-        self.b_in = _zeros((f,), ("mlp",)) if biased else None
-        self.b_out = _zeros((d,), ("embed",)) if biased else None
+        self.b_in = zeros_param((f,), ("mlp",)) if biased else None
+        self.b_out = zeros_param((d,), ("embed",)) if biased else None
 
     def __call__(self, x):
         dtype = self.cfg.compute_dtype
@@ -311,15 +311,15 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.embed = init_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         self.pos_embed = (
-            _param(rngs, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.init_std / 2)
+            init_param(rngs, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.init_std / 2)
             if cfg.family == "gpt2" else None
         )
         self.embed_norm = Norm(cfg.d_model, False, cfg.norm_eps, rngs) if cfg.family == "bloom" else None
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
         self.final_norm = Norm(cfg.d_model, cfg.family == "llama", cfg.norm_eps, rngs)
-        self.head = None if cfg.tied else _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+        self.head = None if cfg.tied else init_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                                  cfg.init_std)
 
     def __call__(

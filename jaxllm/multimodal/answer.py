@@ -25,7 +25,7 @@ from jaxllm.data.tokenizer import TextTokenizer, load_tokenizer
 from jaxllm.engine.checkpoint import Checkpointer, model_config, workdir_step
 from jaxllm.engine.state import ParamTree
 from jaxllm.errors import UserError
-from jaxllm.generate import Generation, Sampling, decode_loop
+from jaxllm.generate import Generation, Sampling, decode_loop, left_pad
 from jaxllm.models.definition import ModelDef
 from jaxllm.multimodal import data as data_lib
 from jaxllm.multimodal.config import MultimodalConfig, VisionConfig
@@ -66,14 +66,10 @@ def make_generator(mdef: ModelDef, sampling: Sampling) -> Callable:
 def prompt_arrays(samples: Sequence[data_lib.Sample], vision: VisionConfig, max_images: int, pad_id: int,
                   width: int | None = None, multiple: int = 16) -> dict[str, np.ndarray]:
     """Right-aligned `tokens`, `token_types` (`[b, width]`) and `images` (`[b, max_images, ...]`) of prompts."""
-    longest = max(len(s) for s in samples)
-    width = width or -(-longest // multiple) * multiple
-    tokens = np.full((len(samples), width), pad_id, np.int32)
-    types = np.zeros((len(samples), width), np.int32)
+    tokens, _ = left_pad([s.ids for s in samples], pad_id, width, multiple)
+    types, _ = left_pad([s.types for s in samples], 0, tokens.shape[1])
     images = np.zeros((len(samples), max_images, *data_lib.image_shape(vision)), np.float32)
     for row, sample in enumerate(samples):
-        n = len(sample)
-        tokens[row, width - n:], types[row, width - n:] = sample.ids, sample.types
         for i, path in enumerate(sample.images):
             images[row, i] = data_lib.load_image(path, vision)
     return {"tokens": tokens, "token_types": types, "images": images}

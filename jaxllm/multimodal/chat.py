@@ -56,10 +56,8 @@ def chat(args: argparse.Namespace, questions: Sequence[str]) -> list[dict[str, A
     with jax.set_mesh(mesh):
         loaded = load_workdir(args.workdir, mesh, args.step)
     questions = list(questions)
-    placed = sum(q.count(data_lib.IMAGE_PLACEHOLDER) for q in questions)
-    if placed == 0 and args.image:
+    if args.image and not any(data_lib.IMAGE_PLACEHOLDER in q for q in questions):
         questions[0] = "".join(f"{data_lib.IMAGE_PLACEHOLDER}\n" for _ in args.image) + questions[0]
-        placed = len(args.image)
     conversation = {"images": args.image, "turns": [{"question": q, "answer": ""} for q in questions]}
     conv = data_lib.parse_conversation(conversation, "the chat", Path.cwd(), loaded.max_images)
     data_lib.verify_images([conv])

@@ -197,9 +197,6 @@ class VisualChatConfig(RunConfig):
                  "1 (VisualChat rows are not split over a sequence axis)")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def from_dict(values: dict[str, Any]) -> VisualChatConfig:
     base = dataclasses.asdict(VisualChatConfig())["model"]  # the section's own defaults, not ModelConfig's

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxllm.ops.attention import grouped_mix, grouped_scores
+
 PAD, TEXT, IMAGE = 0, 1, 2
 
 
@@ -64,24 +66,6 @@ def mmca_weights(
         return e / jnp.where(total > 0, total, 1.0)  # no keys: all zeros
 
     return masked_softmax(image_branch) + masked_softmax(text_branch)
-
-
-def _scores(q, k, compute_dtype):
-    """[b, q, h, d] x [b, k, kv, d] -> [b, h, q, k] f32 scores, query head h reading key head h // group."""
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).astype(compute_dtype)
-    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(compute_dtype), preferred_element_type=jnp.float32)
-    return s.reshape(batch, heads, length, k.shape[1]) / jnp.sqrt(jnp.float32(head_dim))
-
-
-def _mix(weights, v, compute_dtype):
-    """[b, h, q, k] weights x [b, k, kv, d] values -> [b, q, h, d] (f32 accumulation)."""
-    batch, heads, length, keys = weights.shape
-    kv_heads = v.shape[2]
-    w = weights.astype(compute_dtype).reshape(batch, kv_heads, heads // kv_heads, length, keys)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", w, v.astype(compute_dtype), preferred_element_type=jnp.float32)
-    return out.reshape(batch, length, heads, v.shape[-1])
 
 
 def mmca_attention(
@@ -119,7 +103,7 @@ def mmca_attention(
                          f"{token_types.shape} ([batch, seq, heads, head_dim] with equal key/value shapes)")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"mmca_attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} key heads")
-    scores = _scores(q, k, compute_dtype)
+    scores = grouped_scores(q, k, compute_dtype)
     if alibi is not None:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -129,7 +113,7 @@ def mmca_attention(
     causal = jnp.broadcast_to(idx[None, :] <= idx[:, None], (batch, length, length))
     diagonal = jnp.broadcast_to(idx[None, :] == idx[:, None], (batch, length, length))
     weights = mmca_weights(scores, token_types, token_types, causal, diagonal)
-    return _mix(weights, v, compute_dtype)
+    return grouped_mix(weights, v, compute_dtype)
 
 
 def mmca_override(token_types: Int[Array, "b l"]) -> Callable:
@@ -164,11 +148,11 @@ def mmca_cached_override(slot_types: Int[Array, "b s"]) -> Callable:
         diagonal = jnp.broadcast_to(k_slot[None, :] == q_slot[:, None], (batch, length, slots))
         q_types = jax.lax.dynamic_slice_in_dim(slot_types, index, length, axis=1)
         keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # -> [b, s, kv, d]
-        scores = _scores(q, keys, compute_dtype)
+        scores = grouped_scores(q, keys, compute_dtype)
         if alibi is not None:
             distance = (k_slot[None, :] - q_slot[:, None]).astype(jnp.float32)
             scores = scores + alibi[None, :, None, None] * distance[None, None]
         weights = mmca_weights(scores, q_types, slot_types, visible, diagonal)
-        return _mix(weights, values, compute_dtype)
+        return grouped_mix(weights, values, compute_dtype)
 
     return attention

@@ -25,22 +25,20 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.decoder import Decoder, KVCache, Norm
+from jaxllm.models.decoder import Decoder, KVCache, Norm, init_param, zeros_param
 from jaxllm.models.definition import ModelDef
 from jaxllm.multimodal.config import MultimodalConfig, VisionConfig
 from jaxllm.multimodal.mmca import IMAGE, PAD, mmca_cached_override, mmca_override
 from jaxllm.multimodal.vit import ViT
 from jaxllm.ops.matmul import matmul
 
-GROUPS = ("vision", "projection", "decoder", "text_embed")
-
 
 class Projection(nnx.Module):
     """DeepSpeed-VisualChat's "baseline" projection: Linear(vision d -> language d) then LayerNorm."""
 
     def __init__(self, d_in: int, d_out: int, eps: float, rngs: nnx.Rngs, init_std: float = 0.02):
-        self.w = nnx.Param(init_std * jax.random.normal(rngs.params(), (d_in, d_out)), logical_axes=(None, "embed"))
-        self.b = nnx.Param(jnp.zeros((d_out,), jnp.float32), logical_axes=("embed",))
+        self.w = init_param(rngs, (d_in, d_out), (None, "embed"), init_std)
+        self.b = zeros_param((d_out,), ("embed",))
         self.norm = Norm(d_out, False, eps, rngs)
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:
@@ -117,11 +115,3 @@ def init_params(model: ModelConfig, vision: VisionConfig, multimodal: Multimodal
     """A fresh parameter dict (the text embedding starts as a copy of the decoder's)."""
     module = VisualChat(model, vision, multimodal, rngs=nnx.Rngs(params=seed))
     return nnx.to_pure_dict(nnx.state(module, nnx.Param))
-
-
-def count_params(mdef: ModelDef) -> dict[str, int]:
-    """Parameter counts of each top-level group."""
-    import math
-
-    leaves = lambda tree: jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple))  # noqa: E731
-    return {group: sum(math.prod(s) for s in leaves(mdef.shapes[group])) for group in GROUPS}

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxllm.data.jsonl import write_atomic
 from jaxllm.multimodal.config import SyntheticConfig
 
 SHAPES = ("square", "circle", "triangle")
@@ -133,9 +134,7 @@ def write_dataset(directory: str | Path, cfg: SyntheticConfig, image_size: int, 
         + [pair_sample(rng, directory, f"ep{i}", *args) for i in range(cfg.eval_rows)],
     }
     for name, records in rows.items():
-        tmp = files[name].with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(files[name])
+        write_atomic(files[name], (json.dumps(r) + "\n" for r in records))
     marker.write_text(json.dumps(manifest))
     return files
 

@@ -33,17 +33,10 @@ from jaxtyping import Array, Float
 
 from jaxllm.errors import UserError
 from jaxllm.interop import hf_io
-from jaxllm.models.decoder import Norm
+from jaxllm.models.decoder import Norm, init_param, zeros_param
 from jaxllm.multimodal.config import VisionConfig
+from jaxllm.ops.attention import grouped_mix, grouped_scores
 from jaxllm.ops.matmul import matmul
-
-
-def _param(rngs: nnx.Rngs, shape, axes, std: float) -> nnx.Param:
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape), logical_axes=axes)
-
-
-def _zeros(shape, axes) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:
@@ -62,12 +55,12 @@ class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
         d, h = cfg.d_model, cfg.heads
         hd = d // h
-        self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
-        self.wk = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
-        self.wv = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
-        self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg.init_std / math.sqrt(2 * cfg.layers))
-        self.bq, self.bk, self.bv = (_zeros((h, hd), ("heads", "head_dim")) for _ in range(3))
-        self.bo = _zeros((d,), ("embed",))
+        self.wq = init_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.wk = init_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.wv = init_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.wo = init_param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg.init_std / math.sqrt(2 * cfg.layers))
+        self.bq, self.bk, self.bv = (zeros_param((h, hd), ("heads", "head_dim")) for _ in range(3))
+        self.bo = zeros_param((d,), ("embed",))
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:
         def project(w, b):
@@ -75,11 +68,7 @@ class VisionAttention(nnx.Module):
             return matmul(x, w[...].reshape(d, h * hd), dtype).reshape(*x.shape[:-1], h, hd) + b[...]
 
         q, k, v = project(self.wq, self.bq), project(self.wk, self.bk), project(self.wv, self.bv)
-        scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
-                            preferred_element_type=jnp.float32) * scale
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype), preferred_element_type=jnp.float32)
+        out = grouped_mix(jax.nn.softmax(grouped_scores(q, k, dtype), axis=-1), v, dtype)  # every token sees all
         batch, length, heads, hd = out.shape
         return matmul(out.reshape(batch, length, heads * hd), self.wo[...].reshape(heads * hd, -1), dtype) + \
             self.bo[...]
@@ -91,10 +80,11 @@ class VisionBlock(nnx.Module):
         self.norm1 = Norm(cfg.d_model, False, cfg.norm_eps, rngs)
         self.attn = VisionAttention(cfg, rngs)
         self.norm2 = Norm(cfg.d_model, False, cfg.norm_eps, rngs)
-        self.w_in = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std)
-        self.b_in = _zeros((cfg.d_ff,), ("mlp",))
-        self.w_out = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.layers))
-        self.b_out = _zeros((cfg.d_model,), ("embed",))
+        self.w_in = init_param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std)
+        self.b_in = zeros_param((cfg.d_ff,), ("mlp",))
+        self.w_out = init_param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"),
+                                cfg.init_std / math.sqrt(2 * cfg.layers))
+        self.b_out = zeros_param((cfg.d_model,), ("embed",))
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:
         x = x + self.attn(self.norm1(x), dtype)
@@ -108,9 +98,9 @@ class ViT(nnx.Module):
     def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs, compute_dtype: str = "float32"):
         self.cfg, self.compute_dtype = cfg, compute_dtype
         d, p, c = cfg.d_model, cfg.patch_size, cfg.channels
-        self.patch_embed = _param(rngs, (c * p * p, d), (None, "embed"), cfg.init_std)  # rows ordered (c, y, x)
-        self.class_embed = _param(rngs, (d,), ("embed",), cfg.init_std)
-        self.pos_embed = _param(rngs, (cfg.grid**2 + 1, d), ("positions", "embed"), cfg.init_std)
+        self.patch_embed = init_param(rngs, (c * p * p, d), (None, "embed"), cfg.init_std)  # rows ordered (c, y, x)
+        self.class_embed = init_param(rngs, (d,), ("embed",), cfg.init_std)
+        self.pos_embed = init_param(rngs, (cfg.grid**2 + 1, d), ("positions", "embed"), cfg.init_std)
         self.pre_norm = Norm(d, False, cfg.norm_eps, rngs)
         self.blocks = nnx.List([VisionBlock(cfg, rngs) for _ in range(cfg.layers)])
         self.post_norm = Norm(d, False, cfg.norm_eps, rngs)
@@ -150,15 +140,7 @@ _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh", "g
 
 
 def _hf_vision_config(path: Path) -> dict[str, Any]:
-    file = path / hf_io.CONFIG
-    if not file.is_file():
-        raise UserError(f"CLIP checkpoint '{path}': '{hf_io.CONFIG}' is missing")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"'{file}' is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"'{file}': expected a JSON object")
+    file, config = path / hf_io.CONFIG, hf_io.read_config(path, "CLIP checkpoint")
     if config.get("model_type") == "clip" or "vision_config" in config:
         config = config.get("vision_config") or {}
     if config.get("model_type") not in (None, "clip_vision_model"):
@@ -192,31 +174,6 @@ def vision_config_from_hf(path: str | Path, base: VisionConfig | None = None) ->
             raise UserError(f"'{preprocessor}' is not valid JSON with image_mean/image_std lists") from None
     cfg.validate()
     return cfg
-
-
-def _tensor_files(path: Path) -> dict[str, tuple[Path, str]]:
-    """Tensor name -> (file, name) of the directory's safetensors (single file or index)."""
-    index, single = path / hf_io.INDEX, path / hf_io.SINGLE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-            raise UserError(f"'{index}' is not a safetensors index (a JSON object with a 'weight_map')") from None
-        files = {}
-        for name, file in weight_map.items():
-            if not isinstance(file, str) or Path(file).name != file or not (path / file).is_file():
-                raise UserError(f"'{index}': tensor '{name}' maps to {file!r}, which is not a file in '{path}'")
-            files[name] = (path / file, name)
-        return files
-    if single.is_file():
-        with hf_io.HFCheckpoint._open(single) as f:
-            return {name: (single, name) for name in f.keys()}
-    pickled = sorted(p.name for pattern in hf_io.PICKLE_PATTERNS for p in path.glob(pattern))
-    if pickled:
-        raise UserError(f"CLIP checkpoint '{path}' holds only '{pickled[0]}', a pickle-based format that can execute "
-                        "code when read; jaxllm reads safetensors only (re-save with safe_serialization=True)")
-    raise UserError(f"CLIP checkpoint '{path}' has neither '{hf_io.SINGLE}' nor '{hf_io.INDEX}'")
 
 
 def _expected(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
@@ -256,7 +213,7 @@ def load_clip_vision(path: str | Path, cfg: VisionConfig | None = None) -> tuple
     if not path.is_dir():
         raise UserError(f"CLIP checkpoint '{path}' is not a directory")
     cfg = vision_config_from_hf(path, cfg)
-    files = _canonical(_tensor_files(path))
+    files = _canonical(hf_io.tensor_files(path, "CLIP checkpoint"))
     expected = _expected(cfg)
     tensors: dict[str, np.ndarray] = {}
     with contextlib.ExitStack() as stack:
@@ -266,14 +223,9 @@ def load_clip_vision(path: str | Path, cfg: VisionConfig | None = None) -> tuple
                 raise UserError(f"CLIP checkpoint '{path}': tensor '{name}' is missing")
             file, stored = files[name]
             if file not in handles:
-                handles[file] = stack.enter_context(hf_io.HFCheckpoint._open(file))
+                handles[file] = stack.enter_context(hf_io.open_safetensors(file))
             sl = handles[file].get_slice(stored)
-            if tuple(sl.get_shape()) != shape:
-                raise UserError(f"tensor '{stored}' in '{file}' has shape {list(sl.get_shape())}, but "
-                                f"'{hf_io.CONFIG}' implies {list(shape)}")
-            if sl.get_dtype() not in hf_io.DTYPES:
-                raise UserError(f"tensor '{stored}' in '{file}' has dtype {sl.get_dtype()}; expected one of "
-                                f"{', '.join(hf_io.DTYPES)}")
+            hf_io.check_tensor(file, stored, tuple(sl.get_shape()), sl.get_dtype(), shape)
             tensors[name] = np.asarray(sl[:]).astype(np.float32)
 
     d, h = cfg.d_model, cfg.heads

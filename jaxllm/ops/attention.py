@@ -64,23 +64,32 @@ def masked_attention(
     key/value head h // (h_q / h_kv). `positions` is needed only with `alibi`. Rows that see no key
     (padding) get a uniform average, which the loss mask then ignores.
     """
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    groups = heads // kv_heads
-    qg = q.reshape(batch, length, kv_heads, groups, head_dim).astype(compute_dtype)
-    scores = jnp.einsum(
-        "bqkgd,bskd->bkgqs", qg, k.astype(compute_dtype), preferred_element_type=jnp.float32
-    ) / jnp.sqrt(jnp.float32(head_dim))
-    scores = scores.reshape(batch, heads, length, length)
+    scores = grouped_scores(q, k, compute_dtype)
     if alibi is not None:
         distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)  # pos_k - pos_q
         scores = scores + alibi[None, :, None, None] * distance[:, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
-    probs = probs.reshape(batch, kv_heads, groups, length, length)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(compute_dtype), preferred_element_type=jnp.float32)
-    return out.reshape(batch, length, heads, head_dim)
+    return grouped_mix(jax.nn.softmax(scores, axis=-1), v, compute_dtype)
 
+
+def grouped_scores(q: Float[Array, "b q h d"], k: Float[Array, "b k kv d"], compute_dtype) -> Float[Array, "b h q k"]:
+    """`q k^T / sqrt(d)` in f32 with grouped heads: query head h reads key head h // (h_q / h_kv)."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).astype(compute_dtype)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(compute_dtype), preferred_element_type=jnp.float32)
+    return s.reshape(batch, heads, length, k.shape[1]) / jnp.sqrt(jnp.float32(head_dim))
+
+
+def grouped_mix(weights: Float[Array, "b h q k"], v: Float[Array, "b k kv d"],
+                compute_dtype) -> Float[Array, "b q h d"]:
+    """The attention output `weights v` (weights in `compute_dtype`, f32 accumulation), heads grouped as in
+    `grouped_scores`."""
+    batch, heads, length, keys = weights.shape
+    kv_heads = v.shape[2]
+    w = weights.astype(compute_dtype).reshape(batch, kv_heads, heads // kv_heads, length, keys)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", w, v.astype(compute_dtype), preferred_element_type=jnp.float32)
+    return out.reshape(batch, length, heads, v.shape[-1])
 
 def causal_attention_reference(
     q: Float[Array, "b l h d"],

@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxllm.config import Config
+from jaxllm.config import ONEBIT_PARAMS, Config
 from jaxllm.optim import onebit_adam as _onebit_adam_module
-from jaxllm.optim import onebit_lamb as _onebit_lamb_module
 from jaxllm.optim import zero_one_adam as _zero_one_adam_module
 from jaxllm.optim.onebit_adam import OneBitAdamState, onebit_adam, onebit_adam_phase
 from jaxllm.optim.onebit_allreduce import (
@@ -62,26 +61,18 @@ def build_optimizer(config: Config, schedule: optax.Schedule | None = None, *, n
     opt, train = config.optimizer, config.train
     if schedule is None:
         schedule = warmup_cosine(train.lr, train.warmup_steps, train.steps, train.min_lr_ratio)
-    common = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, axis_name=DEVICE_AXIS,
-                  weight_decay_mask=_decay_mask,
-                  exact_dtype=None if opt.exact_allreduce_dtype == "float32" else jnp.dtype(opt.exact_allreduce_dtype))
     if opt.name == "adamw":
-        core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                           mask=_decay_mask)
-    elif opt.name == "onebit_adam":
-        return onebit_adam(schedule, freeze_step=opt.param("freeze_step"), bias_correction=opt.bias_correction,
-                           **common), schedule
-    elif opt.name == "zero_one_adam":
-        keys = ("var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper")
-        return zero_one_adam(schedule, **{k: opt.param(k) for k in keys}, bias_correction=opt.bias_correction,
-                             **common), schedule
-    elif opt.name == "onebit_lamb":
-        keys = ("freeze_step", "max_coeff", "min_coeff", "coeff_beta", "factor_max", "factor_min", "factor_threshold")
-        return onebit_lamb(schedule, **{k: opt.param(k) for k in keys}, norm_axes=norm_axes, **common), schedule
-    else:  # the config's Literal type already rejected other names
-        raise AssertionError(f"optimizer {opt.name!r} passed validation but has no builder")
-    clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
-    return optax.chain(clip, core), schedule
+        clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
+        return optax.chain(clip, optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                                             weight_decay=opt.weight_decay, mask=_decay_mask)), schedule
+    builders = {"onebit_adam": onebit_adam, "zero_one_adam": zero_one_adam, "onebit_lamb": onebit_lamb}
+    # Each 1-bit optimizer takes its DeepSpeed-named parameters (ONEBIT_PARAMS) under their config names.
+    extra = {k: opt.param(k) for k in ONEBIT_PARAMS[opt.name]}
+    extra |= {"norm_axes": norm_axes} if opt.name == "onebit_lamb" else {"bias_correction": opt.bias_correction}
+    exact_dtype = None if opt.exact_allreduce_dtype == "float32" else jnp.dtype(opt.exact_allreduce_dtype)
+    tx = builders[opt.name](schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                            axis_name=DEVICE_AXIS, weight_decay_mask=_decay_mask, exact_dtype=exact_dtype, **extra)
+    return tx, schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +80,6 @@ class PhasePlan:
     """Which phase each step of a 1-bit optimizer is in, decided on the host."""
 
     names: tuple[str, ...]  # phase index -> name
-    communicating: tuple[bool, ...]  # phase index -> whether it exchanges anything over the data axis
     phase: Callable[[int], int]  # 1-based step -> phase index
 
 
@@ -109,14 +99,11 @@ def phase_plan(config: Config) -> PhasePlan:
     """The phase schedule of `config.optimizer` (a 1-bit optimizer)."""
     opt = config.optimizer
     if opt.name in ("onebit_adam", "onebit_lamb"):
-        freeze = opt.param("freeze_step")
-        module = _onebit_adam_module if opt.name == "onebit_adam" else _onebit_lamb_module
-        return PhasePlan(module.PHASES, (True, True), lambda step: onebit_adam_phase(step, freeze))
+        freeze = opt.param("freeze_step")  # 1-bit LAMB switches phase at the same step as 1-bit Adam
+        return PhasePlan(_onebit_adam_module.PHASES, lambda step: onebit_adam_phase(step, freeze))
     if opt.name == "zero_one_adam":
-        schedule = ZeroOneAdamSchedule(*(opt.param(k) for k in (
-            "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper")))
-        return PhasePlan(_zero_one_adam_module.PHASES, _zero_one_adam_module.COMMUNICATING,
-                         _ZeroOneAdamPhases(schedule))
+        schedule = ZeroOneAdamSchedule(**{k: opt.param(k) for k in ONEBIT_PARAMS[opt.name]})
+        return PhasePlan(_zero_one_adam_module.PHASES, _ZeroOneAdamPhases(schedule))
     raise ValueError(f"optimizer {opt.name!r} has no phases (it is not a 1-bit optimizer)")
 
 

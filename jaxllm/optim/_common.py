@@ -8,19 +8,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
-from jaxllm.optim.onebit_allreduce import (
-    CompressionState,
-    compressed_allreduce_tree,
-    init_compression_state,
-    world_size,
-)
+from jaxllm.optim.onebit_allreduce import compressed_allreduce_tree, init_compression_state, world_size
 
 NO_PARAMS = "this optimizer needs the parameters: call update(grads, state, params)"
-
-
-def is_compression_state(x: Any) -> bool:
-    return isinstance(x, CompressionState)
 
 
 def init_leaf_compression(params: Any, axis_name: str | None) -> Any:
@@ -53,19 +45,20 @@ def exact_mean(tree: Any, axis_name: str | None, dtype: Any = None) -> Any:
     if jnp.dtype(dtype).itemsize != 2:
         raise ValueError(f"exact_mean: dtype {jnp.dtype(dtype).name} is not a 16-bit float")
     world = world_size(axis_name)
-    leaves, treedef = jax.tree.flatten(tree)
-    flat = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in leaves])
+    flat, unravel = ravel_f32(tree)
     n = flat.size
     shares = jnp.pad(flat / world, (0, -n % world)).astype(dtype).reshape(world, -1)  # row j: device j's part
     words = jax.lax.all_to_all(jax.lax.bitcast_convert_type(shares, jnp.uint16), axis_name, 0, 0, tiled=True)
     part = jnp.sum(jax.lax.bitcast_convert_type(words, dtype).astype(jnp.float32), axis=0).astype(dtype)
     gathered = jax.lax.all_gather(jax.lax.bitcast_convert_type(part, jnp.uint16), axis_name)  # [W, n / W]
     mean = jax.lax.bitcast_convert_type(gathered, dtype).astype(jnp.float32).reshape(-1)[:n]
-    out, start = [], 0
-    for x in leaves:
-        out.append(mean[start:start + x.size].reshape(x.shape).astype(x.dtype))
-        start += x.size
-    return treedef.unflatten(out)
+    return cast_like(unravel(mean), tree)
+
+
+def ravel_f32(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+    """All leaves of `tree` as one flat f32 vector, and the function that cuts such a vector back into
+    f32 leaves shaped like them (`cast_like` restores their dtypes)."""
+    return ravel_pytree(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 class StepInputs(NamedTuple):
@@ -88,10 +81,6 @@ def adam_moments(mu: Any, nu: Any, g: Any, b1: float, b2: float) -> tuple[Any, A
     """Adam's moment updates, leaf by leaf: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2."""
     return (jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, mu, g),
             jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, nu, g))
-
-
-def zero_comm(comm: Any) -> Any:
-    return jax.tree.map(jnp.zeros_like, comm)
 
 
 def learning_rate_at(learning_rate: float | optax.Schedule, count: jax.Array) -> jax.Array:
@@ -122,20 +111,17 @@ def tree_select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def switch(phase: int | None, computed: jax.Array, branches: list[Callable[[], Any]]) -> Any:
+def switch_typed(phase: int | None, computed: jax.Array, branches: list[Callable[[], Any]], reference: Any) -> Any:
     """Runs branch `phase` when the caller fixed it (Python int: only that branch is traced, so only
-    its collectives are compiled), else `lax.switch` on the phase computed from the state."""
+    its collectives are compiled), else `lax.switch` on the phase computed from the state. Outputs are
+    cast to the dtypes of `reference`: `lax.switch` needs every branch to return the same types, and the
+    state must keep its dtypes across phases."""
+    branches = [lambda branch=branch: cast_like(branch(), reference) for branch in branches]
     if phase is not None:
         if not 0 <= phase < len(branches):
             raise ValueError(f"phase {phase} is not one of 0..{len(branches) - 1}")
         return branches[phase]()
     return jax.lax.switch(computed, branches)
-
-
-def switch_typed(phase: int | None, computed: jax.Array, branches: list[Callable[[], Any]], reference: Any) -> Any:
-    """`switch` over branches whose outputs are cast to the dtypes of `reference`: `lax.switch` needs
-    every branch to return the same types, and the state must keep its dtypes across phases."""
-    return switch(phase, computed, [lambda branch=branch: cast_like(branch(), reference) for branch in branches])
 
 
 Reducer = Callable[[jax.Array], jax.Array]
@@ -160,26 +146,3 @@ def leaf_reducers(norm_axes: Any, params: Any) -> tuple[Any, Any]:
     is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
     return (jax.tree.map(lambda a: make(a, "sum"), axes_tree, is_leaf=is_axes),
             jax.tree.map(lambda a: make(a, "max"), axes_tree, is_leaf=is_axes))
-
-
-__all__ = [
-    "NO_PARAMS",
-    "CompressionState",
-    "StepInputs",
-    "adam_moments",
-    "apply_momentum_mask",
-    "cast_like",
-    "decay_rates",
-    "exact_mean",
-    "exchange_leaves",
-    "init_leaf_compression",
-    "is_compression_state",
-    "leaf_reducers",
-    "learning_rate_at",
-    "step_inputs",
-    "switch",
-    "switch_typed",
-    "tree_select",
-    "world_size",
-    "zero_comm",
-]

@@ -12,16 +12,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jaxtyping import Array, Int
 
 from jaxllm.optim import _common as common
-from jaxllm.optim.onebit_adam import last_warmup_step
+from jaxllm.optim.onebit_adam import COMPRESSED, EXACT, last_warmup_step  # the same two phases
 from jaxllm.optim.onebit_allreduce import CompressionState, compressed_allreduce, init_compression_state
-
-EXACT, COMPRESSED = 0, 1
-PHASES = ("exact", "compressed")
 
 
 class OneBitLambState(NamedTuple):
@@ -135,12 +131,9 @@ def onebit_lamb(
             mu = jax.tree.map(lambda m, g, c: (b1 * m + (1 - b1) * g) * c, state.mu, updates, sc)
             local = state.local
             if world > 1:
-                leaves, treedef = jax.tree.flatten(mu)
-                flat = jnp.concatenate([x.astype(jnp.float32).reshape(-1) for x in leaves])
+                flat, unravel = common.ravel_f32(mu)
                 flat, local = compressed_allreduce(flat, local, axis_name)
-                sizes = np.cumsum([x.size for x in leaves])[:-1]
-                parts = jnp.split(flat, sizes)
-                mu = treedef.unflatten([p.reshape(x.shape).astype(x.dtype) for p, x in zip(parts, leaves, strict=True)])
+                mu = common.cast_like(unravel(flat), mu)
             mu = jax.tree.map(lambda m, c: m / c, mu, sc)
             mu = common.apply_momentum_mask(mu, exp_avg_mask)
 

@@ -22,7 +22,7 @@ from jaxllm.optim import _common as common
 
 EXACT_VARIANCE, COMPRESSED_GRADIENT, LOCAL, SYNC = 0, 1, 2, 3
 PHASES = ("exact_variance", "compressed_gradient", "local", "sync")
-COMMUNICATING = (True, True, False, True)
+COMMUNICATING = (True, True, False, True)  # phase -> whether it exchanges anything over the data axis
 
 
 class ZeroOneAdamLocal(NamedTuple):
@@ -228,7 +228,7 @@ def zero_one_adam(
         types = (params, state.nu, state.lrs, loc)  # every branch returns (updates like params, nu, lrs, local)
         new_updates, nu, lrs, new_loc = common.switch_typed(phase, computed, branches, types)
         # The error buffers switch from gradients to accumulated updates: reset them once.
-        comm = common.tree_select(t == last_variance_step, common.zero_comm(new_loc.comm), new_loc.comm)
+        comm = common.tree_select(t == last_variance_step, jax.tree.map(jnp.zeros_like, new_loc.comm), new_loc.comm)
         new_loc = new_loc._replace(comm=comm)
 
         # Counters, advanced after the step exactly as DeepSpeed does (not at step 1, its init call).
