@@ -36,8 +36,8 @@ RECIPES = {
                                                           "train.grad_accum=4"]),
     "Llama 1B ": ("configs/llama_1b.yaml", "gpu:h100:1x8", ["mesh.fsdp=8", "train.batch_size=16",
                                                             "train.grad_accum=2"]),
-    "LLM-jp 13B": ("configs/llmjp_13b.yaml", "tpu:v5p:4x4x4", ["mesh.fsdp=64"]),
-    "LLM-jp 13B ": ("configs/llmjp_13b.yaml", "gpu:h100:8x8", ["mesh.fsdp=64"]),
+    "LLM-jp 13B": ("configs/llmjp_13b.yaml", "tpu:v5p:4x4x4", ["mesh.fsdp=64", "train.grad_accum=16"]),
+    "LLM-jp 13B ": ("configs/llmjp_13b.yaml", "gpu:h100:8x8", ["mesh.fsdp=64", "train.grad_accum=16"]),
     "BLOOM-176B": ("configs/bloom_176b.yaml", "tpu:v5p:8x8x4", ["mesh.tensor=8", "mesh.fsdp=32"]),
     "BLOOM-176B ": ("configs/bloom_176b.yaml", "gpu:h100:32x8", ["mesh.tensor=8", "mesh.fsdp=32"]),
 }

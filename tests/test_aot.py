@@ -51,6 +51,12 @@ def test_cli_exits_3_with_the_compilers_figure_when_the_step_does_not_fit(tmp_pa
     assert not report["fits"] and report["temporaries"] > 16 * 2**30  # the compiler's own figure
 
 
+def test_a_batch_that_does_not_divide_over_the_devices_is_refused_as_train_refuses_it():
+    config = config_lib.load(None, [*TINY, "train.batch_size=4", "train.grad_accum=2"])  # 2 rows, 4 devices
+    with pytest.raises(UserError, match="train.batch_size"):
+        compile_train_step(config, Target.parse("tpu:v5e:2x2"))
+
+
 @pytest.mark.parametrize("text, message", [
     ("tpu:v5e", "expected tpu:<"), ("tpu:v9:2x2", "unknown tpu 'v9'"), ("gpu:h100:8", "expected"),
     ("gpu:h100:1x2x4", "<nodes>x<gpus per node>"), ("gpu:b200:1x8", "unknown gpu 'b200'")])

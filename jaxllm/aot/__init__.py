@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxllm import memory
+from jaxllm import memory, runtime
 from jaxllm import mesh as mesh_lib
 from jaxllm.data_efficiency import DataEfficiency
 from jaxllm.errors import UserError
@@ -156,6 +156,7 @@ def compile_train_step(config: Any, target: Target) -> CompileReport:
     curriculum or random-LTD changes them; every phase of a 1-bit optimizer, keeping the largest)."""
     devices = target.devices()
     mesh = mesh_lib.make_mesh(config.mesh, devices)
+    runtime.check_batch(config, mesh)  # the checks python -m jaxllm.train makes before it builds the step
     data_parallel = mesh_lib.data_parallel_size(mesh)
     efficiency = DataEfficiency.from_config(config, data_parallel * config.train.grad_accum)
     rows, length = config.train.batch_size, config.data.seq_len
