@@ -18,7 +18,6 @@ the compilers' plugins do not look for a local TPU or GPU.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import time
@@ -67,10 +66,6 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.platform}:{self.chip}:{self.topology}"
-
-    @property
-    def device_count(self) -> int:
-        return math.prod(int(n) for n in self.topology.split("x"))
 
     def gpu_description(self) -> str:
         return (GPU_DESCRIPTIONS / f"{self.chip}.txtpb").read_text()
