@@ -15,6 +15,7 @@ from jaxllm.data.analyze import analyze
 from jaxllm.data.curriculum import difficulty_for_batch
 from jaxllm.data.shards import write_shards
 from jaxllm.data_efficiency import DataEfficiency
+from jaxllm.engine.checkpoint import saved_steps
 from jaxllm.errors import UserError
 from jaxllm.train import train
 
@@ -73,9 +74,9 @@ def test_ltd_and_seqlen_curriculum_run_on_the_token_budget_and_resume_bitwise(tm
     assert rows(tmp_path / "jit")[-1]["train_step_compilations"] == 3
 
     # Resume from step 3 (drop the later checkpoints): bitwise the same losses, kept tokens included.
-    for path in (tmp_path / "checkpoints").iterdir():
-        if int(path.name) > 3:
-            shutil.rmtree(path)
+    for step in saved_steps(tmp_path / "checkpoints"):
+        if step > 3:
+            shutil.rmtree(tmp_path / "checkpoints" / str(step))
     train(cfg, tmp_path)
     again = {r["step"]: r["loss"] for r in rows(tmp_path)}
     assert again == want
@@ -106,9 +107,9 @@ def test_vocab_rarity_curriculum_trains_resumes_and_checks_the_index(tmp_path, t
     assert sorted(want) == [1, 2, 3, 4, 5]
     data_state = json.loads(next((work / "checkpoints" / "2" / "data").glob("*.json")).read_text())
     assert data_state["step"] == 2 and len(data_state["positions"]) >= 1  # the sampler's state is checkpointed
-    for path in (work / "checkpoints").iterdir():
-        if int(path.name) > 2:
-            shutil.rmtree(path)
+    for step in saved_steps(work / "checkpoints"):
+        if step > 2:
+            shutil.rmtree(work / "checkpoints" / str(step))
     train(cfg, work)
     assert {r["step"]: r["loss"] for r in rows(work)} == want
 
