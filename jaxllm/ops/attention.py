@@ -64,12 +64,23 @@ def masked_attention(
     key/value head h // (h_q / h_kv). `positions` is needed only with `alibi`. Rows that see no key
     (padding) get a uniform average, which the loss mask then ignores.
     """
-    scores = grouped_scores(q, k, compute_dtype)
-    if alibi is not None:
-        distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)  # pos_k - pos_q
-        scores = scores + alibi[None, :, None, None] * distance[:, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    return grouped_mix(jax.nn.softmax(scores, axis=-1), v, compute_dtype)
+    return grouped_mix(attention_weights(q, k, mask, positions, alibi, compute_dtype), v, compute_dtype)
+
+
+def attention_weights(q: Float[Array, "b l h d"], k: Float[Array, "b l kv d"], mask: Bool[Array, "b 1 l l"],
+                      positions=None, alibi=None, compute_dtype=jnp.float32) -> Float[Array, "b h l l"]:
+    """The softmax probabilities of `masked_attention` in f32 (masked keys at 0 unless a row sees none)."""
+    scores = with_alibi(grouped_scores(q, k, compute_dtype), alibi, positions)
+    return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+
+
+def with_alibi(scores: Float[Array, "b h q k"], alibi: Float[Array, " h"] | None,
+               positions: Int[Array, "b l"] | None) -> Float[Array, "b h q k"]:
+    """`scores + slope_h * (pos_k - pos_q)` for ALiBi slopes `alibi`; `scores` unchanged without them."""
+    if alibi is None:
+        return scores
+    distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)  # pos_k - pos_q
+    return scores + alibi[None, :, None, None] * distance[:, None]
 
 
 def grouped_scores(q: Float[Array, "b q h d"], k: Float[Array, "b k kv d"], compute_dtype) -> Float[Array, "b h q k"]:
