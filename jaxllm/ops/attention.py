@@ -48,28 +48,15 @@ def attention_mask(segment_ids: Int[Array, "b l"], token_index: Int[Array, "b l"
     return (causal & same & real)[:, None]
 
 
-def masked_attention(
-    q: Float[Array, "b l h d"],
-    k: Float[Array, "b l kv d"],
-    v: Float[Array, "b l kv d"],
-    mask: Bool[Array, "b 1 l l"],
-    positions: Int[Array, "b l"] | None = None,
-    alibi: Float[Array, " h"] | None = None,
-    compute_dtype=jnp.float32,
-) -> Float[Array, "b l h d"]:
-    """softmax(q k^T / sqrt(d) + alibi * (pos_k - pos_q), where `mask`) v, with the softmax in f32.
-
-    The body every attention reference shares; only the mask differs (causal over packed rows here,
-    over the kept tokens' original indices in random-LTD). Heads are grouped: query head h reads
-    key/value head h // (h_q / h_kv). `positions` is needed only with `alibi`. Rows that see no key
-    (padding) get a uniform average, which the loss mask then ignores.
-    """
-    return grouped_mix(attention_weights(q, k, mask, positions, alibi, compute_dtype), v, compute_dtype)
-
-
 def attention_weights(q: Float[Array, "b l h d"], k: Float[Array, "b l kv d"], mask: Bool[Array, "b 1 l l"],
                       positions=None, alibi=None, compute_dtype=jnp.float32) -> Float[Array, "b h l l"]:
-    """The softmax probabilities of `masked_attention` in f32 (masked keys at 0 unless a row sees none)."""
+    """softmax(q k^T / sqrt(d) + alibi * (pos_k - pos_q), where `mask`) in f32: the attention probabilities.
+
+    The body every attention reference shares (its output is `grouped_mix(weights, v)`); only the mask
+    differs (causal over packed rows here, over the kept tokens' original indices in random-LTD).
+    Heads are grouped: query head h reads key/value head h // (h_q / h_kv). `positions` is needed only
+    with `alibi`. Rows that see no key (padding) get a uniform average, which the loss mask then ignores.
+    """
     scores = with_alibi(grouped_scores(q, k, compute_dtype), alibi, positions)
     return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
 
@@ -119,7 +106,8 @@ def causal_attention_reference(
     """
     if alibi is not None and positions is None:
         positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
-    return masked_attention(q, k, v, attention_mask(segment_ids), positions, alibi, compute_dtype)
+    weights = attention_weights(q, k, attention_mask(segment_ids), positions, alibi, compute_dtype)
+    return grouped_mix(weights, v, compute_dtype)
 
 
 def causal_attention(q, k, v, segment_ids, positions=None, alibi=None, compute_dtype=jnp.float32,
