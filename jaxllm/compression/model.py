@@ -28,7 +28,7 @@ from jaxllm.compression.quantizers import ActRange
 from jaxllm.config import ModelConfig
 from jaxllm.errors import UserError
 from jaxllm.models.decoder import Decoder, rotary
-from jaxllm.ops.attention import alibi_slopes, attention_mask
+from jaxllm.ops.attention import alibi_slopes, attention_mask, attention_weights
 
 
 def module_path(name: str) -> tuple[Any, ...]:
@@ -111,16 +111,7 @@ def attention_probs(block: Any, x: Float[Array, "b l d"], positions: Int[Array, 
     k = attn._project(h, attn.wk, attn.bk)
     if cfg.family == "llama":
         q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
-    groups = cfg.heads // cfg.num_kv_heads
-    k = jnp.repeat(k, groups, axis=2)  # query head j reads key head j // groups
-    dtype = cfg.compute_dtype
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype), preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
-    if alibi is not None:
-        distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)
-        scores = scores + alibi[None, :, None, None] * distance[:, None]
-    scores = jnp.where(attention_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1)
+    return attention_weights(q, k, attention_mask(segment_ids), positions, alibi, cfg.compute_dtype)
 
 
 def forward_states(model: Decoder, tokens: Int[Array, "b l"], positions: Int[Array, "b l"] | None = None,

@@ -46,8 +46,6 @@ from jaxtyping import Array, Float
 from jaxllm.errors import UserError
 from pallas_kernels.packing import check_bits  # the bit widths the code storage has
 
-KINDS = ("symmetric", "asymmetric", "ternary", "binary")
-
 
 def check_groups(size: int, groups: object, where: str = "groups") -> int:
     """Returns `groups`, or raises UserError unless it is a positive integer dividing `size` elements."""

@@ -35,7 +35,6 @@ import optax
 from jaxtyping import Array, Float
 
 from jaxllm import mesh as mesh_lib
-from jaxllm import runtime
 from jaxllm.compression.linear import record_ranges
 from jaxllm.compression.model import States, compress_params, forward_states
 from jaxllm.compression.qtensor import QuantSpec
@@ -169,9 +168,7 @@ def train_student(config: Any, workdir: Path, teacher_def: ModelDef, teacher: di
         step = make_train_step(kd_loss_fn(teacher_def, student_def, specs, maps, weights or KDWeights()), opt, layout,
                                train.grad_accum)
 
-    def step_fn(state, _):
-        state, metrics = step(state, runtime.to_global(next(batches), mesh, train.batch_size))
-        return state, metrics, {}
+    step_fn = loop.batch_steps(step, batches, mesh, train.batch_size)
 
     def row_fn(_, host, work, seconds, steps):
         return {k: float(v) for k, v in host.items() if k not in ("tokens", "skipped")} | {

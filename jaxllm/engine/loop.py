@@ -84,6 +84,16 @@ def logged_steps(config: Any, start: int, total_steps: int | None = None) -> Cal
     return lambda step: step % config.train.log_every == 0 or step in (start + 1, total)
 
 
+def batch_steps(train_step: Callable, iterator: Any, mesh: Any, rows: int) -> StepFn:
+    """The `step_fn` of a task whose step is one `train_step` on the iterator's next host batch of `rows`."""
+
+    def step_fn(state, step):
+        state, metrics = train_step(state, runtime.to_global(next(iterator), mesh, rows))
+        return state, metrics, {}
+
+    return step_fn
+
+
 def run(config: Any, workdir: Path, cadence: Cadence, state: Any, start: int, step_fn: StepFn, row_fn: RowFn,
         evaluate: Callable[[Any, int], dict[str, Any]] | None, ckpt: Checkpointer, iterator: Any,
         meta: dict[str, Any], headline: tuple[str, ...] | None = None,

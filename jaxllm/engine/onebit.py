@@ -168,12 +168,7 @@ class OneBitTraining:
 
     def _analyse_state(self) -> Any:
         """Per optimizer-state leaf: per device or not, its spec and global shape."""
-        specs_inner = jax.tree.map(lambda s: s, self.opt_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-        def local_init(params):
-            return self.tx.init(params)
-
-        mapped = jax.shard_map(local_init, mesh=self.inner, in_specs=(specs_inner,), out_specs=PartitionSpec(),
+        mapped = jax.shard_map(self.tx.init, mesh=self.inner, in_specs=(self.opt_specs,), out_specs=PartitionSpec(),
                                check_vma=False)
         local = jax.eval_shape(self._in_inner(mapped), self._param_abstract)
         params = self._paramlocal_shapes()
@@ -186,14 +181,14 @@ class OneBitTraining:
                 if found is not None and found[0] == leaf.shape:
                     mirror = found
                     break
-            if _is_per_device(path):
-                if mirror is not None:
-                    _, spec, shape = mirror
-                    return _LeafLayout(True, PartitionSpec(DEVICE_AXIS, *spec), (self.data_size, *shape))
-                return _LeafLayout(True, PartitionSpec(INNER_AXES), (self.mesh.devices.size, *leaf.shape))
+            per_device = _is_per_device(path)
             if mirror is not None:
                 _, spec, shape = mirror
+                if per_device:
+                    return _LeafLayout(True, PartitionSpec(DEVICE_AXIS, *spec), (self.data_size, *shape))
                 return _LeafLayout(False, spec, shape)
+            if per_device:
+                return _LeafLayout(True, PartitionSpec(INNER_AXES), (self.mesh.devices.size, *leaf.shape))
             return _LeafLayout(False, PartitionSpec(), leaf.shape)
 
         self._local_abstract = local

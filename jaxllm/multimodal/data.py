@@ -336,8 +336,7 @@ def to_row(sample: Sample, pixels: Sequence[np.ndarray], seq_len: int, max_image
     targets[:n - 1] = np.where(sample.types[1:] == TEXT, sample.ids[1:], pad_id)
     mask[:n - 1] = sample.answer[1:]
     images = np.zeros((max_images, *image_shape), np.float32)
-    for i, p in enumerate(pixels):
-        images[i] = p
+    images[:len(pixels)] = np.asarray(pixels, np.float32).reshape(-1, *image_shape)
     return {"inputs": inputs, "targets": targets, "token_types": types, "positions": np.arange(seq_len, dtype=np.int32),
             "loss_mask": mask, "images": images, "image_count": np.int32(len(pixels))}
 
@@ -413,17 +412,13 @@ class VisualChatRows:
 
     def sample(self, index: int) -> Sample:
         parts = self.parts(index)
-        turns = [t for p in parts for t in p.turns]
-        images = [path for p in parts for path in p.images]
-        return self.template.render(turns, images)
+        return self.template.render([t for p in parts for t in p.turns], [path for p in parts for path in p.images])
 
     def __getitem__(self, index: int) -> Row:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range [0, {len(self)})")
-        parts = self.parts(index)
         sample = self.sample(index)
-        sources = [p.conversation.source for p in parts for _ in p.images]
-        pixels = [load_image(path, self.vision, src) for path, src in zip(sample.images, sources, strict=True)]
+        pixels = [load_image(path, self.vision, p.conversation.source) for p in self.parts(index) for path in p.images]
         return to_row(sample, pixels, self.seq_len, self.max_images, image_shape(self.vision), self.template.pad_id)
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxllm.ops.attention import grouped_mix, grouped_scores
+from jaxllm.ops.attention import grouped_mix, grouped_scores, with_alibi
 
 PAD, TEXT, IMAGE = 0, 1, 2
 
@@ -103,12 +103,9 @@ def mmca_attention(
                          f"{token_types.shape} ([batch, seq, heads, head_dim] with equal key/value shapes)")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"mmca_attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} key heads")
-    scores = grouped_scores(q, k, compute_dtype)
-    if alibi is not None:
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)
-        scores = scores + alibi[None, :, None, None] * distance[:, None]
+    if alibi is not None and positions is None:
+        positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    scores = with_alibi(grouped_scores(q, k, compute_dtype), alibi, positions)
     idx = jnp.arange(length)
     causal = jnp.broadcast_to(idx[None, :] <= idx[:, None], (batch, length, length))
     diagonal = jnp.broadcast_to(idx[None, :] == idx[:, None], (batch, length, length))

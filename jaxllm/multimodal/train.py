@@ -229,21 +229,18 @@ def evaluate_accuracy(config: VisualChatConfig, mdef: ModelDef, params: dict, te
                                config.data.max_images, model.max_len, config.eval.max_new_tokens,
                                batch_size=max(config.train.batch_size, 8))
     hits: dict[str, list[bool]] = {}
+    groups: dict[str, list[bool]] = {}  # "single_count/colour" also counts towards "single_count"
     records = []
     for q, a in zip(questions, answers, strict=True):
         ok = a == q.answer.strip()
         hits.setdefault(q.category, []).append(ok)
+        if "/" in q.category:
+            groups.setdefault(q.category.split("/")[0], []).append(ok)
         records.append({"source": q.source, "category": q.category, "answer": a, "reference": q.answer, "correct": ok})
     if workdir is not None and jax.process_index() == 0:
         (workdir / "eval_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = {"eval_accuracy": float(np.mean([r["correct"] for r in records]))}
-    out |= {f"eval_accuracy/{c}": float(np.mean(h)) for c, h in sorted(hits.items())}
-    groups: dict[str, list[bool]] = {}  # "single_count/colour" also counts towards "single_count"
-    for c, h in hits.items():
-        if "/" in c:
-            groups.setdefault(c.split("/")[0], []).extend(h)
-    out |= {f"eval_accuracy/{g}": float(np.mean(h)) for g, h in sorted(groups.items())}
-    return out
+    return out | {f"eval_accuracy/{c}": float(np.mean(h)) for c, h in [*sorted(hits.items()), *sorted(groups.items())]}
 
 
 def train(config: VisualChatConfig, workdir: Path) -> dict[str, Any]:

@@ -48,28 +48,26 @@ def attention_mask(segment_ids: Int[Array, "b l"], token_index: Int[Array, "b l"
     return (causal & same & real)[:, None]
 
 
-def masked_attention(
-    q: Float[Array, "b l h d"],
-    k: Float[Array, "b l kv d"],
-    v: Float[Array, "b l kv d"],
-    mask: Bool[Array, "b 1 l l"],
-    positions: Int[Array, "b l"] | None = None,
-    alibi: Float[Array, " h"] | None = None,
-    compute_dtype=jnp.float32,
-) -> Float[Array, "b l h d"]:
-    """softmax(q k^T / sqrt(d) + alibi * (pos_k - pos_q), where `mask`) v, with the softmax in f32.
+def attention_weights(q: Float[Array, "b l h d"], k: Float[Array, "b l kv d"], mask: Bool[Array, "b 1 l l"],
+                      positions=None, alibi=None, compute_dtype=jnp.float32) -> Float[Array, "b h l l"]:
+    """softmax(q k^T / sqrt(d) + alibi * (pos_k - pos_q), where `mask`) in f32: the attention probabilities.
 
-    The body every attention reference shares; only the mask differs (causal over packed rows here,
-    over the kept tokens' original indices in random-LTD). Heads are grouped: query head h reads
-    key/value head h // (h_q / h_kv). `positions` is needed only with `alibi`. Rows that see no key
-    (padding) get a uniform average, which the loss mask then ignores.
+    The body every attention reference shares (its output is `grouped_mix(weights, v)`); only the mask
+    differs (causal over packed rows here, over the kept tokens' original indices in random-LTD).
+    Heads are grouped: query head h reads key/value head h // (h_q / h_kv). `positions` is needed only
+    with `alibi`. Rows that see no key (padding) get a uniform average, which the loss mask then ignores.
     """
-    scores = grouped_scores(q, k, compute_dtype)
-    if alibi is not None:
-        distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)  # pos_k - pos_q
-        scores = scores + alibi[None, :, None, None] * distance[:, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    return grouped_mix(jax.nn.softmax(scores, axis=-1), v, compute_dtype)
+    scores = with_alibi(grouped_scores(q, k, compute_dtype), alibi, positions)
+    return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+
+
+def with_alibi(scores: Float[Array, "b h q k"], alibi: Float[Array, " h"] | None,
+               positions: Int[Array, "b l"] | None) -> Float[Array, "b h q k"]:
+    """`scores + slope_h * (pos_k - pos_q)` for ALiBi slopes `alibi`; `scores` unchanged without them."""
+    if alibi is None:
+        return scores
+    distance = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)  # pos_k - pos_q
+    return scores + alibi[None, :, None, None] * distance[:, None]
 
 
 def grouped_scores(q: Float[Array, "b q h d"], k: Float[Array, "b k kv d"], compute_dtype) -> Float[Array, "b h q k"]:
@@ -108,7 +106,8 @@ def causal_attention_reference(
     """
     if alibi is not None and positions is None:
         positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
-    return masked_attention(q, k, v, attention_mask(segment_ids), positions, alibi, compute_dtype)
+    weights = attention_weights(q, k, attention_mask(segment_ids), positions, alibi, compute_dtype)
+    return grouped_mix(weights, v, compute_dtype)
 
 
 def causal_attention(q, k, v, segment_ids, positions=None, alibi=None, compute_dtype=jnp.float32,

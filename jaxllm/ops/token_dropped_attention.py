@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxllm.ops.attention import attention_mask, masked_attention
+from jaxllm.ops.attention import attention_mask, attention_weights, grouped_mix
 from jaxllm.ops.dispatch import pallas_selected
 
 
@@ -38,7 +38,7 @@ def token_dropped_attention_reference(
     sees no key (padding) gets a uniform average over the kept keys, which the loss mask ignores.
     """
     mask = attention_mask(segment_ids, token_index)
-    return masked_attention(q, k, v, mask, positions, alibi, compute_dtype)
+    return grouped_mix(attention_weights(q, k, mask, positions, alibi, compute_dtype), v, compute_dtype)
 
 
 def token_dropped_attention(q, k, v, segment_ids, positions, token_index, alibi=None, compute_dtype=jnp.float32,

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from jaxllm import mesh as mesh_lib
 from jaxllm import runtime
 from jaxllm.config import ModelConfig
+from jaxllm.data.pipeline import make_train_iterator, padded_eval_batches
 from jaxllm.data.tokenizer import (
     HF_FILE,
     SENTENCEPIECE_FILE,
@@ -278,6 +279,21 @@ def start_stage(config: RLHFConfig, workdir: Path, stage: str, init: str | None,
     check_tokenizer_fits(tokenizer, cfg, f"the model of {init}" if init else "the model")
     check_seq_len(config, cfg)
     return Stage(mesh, records, train_rows, held_out, tokenizer, source, cfg)
+
+
+def stage_batches(config: RLHFConfig, mesh: Mesh, rows: Any, held_out: Any, what: str) -> tuple[Any, list]:
+    """Reports step 1's or 2's training and held-out rows, checks that the training rows (`what`) fill a
+    batch, and returns the checkpointable training iterator and the padded held-out batches."""
+    batch_size = config.train.batch_size
+    say(rows.report.line())
+    if len(rows) < batch_size:
+        raise UserError(f"config key 'train.batch_size': {batch_size} exceeds the {len(rows)} {what} left after "
+                        "data_split")
+    if len(held_out):
+        say(held_out.report.line())
+    slot, slots = runtime.data_slot(mesh, (batch_size, config.data.max_seq_len))
+    batches = padded_eval_batches(held_out, batch_size, config.eval.batches, slot, slots) if len(held_out) else []
+    return make_train_iterator(rows, batch_size, config.seed, slot, slots), batches
 
 
 def stage_meta(cfg: ModelConfig, optimizer_state: dict[str, Any] | None, stage: str, tokenizer: TextTokenizer,

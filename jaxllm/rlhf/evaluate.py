@@ -52,25 +52,21 @@ def load_policy(workdir: str | Path, mesh, ema: bool = False) -> Policy:
     ckpt = Checkpointer(directory, async_save=False)
     try:
         meta = ckpt.read_meta(step)
-    finally:
-        ckpt.close()
-    stage = meta.get("rlhf", {}).get("stage", "pre-training")
-    if stage != "ppo":
-        source = common.load_source(workdir, "workdir", "decoder", mesh, 3, ModelConfig(), step)
-        return Policy(actor_def(source.model, tokenizer.vocab_size), source.params, tokenizer, stage, step)
-    cfg = common.model_from_meta(meta["model"], ModelConfig(), f"workdir '{workdir}'")
-    model_def = actor_def(cfg, tokenizer.vocab_size)
-    structure = meta["rlhf"]["structure"]
-    if ema and not structure["enable_ema"]:
-        raise UserError(f"workdir '{workdir}' was trained without ppo.enable_ema; it has no EMA actor")
-    dim = structure["actor_lora_dim"]
-    axes, shapes = model_def.logical_axes, model_def.shapes
-    if dim:
-        l_axes, l_shapes = lora.lora_layout(axes, shapes, structure["lora_module_name"], dim)
-        axes, shapes = {"base": axes, "lora": l_axes}, {"base": shapes, "lora": l_shapes}
-    tree = ParamTree(axes, shapes).placed(mesh)
-    ckpt = Checkpointer(directory, async_save=False)
-    try:
+        stage = meta.get("rlhf", {}).get("stage", "pre-training")
+        if stage != "ppo":
+            source = common.load_source(workdir, "workdir", "decoder", mesh, 3, ModelConfig(), step)
+            return Policy(actor_def(source.model, tokenizer.vocab_size), source.params, tokenizer, stage, step)
+        cfg = common.model_from_meta(meta["model"], ModelConfig(), f"workdir '{workdir}'")
+        model_def = actor_def(cfg, tokenizer.vocab_size)
+        structure = meta["rlhf"]["structure"]
+        if ema and not structure["enable_ema"]:
+            raise UserError(f"workdir '{workdir}' was trained without ppo.enable_ema; it has no EMA actor")
+        dim = structure["actor_lora_dim"]
+        axes, shapes = model_def.logical_axes, model_def.shapes
+        if dim:
+            l_axes, l_shapes = lora.lora_layout(axes, shapes, structure["lora_module_name"], dim)
+            axes, shapes = {"base": axes, "lora": l_axes}, {"base": shapes, "lora": l_shapes}
+        tree = ParamTree(axes, shapes).placed(mesh)
         restored = ckpt.restore_part(step, {"actor_ema": tree} if ema else {"actor": {"params": tree}})
     finally:
         ckpt.close()

@@ -19,12 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm import runtime
-from jaxllm.data.pipeline import make_train_iterator, padded_eval_batches
 from jaxllm.engine import loop, optimizer
 from jaxllm.engine.checkpoint import Checkpointer
 from jaxllm.engine.state import initial_state
 from jaxllm.engine.step import evaluate, make_eval_step, make_train_step
-from jaxllm.errors import UserError
 from jaxllm.ltd import LTDPlan
 from jaxllm.models.definition import ModelDef
 from jaxllm.rlhf import common
@@ -66,20 +64,13 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
     mesh, tokenizer, source, cfg = stage.mesh, stage.tokenizer, stage.source, stage.model
     width = config.data.max_seq_len
     pairs = PairRows(stage.train_rows, tokenizer, width)
-    common.say(pairs.report.line())
-    if len(pairs) < train_cfg.batch_size:
-        raise UserError(f"config key 'train.batch_size': {train_cfg.batch_size} exceeds the {len(pairs)} step-2 "
-                        "training pairs left after data_split")
     eval_pairs = PairRows(stage.held_out, tokenizer, width, "reward held-out")
-    if len(eval_pairs):
-        common.say(eval_pairs.report.line())
+    iterator, held_out = common.stage_batches(config, mesh, pairs, eval_pairs, "step-2 training pairs")
 
     model_def = value_def(cfg)
     with jax.set_mesh(mesh):
         opt = optimizer.build(config, mesh, model_def)
         layout = opt.layout(mesh, model_def, config.mesh.zero_stage)
-    slot, slots = runtime.data_slot(mesh, (train_cfg.batch_size, width))
-    iterator = make_train_iterator(pairs, train_cfg.batch_size, config.seed, slot, slots)
     ckpt = Checkpointer.for_run(workdir, config)
     origin = {"workdir": str(source.workdir), "step": source.step} if source else None
     meta = common.stage_meta(cfg, opt.signature(), "reward", tokenizer, init=origin, value_head=True)
@@ -102,12 +93,7 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
         logged = loop.logged_steps(config, start)
         train_step = make_train_step(loss, opt, layout, train_cfg.grad_accum, summarize=logged)
         eval_step = make_eval_step(loss, layout.state["params"])
-    held_out = padded_eval_batches(eval_pairs, train_cfg.batch_size, config.eval.batches, slot, slots) \
-        if len(eval_pairs) else []
-
-    def step_fn(state, step):
-        state, metrics = train_step(state, runtime.to_global(next(iterator), mesh, train_cfg.batch_size))
-        return state, metrics, {}
+    step_fn = loop.batch_steps(train_step, iterator, mesh, train_cfg.batch_size)
 
     def row_fn(step, host, work, seconds, steps):
         return {k: float(host[k]) for k in ("loss", "accuracy", "chosen_score", "rejected_score", "lr", "grad_norm")} \

@@ -16,11 +16,9 @@ from typing import Any
 import jax
 
 from jaxllm import runtime
-from jaxllm.data.pipeline import make_train_iterator, padded_eval_batches
 from jaxllm.engine import loop
 from jaxllm.engine.checkpoint import Checkpointer
 from jaxllm.engine.step import evaluate
-from jaxllm.errors import UserError
 from jaxllm.pretraining import LanguageModelTraining
 from jaxllm.rlhf import common
 from jaxllm.rlhf.config import RLHFConfig
@@ -34,18 +32,11 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
     mesh, tokenizer, source, cfg = stage.mesh, stage.tokenizer, stage.source, stage.model
     width = config.data.max_seq_len
     rows = SFTRows.from_records(stage.train_rows, tokenizer, width, config.sft.loss_on_prompt)
-    common.say(rows.report.line())
-    if len(rows) < train_cfg.batch_size:
-        raise UserError(f"config key 'train.batch_size': {train_cfg.batch_size} exceeds the {len(rows)} step-1 "
-                        "training rows left after data_split")
     eval_rows = SFTRows.from_records(stage.held_out, tokenizer, width, config.sft.loss_on_prompt, "sft held-out")
-    if len(eval_rows):
-        common.say(eval_rows.report.line())
+    iterator, held_out = common.stage_batches(config, mesh, rows, eval_rows, "step-1 training rows")
 
     with jax.set_mesh(mesh):
         task = LanguageModelTraining.build(dataclasses.replace(config, model=cfg), mesh)
-    slot, slots = runtime.data_slot(mesh, (train_cfg.batch_size, width))
-    iterator = make_train_iterator(rows, train_cfg.batch_size, config.seed, slot, slots)
     ckpt = Checkpointer.for_run(workdir, config)
     origin = {"workdir": str(source.workdir), "step": source.step} if source else None
     meta = common.stage_meta(cfg, task.optimizer.signature(), "sft", tokenizer, init=origin,
@@ -63,13 +54,8 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
         state, start = ckpt.resume_or_init(task.layout.abstract, iterator, meta, init_state)
         train_step = task.train_step(summarize=loop.logged_steps(config, start))
         eval_step = task.eval_step()
-    held_out = padded_eval_batches(eval_rows, train_cfg.batch_size, config.eval.batches, slot, slots) \
-        if len(eval_rows) else []
     tokens = train_cfg.batch_size * width
-
-    def step_fn(state, step):
-        state, metrics = train_step(state, runtime.to_global(next(iterator), mesh, train_cfg.batch_size))
-        return state, metrics, {}
+    step_fn = loop.batch_steps(train_step, iterator, mesh, train_cfg.batch_size)
 
     def row_fn(step, host, work, seconds, steps):
         return {"loss": float(host["loss"]), "lr": float(host["lr"]), "grad_norm": float(host["grad_norm"]),
