@@ -24,13 +24,14 @@ from jaxllm import mesh as mesh_lib
 from jaxllm.command_line import parse_run_args, run_parser
 from jaxllm.config import Config
 from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
+from jaxllm.data.shards import fingerprint
 from jaxllm.data.sources import build_sources, token_directory
 from jaxllm.data_efficiency import DataEfficiency
 from jaxllm.engine import loop
 from jaxllm.engine.background_compile import BackgroundCompiledStep
 from jaxllm.engine.checkpoint import Checkpointer, run_meta
 from jaxllm.engine.step import evaluate
-from jaxllm.errors import exit_status
+from jaxllm.errors import UserError, exit_status
 from jaxllm.ltd import LTDSetup
 from jaxllm.metrics import flops_per_token, peak_flops
 from jaxllm.models.decoder import count_params
@@ -101,13 +102,15 @@ def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: D
         return task.init_state()
 
     ckpt = Checkpointer.for_run(workdir, config)
-    meta = run_meta(config.model, task.optimizer.signature())
+    data = fingerprint(shard_dir) if shard_dir is not None else None
+    meta = run_meta(config.model, task.optimizer.signature(), data=data)
     total_steps = efficiency.total_steps if efficiency else config.train.steps
     ltd = None
     if efficiency and efficiency.ltd_layers:
         ltd = LTDSetup(efficiency.ltd_layers, config.seed, config.random_ltd.attention_implementation)
     with jax.set_mesh(mesh):
-        state, start = ckpt.resume_or_init(task.layout.abstract, iterator, meta, init)
+        state, start = ckpt.resume_or_init(task.layout.abstract, iterator, meta, init,
+                                           lambda step: _check_same_data(ckpt, step, data, shard_dir))
         # Per-device metrics of a 1-bit optimizer are reduced only on the steps that log them.
         train_step = task.train_step(ltd, summarize=loop.logged_steps(config, start, total_steps))
         eval_step = task.eval_step()
@@ -154,6 +157,19 @@ def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: D
         _, last = loop.run(config, workdir, cadence, state, start, step_fn, row_fn,
                            evaluate_fn if held_out else None, ckpt, iterator, meta, closing=closing)
     return last
+
+
+def _check_same_data(ckpt: Checkpointer, step: int, data: dict[str, str] | None, shard_dir) -> None:
+    """Refuses to resume on data or a tokenizer other than the checkpoint's (older checkpoints, which
+    recorded none, resume as before)."""
+    saved = ckpt.read_meta(step).get("data")
+    if not saved or not data or saved == data:
+        return
+    changed = [what for key, what in (("index_sha256", "its token shards"), ("tokenizer_sha256", "its tokenizer"))
+               if saved.get(key) != data.get(key)]
+    raise UserError(f"the training data in {shard_dir} changed since checkpoint {step} was written "
+                    f"({' and '.join(changed)} differ): resuming would train on other token ids; restore the data, "
+                    "or use another --workdir")
 
 
 def _compilations(jitted) -> int | None:

@@ -11,6 +11,7 @@ import pytest
 
 from jaxllm import config as config_lib
 from jaxllm.data.shards import write_shards
+from jaxllm.engine.checkpoint import saved_steps
 from jaxllm.errors import UserError
 from jaxllm.train import train
 from tests.conftest import PYTHON, REPO, subprocess_env
@@ -178,6 +179,17 @@ def test_bad_layouts_are_refused(tmp_path, devices, overrides, message):
 def _shards(directory: Path, docs, vocab=300) -> Path:
     write_shards([np.asarray(d) for d in docs], directory, vocab_size=vocab)
     return directory
+
+
+def test_resuming_on_changed_data_is_refused_naming_what_changed(tmp_path, devices):
+    data = _shards(tmp_path / "data", [list(range(1, 40))] * 20)
+    args = [*TINY, "data.source=tokens", f"data.path={data}", "data.eval_fraction=0"]
+    train(config_lib.load(None, [*args, "train.steps=2"]), tmp_path / "run")
+    _shards(tmp_path / "data", [list(range(2, 41))] * 20)  # the same shape, other token ids
+    with pytest.raises(UserError, match="training data in .* changed since checkpoint 2 was written "
+                                        r"\(its token shards differ\)"):
+        train(config_lib.load(None, [*args, "train.steps=4"]), tmp_path / "run")
+    assert saved_steps(tmp_path / "run" / "checkpoints") == [2]  # nothing set aside or overwritten
 
 
 def test_bad_data_is_refused(tmp_path, devices):

@@ -89,9 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size when training")
     parser.add_argument("--character-coverage", type=float, default=1.0)
     parser.add_argument("--tokens-per-shard", type=int, default=1 << 24)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards and tokenizer of an existing --out directory")
     args = parser.parse_args(argv)
 
     def run() -> None:
+        existing = sorted(p.name for p in Path(args.out).iterdir()) if Path(args.out).is_dir() else []
+        if existing and not args.overwrite:
+            raise UserError(f"--out {args.out}: already holds {', '.join(existing[:4])}"
+                            f"{', ...' if len(existing) > 4 else ''}; a run trained on it would resume on other "
+                            "token ids. Use a new directory, or --overwrite to replace it")
         out = prepare_corpus(args.input, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                              tokens_per_shard=args.tokens_per_shard, character_coverage=args.character_coverage)
         shards = TokenShards(out)

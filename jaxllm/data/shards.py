@@ -5,7 +5,7 @@ A shard directory holds::
     index.json            {"format": "jaxllm.token_shards", "version": 1, "dtype": "uint16",
                            "vocab_size": V, "num_tokens": T, "num_documents": D,
                            "shards": [{"tokens": "shard_00000.bin", "offsets": "shard_00000.idx.npy",
-                                       "num_tokens": n, "num_documents": d}, ...],
+                                       "num_tokens": n, "num_documents": d, "sha256": ...}, ...],
                            "metadata": {...}}
     shard_00000.bin       n tokens, raw little-endian uint16 (vocab_size <= 65536) or uint32
     shard_00000.idx.npy   int64 array of d + 1 document boundaries inside the shard: 0, ..., n
@@ -18,6 +18,7 @@ complete index that matches its shard files or no index at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -77,13 +78,15 @@ def _write_shard_files(docs_tokens: Iterable[Sequence[int]], tmp: Path, vocab_si
 
 
 def _save_shard(tmp: Path, name: str, docs: list[np.ndarray], offsets: list[int]) -> dict[str, Any]:
-    _fsync_write(tmp / f"{name}.bin", np.concatenate(docs).tobytes())
+    tokens = np.concatenate(docs).tobytes()
+    _fsync_write(tmp / f"{name}.bin", tokens)
     with open(tmp / f"{name}.idx.npy", "wb") as f:
         np.save(f, np.asarray(offsets, dtype=np.int64))
         f.flush()
         os.fsync(f.fileno())
-    return {"tokens": f"{name}.bin", "offsets": f"{name}.idx.npy",
-            "num_tokens": offsets[-1], "num_documents": len(offsets) - 1}
+    # The digest of the tokens makes the index, and so a run's data fingerprint, change with them.
+    return {"tokens": f"{name}.bin", "offsets": f"{name}.idx.npy", "num_tokens": offsets[-1],
+            "num_documents": len(offsets) - 1, "sha256": hashlib.sha256(tokens).hexdigest()}
 
 
 def write_shards(docs_tokens: Iterable[Sequence[int]], out_dir: str | os.PathLike, vocab_size: int,
@@ -268,3 +271,19 @@ class TokenShards:
                     where = int(np.argmax(chunk >= model_vocab_size))
                     raise UserError(f"{path}: found token id {int(chunk[where])} at offset {begin + where}; "
                                     f"allowed: ids < the model's vocab_size {model_vocab_size}")
+
+
+def fingerprint(directory: str | os.PathLike) -> dict[str, str]:
+    """What a checkpoint records of the data it was trained on: the SHA-256 of the shard directory's
+    index (which lists every shard with its counts and the digest of its tokens) and of its tokenizer."""
+    directory = Path(directory)
+    index = directory / INDEX_NAME
+    out = {"index_sha256": _sha256(index)}
+    tokenizer = json.loads(index.read_text()).get("metadata", {}).get("tokenizer")
+    if tokenizer and (directory / tokenizer).is_file():
+        out["tokenizer_sha256"] = _sha256(directory / tokenizer)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

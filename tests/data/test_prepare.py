@@ -68,6 +68,15 @@ def test_main_success_and_exit_2_with_one_line(tmp_path, corpus_files, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["--input", *map(str, files), "--out", str(tmp_path / "file")]) == 2
     assert f"--out {tmp_path / 'file'}: '{tmp_path / 'file'}' is a file, not a directory" in capsys.readouterr().err
+    # An existing shard directory is not replaced unless asked.
+    before = (tmp_path / "d" / "index.json").read_bytes()
+    assert main(["--input", *map(str, files), "--out", str(tmp_path / "d"), "--vocab-size", "400"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds index.json" in err and "--overwrite" in err
+    assert (tmp_path / "d" / "index.json").read_bytes() == before
+    assert main(["--input", *map(str, files), "--out", str(tmp_path / "d"), "--vocab-size", "400",
+                 "--overwrite"]) == 0
+    assert (tmp_path / "d" / "index.json").read_bytes() != before
 
 
 def test_module_entry_point(tmp_path, corpus_files, tokenizer_path):
