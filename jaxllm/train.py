@@ -24,7 +24,7 @@ from jaxllm import mesh as mesh_lib
 from jaxllm.command_line import parse_run_args, run_parser
 from jaxllm.config import Config
 from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
-from jaxllm.data.shards import fingerprint
+from jaxllm.data.shards import fingerprint, verify_shards
 from jaxllm.data.sources import build_sources, token_directory
 from jaxllm.data_efficiency import DataEfficiency
 from jaxllm.engine import loop
@@ -84,6 +84,8 @@ def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: D
     """The run itself, on a workdir this process holds."""
     shard_dir = runtime.lead_first(lambda: token_directory(config, workdir), "the training data")
     train_rows, eval_rows = build_sources(config, shard_dir)
+    if shard_dir is not None:  # after build_sources, which names a missing or malformed directory
+        runtime.lead_first(lambda: verify_shards(shard_dir), "the check of the training data")
     batch_size, seq_len = config.train.batch_size, config.data.seq_len
     slot, slots = runtime.data_slot(mesh, (batch_size, seq_len))
     if efficiency and efficiency.uses_sampler():

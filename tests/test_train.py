@@ -192,6 +192,17 @@ def test_resuming_on_changed_data_is_refused_naming_what_changed(tmp_path, devic
     assert saved_steps(tmp_path / "run" / "checkpoints") == [2]  # nothing set aside or overwritten
 
 
+def test_a_damaged_shard_is_refused_when_the_run_starts(tmp_path, devices):
+    data = _shards(tmp_path / "data", [list(range(1, 40))] * 20)
+    args = [*TINY, "data.source=tokens", f"data.path={data}", "data.eval_fraction=0", "train.steps=1"]
+    train(config_lib.load(None, args), tmp_path / "run")  # checked once and remembered
+    assert (data / ".verified.json").is_file()
+    shard = data / "shard_00000.bin"
+    shard.write_bytes(bytes(shard.stat().st_size))  # zero-filled, the right size
+    with pytest.raises(UserError, match="shard_00000.bin: its tokens differ from the digest in"):
+        train(config_lib.load(None, [*args, "train.steps=2"]), tmp_path / "run")
+
+
 def test_bad_data_is_refused(tmp_path, devices):
     tokens = ["data.source=tokens", "train.steps=1"]
     too_big = _shards(tmp_path / "big", [[1, 2, 3, 200, 5] * 20])

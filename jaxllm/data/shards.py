@@ -18,6 +18,7 @@ complete index that matches its shard files or no index at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -287,3 +288,38 @@ def fingerprint(directory: str | os.PathLike) -> dict[str, str]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+VERIFIED_NAME = ".verified.json"  # shard files already checked against the index, by size and mtime
+
+
+def verify_shards(directory: str | os.PathLike) -> None:
+    """Checks every shard's tokens against the digest its `index.json` entry carries, and remembers
+    the files it checked (by size, modification time and digest, in `DIR/.verified.json`) so that the
+    next run hashes only what changed. Directories written before shards carried digests have nothing
+    to check; a read-only directory is checked on every run."""
+    directory = Path(directory)
+    index = json.loads((directory / INDEX_NAME).read_text())
+    cache_path = directory / VERIFIED_NAME
+    try:
+        checked = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        checked = {}
+    changed = False
+    for entry in index["shards"]:
+        path = directory / entry["tokens"]
+        if "sha256" not in entry or not path.is_file():
+            continue  # a missing file is reported when the shards are opened
+        stat = path.stat()
+        key = f"{stat.st_size}:{stat.st_mtime_ns}:{entry['sha256']}"
+        if checked.get(entry["tokens"]) == key:
+            continue
+        if _sha256(path) != entry["sha256"]:
+            raise UserError(f"{path}: its tokens differ from the digest in {directory / INDEX_NAME} (the file was "
+                            "damaged or replaced); prepare the data again")
+        checked[entry["tokens"]] = key
+        changed = True
+    if changed:
+        with contextlib.suppress(OSError):
+            _fsync_write(cache_path.with_suffix(".tmp"), json.dumps(checked, indent=1).encode())
+            os.replace(cache_path.with_suffix(".tmp"), cache_path)
