@@ -164,14 +164,15 @@ def compile_train_step(config: Any, target: Target) -> CompileReport:
             kept = (max(efficiency.kept(t) for t in range(efficiency.total_steps)),)
         step = task.train_step(ltd)
         batch = abstract_batch(config, mesh, rows, length)
-        programs = [step.program(p, *kept) for p in range(len(step.training.plan.names))] \
-            if hasattr(step, "program") else [step]
+        if hasattr(step, "program"):  # a 1-bit optimizer: one jitted program per phase, kept length bound
+            lowerings = [(step.program(p, *kept), ()) for p in range(len(step.training.plan.names))]
+        else:
+            lowerings = [(step, kept)]
         compiled, error, seconds = [], None, 0.0
-        for program in programs:
+        for program, static in lowerings:
             start = time.perf_counter()
             try:
-                compiled.append(program.lower(task.layout.abstract, batch, *kept).compile()
-                                if program is step else program.lower(task.layout.abstract, batch).compile())
+                compiled.append(program.lower(task.layout.abstract, batch, *static).compile())
             except jax.errors.JaxRuntimeError as err:
                 if "RESOURCE_EXHAUSTED" not in str(err):
                     raise

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Integer
 
+from jaxllm.data.jsonl import write_atomic
 from jaxllm.errors import UserError
 
 INDEX_NAME = "index.json"
@@ -279,15 +280,20 @@ def fingerprint(directory: str | os.PathLike) -> dict[str, str]:
     index (which lists every shard with its counts and the digest of its tokens) and of its tokenizer."""
     directory = Path(directory)
     index = directory / INDEX_NAME
-    out = {"index_sha256": _sha256(index)}
+    out = {"index_sha256": file_sha256(index)}
     tokenizer = json.loads(index.read_text()).get("metadata", {}).get("tokenizer")
     if tokenizer and (directory / tokenizer).is_file():
-        out["tokenizer_sha256"] = _sha256(directory / tokenizer)
+        out["tokenizer_sha256"] = file_sha256(directory / tokenizer)
     return out
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks (token shards and checkpoint files may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 VERIFIED_NAME = ".verified.json"  # shard files already checked against the index, by size and mtime
@@ -314,12 +320,11 @@ def verify_shards(directory: str | os.PathLike) -> None:
         key = f"{stat.st_size}:{stat.st_mtime_ns}:{entry['sha256']}"
         if checked.get(entry["tokens"]) == key:
             continue
-        if _sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             raise UserError(f"{path}: its tokens differ from the digest in {directory / INDEX_NAME} (the file was "
                             "damaged or replaced); prepare the data again")
         checked[entry["tokens"]] = key
         changed = True
     if changed:
         with contextlib.suppress(OSError):
-            _fsync_write(cache_path.with_suffix(".tmp"), json.dumps(checked, indent=1).encode())
-            os.replace(cache_path.with_suffix(".tmp"), cache_path)
+            write_atomic(cache_path, [json.dumps(checked, indent=1)])

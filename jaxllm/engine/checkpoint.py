@@ -11,7 +11,6 @@ random choice is derived from `config.seed` and the step, which the state holds.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -27,6 +26,8 @@ import orbax.checkpoint as ocp
 import jaxllm
 from jaxllm import runtime
 from jaxllm.config import ModelConfig
+from jaxllm.data.jsonl import write_atomic
+from jaxllm.data.shards import file_sha256
 from jaxllm.errors import UserError
 
 # Model keys whose change makes a checkpoint unusable; the rest (dtype, remat) may change on resume.
@@ -210,9 +211,8 @@ class Checkpointer:
         for step in steps:
             manifest = self.directory / f"{step}.sha256"
             if not manifest.exists():
-                tmp = manifest.with_suffix(".sha256.tmp")
-                tmp.write_text(json.dumps(_file_digests(self.directory / str(step)), indent=1, sort_keys=True))
-                os.replace(tmp, manifest)
+                write_atomic(manifest, [json.dumps(_file_digests(self.directory / str(step)), indent=1,
+                                                   sort_keys=True)])
         for manifest in self.directory.glob("*.sha256"):
             if manifest.stem.isdigit() and int(manifest.stem) not in steps:
                 manifest.unlink()
@@ -255,15 +255,8 @@ class DamagedCheckpoint(Exception):
 
 def _file_digests(directory: Path) -> dict[str, str]:
     """SHA-256 of every file under `directory`, by path relative to it."""
-    digests = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            h = hashlib.sha256()
-            with path.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            digests[str(path.relative_to(directory))] = h.hexdigest()
-    return digests
+    return {str(path.relative_to(directory)): file_sha256(path) for path in sorted(directory.rglob("*"))
+            if path.is_file()}
 
 
 def _say(message: str) -> None:

@@ -10,7 +10,6 @@ settings, the step (`rlhf.stage`) and the tokenizer's SHA-256, which later steps
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from jaxllm import mesh as mesh_lib
 from jaxllm import runtime
 from jaxllm.config import ModelConfig
 from jaxllm.data.pipeline import make_train_iterator, padded_eval_batches
+from jaxllm.data.shards import file_sha256
 from jaxllm.data.tokenizer import (
     HF_FILE,
     SENTENCEPIECE_FILE,
@@ -80,12 +80,8 @@ def stage_split(config: RLHFConfig, records: list[Record], eval_records: list[Re
 # Tokenizer
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def tokenizer_meta(tokenizer: TextTokenizer) -> dict[str, Any]:
-    return {"file": Path(tokenizer.path).name, "sha256": file_digest(tokenizer.path),
+    return {"file": Path(tokenizer.path).name, "sha256": file_sha256(tokenizer.path),
             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
 
 
@@ -114,7 +110,7 @@ def setup_tokenizer(config: RLHFConfig, workdir: Path, init_workdir: str | None,
             source, where = Path(load_tokenizer(path).path), f"model.init_from '{path}'"
     existing = workdir_tokenizer_file(workdir)
     if existing is not None:
-        if source is not None and file_digest(source) != file_digest(existing):
+        if source is not None and file_sha256(source) != file_sha256(existing):
             raise UserError(f"workdir '{workdir}' already holds tokenizer {existing}, which differs from the one of "
                             f"{where} ({source}); use another --workdir")
         return load_tokenizer(existing)
@@ -160,7 +156,7 @@ class Source:
     @property
     def tokenizer_sha256(self) -> str | None:
         path = workdir_tokenizer_file(self.workdir)
-        return file_digest(path) if path is not None else None
+        return file_sha256(path) if path is not None else None
 
 
 def _state_tree(directory: Path, step: int) -> dict[str, Any]:

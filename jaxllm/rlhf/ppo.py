@@ -33,6 +33,7 @@ import optax
 from jaxllm import runtime
 from jaxllm.config import ModelConfig
 from jaxllm.data.pipeline import make_train_dataset, make_train_iterator, padded_eval_batches
+from jaxllm.data.shards import file_sha256
 from jaxllm.engine import loop, optimizer
 from jaxllm.engine.checkpoint import Checkpointer, model_meta
 from jaxllm.engine.onebit import is_onebit
@@ -81,7 +82,7 @@ def _structure(config: RLHFConfig) -> dict[str, Any]:
 
 
 def _check_tokenizers(tokenizer_file: Path, actor: common.Source, critic: common.Source) -> None:
-    mine = common.file_digest(tokenizer_file)
+    mine = file_sha256(tokenizer_file)
     for source, key in ((actor, "ppo.actor_workdir"), (critic, "ppo.critic_workdir")):
         theirs = source.tokenizer_sha256
         if theirs is None:
