@@ -38,3 +38,13 @@ def subprocess_env(devices: int = 8) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+# What the CUDA compiler plugin (the aot-gpu extra, in the test install) writes to stderr whenever JAX
+# starts on a machine without a GPU. It comes from the plugin's own libraries, before any of jaxllm runs.
+CUDA_PLUGIN_NOISE = ("WARNING: All log messages before absl::InitializeLog() is called", "cudart_stub.cc")
+
+
+def own_stderr(text: str) -> str:
+    """A child process's stderr without the CUDA plugin's start-up lines: what jaxllm itself printed."""
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if not any(noise in line for noise in CUDA_PLUGIN_NOISE))

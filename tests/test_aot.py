@@ -19,8 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _needs(target: str):
-    """GPU targets need the aot-gpu extra (not in the default test install: without a GPU the CUDA
-    plugin logs at every JAX start-up, which the one-line-error tests would see)."""
+    """GPU targets need the aot-gpu extra (part of the test install; an environment without it skips)."""
     if target.startswith("gpu"):
         pytest.importorskip("jax_cuda12_plugin", reason="the GPU compiler: pip install -e '.[aot-gpu]'")
 

@@ -4,7 +4,7 @@ import pytest
 
 from jaxllm import config as config_lib
 from jaxllm.errors import UserError
-from tests.conftest import PYTHON, REPO, subprocess_env
+from tests.conftest import PYTHON, REPO, own_stderr, subprocess_env
 
 
 def test_defaults_validate_and_overrides_apply():
@@ -80,7 +80,7 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
         capture_output=True, text=True, env=subprocess_env(1), timeout=120,
     )
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    lines = own_stderr(result.stderr).strip().splitlines()
     assert lines == ["error: unknown config key 'model.d_mdoel'; did you mean 'model.d_model'?"]
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir()), "a rejected config must not write to the workdir"
@@ -102,3 +102,4 @@ def test_a_config_that_is_a_directory_or_not_utf8_is_named(tmp_path):
     path.write_bytes("seed: 1  # caf\xe9\n".encode("latin-1"))
     with pytest.raises(UserError, match="latin1.yaml' is not UTF-8 text"):
         config_lib.load(path)
+

@@ -19,7 +19,7 @@ from jaxllm.engine.checkpoint import saved_steps
 from jaxllm.errors import UserError
 from jaxllm.runtime import DIST_ENV, init_distributed
 from jaxllm.train import train
-from tests.conftest import PYTHON, subprocess_env
+from tests.conftest import PYTHON, own_stderr, subprocess_env
 
 TINY = ["data.source=synthetic", "model.layers=2", "model.d_model=32", "model.heads=4", "model.vocab_size=128",
         "data.seq_len=16", "train.batch_size=8", "train.log_every=1", "checkpoint.every=3", "eval.every=3",
@@ -117,7 +117,7 @@ def test_num_processes_without_coordinator_exits_2(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "jaxllm.train", f"--workdir={tmp_path}", "distributed.num_processes=2"],
                           capture_output=True, text=True, env=_env(4), timeout=DEADLINE_S)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = [line for line in own_stderr(proc.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "distributed.coordinator" in lines[0], proc.stderr
 
 

@@ -11,6 +11,7 @@ from jaxllm.data.prepare import main, prepare_corpus
 from jaxllm.data.shards import TokenShards
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import UserError
+from tests.conftest import own_stderr
 from tests.data.conftest import make_sentences
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,4 +90,4 @@ def test_module_entry_point(tmp_path, corpus_files, tokenizer_path):
     bad = subprocess.run([sys.executable, "-m", "jaxllm.data.prepare", "--input", str(files[1]),
                           "--out", str(tmp_path / "e"), "--vocab-size", "100"],
                          capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "vocab_size 100" in bad.stderr
+    assert bad.returncode == 2 and own_stderr(bad.stderr).count("\n") == 1 and "vocab_size 100" in bad.stderr
