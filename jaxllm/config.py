@@ -748,8 +748,22 @@ def _check_unique_keys(node: yaml.Node | None, path: Path) -> None:
             _check_unique_keys(item, path)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _named_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's values; a file with `base: OTHER.yaml` (a path relative to it) holds only what it
+    changes in OTHER's values, so a recipe is its preset plus a mesh and a batch."""
     path = Path(path)
+    values = _read_one_yaml(path)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise UserError(f"config file '{path}': 'base' must name a YAML file, got {base!r}")
+    if path.resolve() in _named_by:
+        raise UserError(f"config file '{path}': its 'base' chain comes back to itself")
+    return _merge(read_yaml(path.parent / base, (*_named_by, path.resolve())), values)
+
+
+def _read_one_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise UserError(f"config file '{path}' is a directory; expected a YAML file")
     if not path.is_file():

@@ -2,10 +2,10 @@
 
     python scripts/aot_table.py [--only NAME ...] [--json runs/aot_table.json]
 
-Each recipe is a preset, a target and the overrides that place it on the target's devices; each is
-compiled in a process of its own (the TPU and GPU compilers need the aot extra: pip install -e ".[aot]").
-The table gives per device the compiler's total memory and `--dry-run`'s estimate, the headroom, the
-compiled FLOPs against the model's, and the compile seconds on this machine.
+Each recipe is a config file in configs/recipes/ (a preset with the mesh and batch that place it on
+the target's devices) and its target; each is compiled in a process of its own (the compilers come with
+the aot and aot-gpu extras). The table gives per device the compiler's total memory and `--dry-run`'s
+estimate, the headroom, the compiled FLOPs against the model's, and the compile seconds on this machine.
 """
 
 from __future__ import annotations
@@ -19,27 +19,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
-# name: (config, target, overrides). LLM-jp 13B and BLOOM-176B at the global batch and sequence length
-# of their published training runs (the presets' batch_size x seq_len, reached by gradient accumulation).
+# name: (config, target, overrides). Each recipe is a file in configs/recipes/ (its preset plus a mesh
+# and a batch); LLM-jp 13B and BLOOM-176B run at the global batch and sequence length of their published
+# training runs (the presets' batch_size x seq_len, reached by gradient accumulation). The one entry
+# with overrides shows a step the compiler refuses: the Llama 1B recipe in one micro-batch of 16.
 RECIPES = {
-    "GPT-2 124M": ("configs/gpt2_124m.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=64",
-                                                             "train.grad_accum=4"]),
-    "GPT-2 124M ": ("configs/gpt2_124m.yaml", "gpu:h100:1x8", ["mesh.fsdp=8", "train.batch_size=64",
-                                                               "train.grad_accum=2"]),
-    "BLOOM-560m": ("configs/bloom_560m.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=32",
-                                                              "train.grad_accum=8"]),
-    "BLOOM-560m ": ("configs/bloom_560m.yaml", "gpu:h100:1x8", ["mesh.fsdp=8", "train.batch_size=32",
-                                                                "train.grad_accum=2"]),
-    "Llama 1B, batch 16": ("configs/llama_1b.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=16",
-                                                                    "train.grad_accum=1"]),
-    "Llama 1B": ("configs/llama_1b.yaml", "tpu:v5e:2x2", ["mesh.fsdp=4", "train.batch_size=16",
-                                                          "train.grad_accum=4"]),
-    "Llama 1B ": ("configs/llama_1b.yaml", "gpu:h100:1x8", ["mesh.fsdp=8", "train.batch_size=16",
-                                                            "train.grad_accum=2"]),
-    "LLM-jp 13B": ("configs/llmjp_13b.yaml", "tpu:v5p:4x4x4", ["mesh.fsdp=64", "train.grad_accum=16"]),
-    "LLM-jp 13B ": ("configs/llmjp_13b.yaml", "gpu:h100:8x8", ["mesh.fsdp=64", "train.grad_accum=16"]),
-    "BLOOM-176B": ("configs/bloom_176b.yaml", "tpu:v5p:8x8x4", ["mesh.tensor=8", "mesh.fsdp=32"]),
-    "BLOOM-176B ": ("configs/bloom_176b.yaml", "gpu:h100:32x8", ["mesh.tensor=8", "mesh.fsdp=32"]),
+    "GPT-2 124M": ("configs/recipes/gpt2_124m.tpu_v5e_2x2.yaml", "tpu:v5e:2x2", []),
+    "GPT-2 124M ": ("configs/recipes/gpt2_124m.gpu_h100_1x8.yaml", "gpu:h100:1x8", []),
+    "BLOOM-560m": ("configs/recipes/bloom_560m.tpu_v5e_2x2.yaml", "tpu:v5e:2x2", []),
+    "BLOOM-560m ": ("configs/recipes/bloom_560m.gpu_h100_1x8.yaml", "gpu:h100:1x8", []),
+    "Llama 1B, batch 16": ("configs/recipes/llama_1b.tpu_v5e_2x2.yaml", "tpu:v5e:2x2", ["train.grad_accum=1"]),
+    "Llama 1B": ("configs/recipes/llama_1b.tpu_v5e_2x2.yaml", "tpu:v5e:2x2", []),
+    "Llama 1B ": ("configs/recipes/llama_1b.gpu_h100_1x8.yaml", "gpu:h100:1x8", []),
+    "LLM-jp 13B": ("configs/recipes/llmjp_13b.tpu_v5p_4x4x4.yaml", "tpu:v5p:4x4x4", []),
+    "LLM-jp 13B ": ("configs/recipes/llmjp_13b.gpu_h100_8x8.yaml", "gpu:h100:8x8", []),
+    "BLOOM-176B": ("configs/recipes/bloom_176b.tpu_v5p_8x8x4.yaml", "tpu:v5p:8x8x4", []),
+    "BLOOM-176B ": ("configs/recipes/bloom_176b.gpu_h100_32x8.yaml", "gpu:h100:32x8", []),
 }
 
 

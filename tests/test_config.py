@@ -103,3 +103,16 @@ def test_a_config_that_is_a_directory_or_not_utf8_is_named(tmp_path):
     with pytest.raises(UserError, match="latin1.yaml' is not UTF-8 text"):
         config_lib.load(path)
 
+
+def test_a_config_with_a_base_changes_only_what_it_names(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "p.yaml").write_text("model: {layers: 6, d_model: 128}\ntrain: {steps: 7}\n")
+    (tmp_path / "r.yaml").write_text("base: presets/p.yaml\nmodel: {layers: 2}\n")
+    config = config_lib.load(tmp_path / "r.yaml", ["train.steps=9"])
+    assert (config.model.layers, config.model.d_model, config.train.steps) == (2, 128, 9)
+    (tmp_path / "presets" / "p.yaml").write_text("base: ../r.yaml\n")
+    with pytest.raises(UserError, match="'base' chain comes back to itself"):
+        config_lib.load(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(UserError, match="missing.yaml' does not exist"):
+        config_lib.load(tmp_path / "r.yaml")

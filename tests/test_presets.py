@@ -141,3 +141,25 @@ def test_cli_dry_run_on_one_device():
     assert result.returncode == 0, result.stderr
     assert "parameters: 124,439,808 " in result.stdout
     assert "'fsdp': 1" in result.stdout
+
+
+def test_every_recipe_is_its_preset_on_all_of_its_targets_devices():
+    """configs/recipes/ (compiled by scripts/aot_table.py, minutes each): each file changes its preset's
+    mesh and batch only, and its mesh covers exactly the devices of the target it is written for."""
+    import math
+    import runpy
+
+    recipes = runpy.run_path(str(REPO / "scripts" / "aot_table.py"))["RECIPES"]
+    shipped = {f"configs/recipes/{p.name}" for p in (REPO / "configs" / "recipes").glob("*.yaml")}
+    assert {path for path, _, _ in recipes.values()} == shipped
+    for path, target, overrides in recipes.values():
+        config = config_lib.load(REPO / path, overrides)
+        preset = config_lib.load(REPO / "configs" / f"{path.split('/')[-1].split('.')[0]}.yaml")
+        assert config.model == preset.model and config.data == preset.data, path
+        devices = math.prod(int(n) for n in target.split(":")[-1].split("x"))  # chips, or nodes x GPUs
+        axes = [config.mesh.fsdp, config.mesh.tensor, config.mesh.sequence]
+        data = config.mesh.data if config.mesh.data != -1 else devices // math.prod(axes)
+        assert data * math.prod(axes) == devices, (path, target)
+        rows_per_step = config.train.batch_size // config.train.grad_accum
+        assert rows_per_step * config.train.grad_accum == config.train.batch_size, path
+        assert rows_per_step % (data * config.mesh.fsdp) == 0, path
