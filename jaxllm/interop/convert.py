@@ -72,8 +72,8 @@ def read_checkpoint_params(step_dir: Path) -> tuple[dict, ModelConfig]:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
-    cfg = _model_config(meta, step_dir)
+    cfg = _model_config(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir.absolute() / "meta"), step_dir)
+    step_dir = step_dir.absolute()  # Orbax reads absolute paths only; users type relative ones
     checkpointer = ocp.PyTreeCheckpointer()
     tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
     if "params" not in tree:

@@ -165,7 +165,7 @@ def _state_tree(directory: Path, step: int) -> dict[str, Any]:
     level = absl.level
     absl.setLevel(logging.ERROR)  # Orbax warns that the step-level metadata is not in `state/`
     try:
-        metadata = ocp.PyTreeCheckpointer().metadata(directory / str(step) / "state")
+        metadata = ocp.PyTreeCheckpointer().metadata(directory.absolute() / str(step) / "state")  # Orbax: absolute
     finally:
         absl.setLevel(level)
     tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)

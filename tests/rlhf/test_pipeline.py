@@ -47,22 +47,30 @@ def stable(row: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """Runs sft -> reward -> ppo once; returns the root directory and each step's stderr."""
-    root = tmp_path_factory.mktemp("rlhf")
+    """Runs sft -> reward -> ppo once, as docs/rlhf.md prints the commands (relative config and workdir
+    paths, each step finding the previous one at its config's relative `runs/rlhf/...` default), from a
+    directory holding a copy of configs/rlhf/; returns the workdirs' root and each step's stderr."""
+    import io
+    import os
+    import sys
+
+    base = tmp_path_factory.mktemp("rlhf")
+    shutil.copytree(REPO / "configs" / "rlhf", base / "configs" / "rlhf")
     logs = {}
     capture = pytest.MonkeyPatch()
     for stage in ("sft", "reward", "ppo"):
-        import io
-        import sys
-
         err = io.StringIO()
         capture.setattr(sys, "stderr", err)
+        capture.chdir(base)
         try:
-            run_stage(stage, stage_config(stage, root), root / stage)
+            code = main([stage, "--config", f"configs/rlhf/{stage}.yaml", "--workdir", f"runs/rlhf/{stage}",
+                         *SMALL, *STAGE_ARGS[stage]])
         finally:
             capture.undo()
+        assert code == 0, err.getvalue()
         logs[stage] = err.getvalue()
-    return root, logs
+    assert Path(os.getcwd()) != base
+    return base / "runs" / "rlhf", logs
 
 
 def test_sft_reward_ppo_write_their_metrics_and_checkpoints(pipeline, devices):
@@ -166,3 +174,12 @@ def test_cli_prints_one_error_line_and_exits_2(pipeline, capsys):
     assert err == ["error: config key 'ppo.actor_workdir': required; the workdir of step 1 (sft)"]
     assert main(["reward", f"--workdir={root / 'cli'}", "reward.lr=1"]) == 2
     assert "unknown config key 'reward.lr'" in capsys.readouterr().err
+
+
+def test_to_hf_converts_a_workdir_named_by_a_relative_path(pipeline, monkeypatch):
+    from jaxllm.interop import convert
+
+    root, _ = pipeline
+    monkeypatch.chdir(root)
+    assert convert.main(["to-hf", "sft", "sft_hf"]) == 0
+    assert (root / "sft_hf" / "config.json").is_file() and (root / "sft_hf" / "model.safetensors").is_file()
