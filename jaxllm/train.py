@@ -10,8 +10,10 @@ Rerunning the same command resumes from the newest complete checkpoint in `WORKD
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +62,9 @@ def dry_run(config: Config, mesh, layout) -> None:
     print(f"model FLOPs per token (training): {flops_per_token(config.model, config.data.seq_len):.4g}")
 
 
-def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
-    """Runs (or resumes) pretraining; returns the last logged metrics row."""
+def train(config: Config, workdir: Path, dry: bool = False, summary: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) pretraining; returns the last logged metrics row. With `summary` (the command
+    line's), ends with a short sample from the trained model and where everything went."""
     if config.model.init_from:
         from jaxllm.interop import hf
 
@@ -76,12 +79,13 @@ def train(config: Config, workdir: Path, dry: bool = False) -> dict[str, Any]:
         dry_run(config, mesh, task.layout)
         return {}
     with runtime.workdir_lock(workdir):
-        return _train(config, workdir, mesh, efficiency, task)
+        return _train(config, workdir, mesh, efficiency, task, summary)
 
 
 def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: DataEfficiency | None,
-           task: LanguageModelTraining) -> dict[str, Any]:
+           task: LanguageModelTraining, summary: bool = False) -> dict[str, Any]:
     """The run itself, on a workdir this process holds."""
+    started = time.perf_counter()
     shard_dir = runtime.lead_first(lambda: token_directory(config, workdir), "the training data")
     train_rows, eval_rows = build_sources(config, shard_dir)
     if shard_dir is not None:  # after build_sources, which names a missing or malformed directory
@@ -156,9 +160,49 @@ def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: D
     cadence = loop.Cadence.from_config(config, total_steps, eval_at_end=bool(efficiency and efficiency.budget))
     closing = (train_step.close,) if isinstance(train_step, BackgroundCompiledStep) else ()
     with jax.set_mesh(mesh):
-        _, last = loop.run(config, workdir, cadence, state, start, step_fn, row_fn,
-                           evaluate_fn if held_out else None, ckpt, iterator, meta, closing=closing)
+        state, last = loop.run(config, workdir, cadence, state, start, step_fn, row_fn,
+                               evaluate_fn if held_out else None, ckpt, iterator, meta, closing=closing)
+        if summary and runtime.is_lead():
+            sample = _sample(task, state["params"], workdir, held_out) if jax.process_count() == 1 else None
+            print(run_summary(config, workdir, total_steps - start, time.perf_counter() - started, sample))
     return last
+
+
+def _sample(task: LanguageModelTraining, params: Any, workdir: Path, held_out: list) -> tuple[str, str] | None:
+    """(prompt, completion): 24 tokens the trained model writes after the first 8 of a held-out row."""
+    from jaxllm.generate import find_tokenizer, generate
+
+    tokenizer = find_tokenizer(None, str(workdir), None)
+    if tokenizer is None or not held_out:
+        return None
+    prompt = [int(t) for t in np.asarray(held_out[0]["inputs"][0][:8])]
+    new = generate(task.model_def.bind(params), [prompt], max_new_tokens=24, temperature=0.8, top_p=0.9,
+                   seed=0)[0]
+    text = tokenizer.decode(prompt + new)
+    start = tokenizer.decode(prompt)
+    return start, text[len(start):] if text.startswith(start) else text
+
+
+def run_summary(config: Config, workdir: Path, steps: int, seconds: float, sample: tuple[str, str] | None) -> str:
+    """What a finished run did and where it wrote, with the commands to try next."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+    def latest(key: str) -> dict[str, Any] | None:
+        return next((row for row in reversed(rows) if key in row), None)
+
+    losses = [f"{name} {row[key]:.4f} at step {row['step']}"
+              for key, name in (("loss", "train loss"), ("eval_loss", "eval loss")) if (row := latest(key))]
+    lines = [f"done: {steps} steps in {seconds:.0f} s; " + ", ".join(losses),
+             f"  metrics      {workdir / 'metrics.jsonl'}   (python -m jaxllm.plot {workdir})",
+             f"  checkpoints  {workdir / 'checkpoints'}"]
+    if config.log.tensorboard:
+        lines.append(f"  TensorBoard  {workdir / 'tensorboard'}   (tensorboard --logdir {workdir})")
+    if sample:
+        lines.append(f"sample: {sample[0]!r} -> {sample[1]!r}")
+    lines += ["next:", f"  python -m jaxllm.generate --workdir {workdir} --prompt \"...\"",
+              f"  python -m jaxllm.train --config=... --workdir={workdir} train.steps={config.train.steps * 2}"
+              "   # goes on from the last checkpoint"]
+    return "\n".join(lines)
 
 
 def _check_same_data(ckpt: Checkpointer, step: int, data: dict[str, str] | None, shard_dir) -> None:
@@ -185,7 +229,7 @@ def _compilations(jitted) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     return exit_status(lambda: train(config_lib.load(args.config, args.overrides), Path(args.workdir),
-                                     dry=args.dry_run))
+                                     dry=args.dry_run, summary=True))
 
 
 if __name__ == "__main__":

@@ -99,15 +99,31 @@ def test_with_every_checkpoint_damaged_the_run_stops_instead_of_starting_over(tm
     assert (tmp_path / "checkpoints" / "2.damaged").is_dir()
 
 
-def test_quickstart_text_pipeline_runs_and_learns(tmp_path, devices):
-    cfg = config_lib.load(REPO / "configs/quickstart.yaml",
-                          ["train.steps=6", "train.log_every=1", "eval.every=3", "eval.batches=1",
-                           "model.layers=1", "model.d_model=48", "model.heads=2", "train.batch_size=8",
-                           "train.warmup_steps=1", "log.progress_bar=false", "log.tensorboard=false"])
-    train(cfg, tmp_path)
-    got = losses(tmp_path)
+def test_quickstart_command_as_printed_learns_and_ends_with_a_sample_and_a_summary(tmp_path, capsys, monkeypatch,
+                                                                                  devices):
+    """README's first command, from a directory with a copy of configs/ (default workdir runs/default),
+    shrunk by overrides."""
+    from jaxllm.train import main
+
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs/quickstart.yaml", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config=configs/quickstart.yaml", "train.steps=6", "train.log_every=1", "eval.every=3",
+                 "eval.batches=1", "model.layers=1", "model.d_model=48", "model.heads=2", "train.batch_size=8",
+                 "train.warmup_steps=1", "log.progress_bar=false", "log.tensorboard=false"]) == 0
+    workdir = tmp_path / "runs" / "default"
+    got = losses(workdir)
     assert len(got) == 6 and got[6] < got[1]
-    assert (tmp_path / "data" / "tokenizer.model").exists() and (tmp_path / "data" / "index.json").exists()
+    assert (workdir / "data" / "tokenizer.model").exists() and (workdir / "data" / "index.json").exists()
+    out = capsys.readouterr().out
+    eval_loss = [r["eval_loss"] for r in rows(workdir) if "eval_loss" in r][-1]
+    assert "done: 6 steps in " in out
+    assert f"train loss {got[6]:.4f} at step 6, eval loss {eval_loss:.4f} at step 6" in out
+    assert "metrics      runs/default/metrics.jsonl" in out and "checkpoints  runs/default/checkpoints" in out
+    assert "TensorBoard" not in out  # log.tensorboard=false
+    sample = next(line for line in out.splitlines() if line.startswith("sample: "))
+    assert " -> " in sample and len(sample) > len("sample: '' -> ''")
+    assert "python -m jaxllm.generate --workdir runs/default" in out
 
 
 def _cli(workdir: Path, *overrides: str, fault: str | None = None) -> subprocess.CompletedProcess:
