@@ -17,9 +17,10 @@ Unknown keys raise `UserError` naming the DeepSpeed key path, as jaxllm's own co
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,23 @@ _METRIC_KEYS = {"index_to_sample_path", "index_to_metric_path", "difficulty_type
 _SCHEDULE_KEYS = {"total_curriculum_step", "difficulty_step", "root_degree", "difficulty", "max_step"}
 _LTD_KEYS = {"enabled", "total_layer_num", "random_ltd_layer_num", "random_ltd_layer_id", "model_mask_name",
              "model_type", "hidden_state_order", "random_ltd_schedule", "layer_token_lr_schedule"}
+# Keys that steer only DeepSpeed's PyTorch plumbing, and why jaxllm needs none of them.
+DROPPED = {
+    "num_epochs": "jaxllm's data pipeline repeats the data without end; train.steps sets the length",
+    "num_workers": "jaxllm reads batches in-process",
+    "model_mask_name": "jaxllm's decoder builds its own attention mask for the kept tokens",
+    "hidden_state_order": "jaxllm's activations are always [batch, sequence, ...]",
+    "index_to_sample_path": "a sequence-length metric needs no analyzer index",
+    "index_to_metric_path": "a sequence-length metric needs no analyzer index",
+    "total_layer_tokens": "jaxllm takes the LayerToken budget from train.steps x batch x seq_len",
+    "warmup_type": "jaxllm warms the LayerToken schedule up linearly over train.warmup_steps",
+}
+Note = Callable[[str, str], None]
+
+
+def _ignore(key: str, reason: str) -> None:
+    """The default `note`: the standalone command drops these keys as its docstring says."""
+    del key, reason
 
 
 def _check_keys(section: Any, allowed: set[str], path: str) -> Mapping[str, Any]:
@@ -48,24 +66,25 @@ def _schedule(config: Mapping[str, Any], path: str) -> dict[str, Any]:
     return dict(_check_keys(config or {}, _SCHEDULE_KEYS, path))
 
 
-def _metric(name: str, config: Any, path: str) -> dict[str, Any]:
+def _metric(name: str, config: Any, path: str, note: Note) -> dict[str, Any]:
     config = _check_keys(config, _METRIC_KEYS, path)
     out = {k: v for k, v in config.items() if k != "schedule_config"}
     out["schedule_config"] = _schedule(config.get("schedule_config"), f"{path}.schedule_config")
     if name in ("seqlen_truncate", "seqlen_reshape"):
         out.setdefault("clustering_type", "single_cluster")
-        out.pop("index_to_sample_path", None)  # DeepSpeed's examples pass "dummy" paths here
-        out.pop("index_to_metric_path", None)
+        for key in ("index_to_sample_path", "index_to_metric_path"):  # DeepSpeed's examples pass "dummy" here
+            if out.pop(key, None) is not None:
+                note(f"{path}.{key}", DROPPED[key])
     return out
 
 
-def _curriculum(section: Mapping[str, Any], seed: Any, path: str) -> dict[str, Any]:
+def _curriculum(section: Mapping[str, Any], seed: Any, path: str, note: Note) -> dict[str, Any]:
     section = _check_keys(section, {"enabled", "data_cluster_path", "curriculum_metrics"}, path)
     metrics = section.get("curriculum_metrics") or {}
     if not isinstance(metrics, Mapping):
         raise UserError(f"DeepSpeed config '{path}.curriculum_metrics': expected an object of metrics")
     out: dict[str, Any] = {"enabled": bool(section.get("enabled", False)),
-                           "curriculum_metrics": {name: _metric(name, cfg, f"{path}.curriculum_metrics.{name}")
+                           "curriculum_metrics": {name: _metric(name, cfg, f"{path}.curriculum_metrics.{name}", note)
                                                   for name, cfg in metrics.items()}}
     if seed is not None:
         out["seed"] = seed
@@ -74,7 +93,7 @@ def _curriculum(section: Mapping[str, Any], seed: Any, path: str) -> dict[str, A
     return out
 
 
-def _random_ltd(section: Mapping[str, Any], path: str) -> dict[str, Any]:
+def _random_ltd(section: Mapping[str, Any], path: str, note: Note) -> dict[str, Any]:
     section = _check_keys(section, _LTD_KEYS, path)
     if section.get("model_type", "decoder") != "decoder":
         raise UserError(f"DeepSpeed config '{path}.model_type': got {section['model_type']!r}; jaxllm's models are "
@@ -84,6 +103,9 @@ def _random_ltd(section: Mapping[str, Any], path: str) -> dict[str, Any]:
                         "expected batch_seq_dim or seq_batch_dim")
     out = {k: section[k] for k in ("enabled", "total_layer_num", "random_ltd_layer_num", "random_ltd_layer_id")
            if k in section}
+    for key in ("model_mask_name", "hidden_state_order"):
+        if key in section:
+            note(f"{path}.{key}", DROPPED[key])
     sched = _check_keys(section.get("random_ltd_schedule") or {}, {"min_value", "max_value", "schedule_type",
                                                                      "schedule_config"}, f"{path}.random_ltd_schedule")
     out["random_ltd_schedule"] = {**{k: v for k, v in sched.items() if k != "schedule_config"},
@@ -92,15 +114,18 @@ def _random_ltd(section: Mapping[str, Any], path: str) -> dict[str, Any]:
                                                                       f"{path}.random_ltd_schedule.schedule_config"))}
     lr = section.get("layer_token_lr_schedule")
     if lr is not None:
-        out["layer_token_lr_schedule"] = {"enabled": bool(_check_keys(lr, {"enabled", "total_layer_tokens",
-                                                                           "warmup_type"},
-                                                                      f"{path}.layer_token_lr_schedule")
-                                                          .get("enabled", False))}
+        where = f"{path}.layer_token_lr_schedule"
+        lr = _check_keys(lr, {"enabled", "total_layer_tokens", "warmup_type"}, where)
+        out["layer_token_lr_schedule"] = {"enabled": bool(lr.get("enabled", False))}
+        for key in sorted(set(lr) - {"enabled"}):
+            note(f"{where}.{key}", DROPPED[key])
     return out
 
 
-def translate(ds_config: Mapping[str, Any]) -> dict[str, Any]:
+def translate(ds_config: Mapping[str, Any], note: Note = _ignore) -> dict[str, Any]:
     """jaxllm config sections (`curriculum`, `random_ltd`) equivalent to a DeepSpeed config.
+
+    `note(key, reason)` is told about each DeepSpeed key that is checked but dropped (`DROPPED`).
 
     Example:
 
@@ -139,19 +164,22 @@ def translate(ds_config: Mapping[str, Any]) -> dict[str, Any]:
     if sampling:
         sampling = _check_keys(sampling, {"enabled", "num_epochs", "num_workers", "curriculum_learning"},
                                "data_efficiency.data_sampling")
+        for key in ("num_epochs", "num_workers"):
+            if key in sampling:
+                note(f"data_efficiency.data_sampling.{key}", DROPPED[key])
         cl = sampling.get("curriculum_learning")
         if cl:
             if "curriculum" in out:
                 raise UserError("DeepSpeed config: both the legacy 'curriculum_learning' and "
                                 "'data_efficiency.data_sampling.curriculum_learning' are set; keep one")
             out["curriculum"] = _curriculum(cl, section.get("seed", 1234),
-                                            "data_efficiency.data_sampling.curriculum_learning")
+                                            "data_efficiency.data_sampling.curriculum_learning", note)
             out["curriculum"]["enabled"] &= enabled and bool(sampling.get("enabled", False))
     routing = section.get("data_routing")
     if routing:
         routing = _check_keys(routing, {"enabled", "random_ltd"}, "data_efficiency.data_routing")
         if routing.get("random_ltd"):
-            out["random_ltd"] = _random_ltd(routing["random_ltd"], "data_efficiency.data_routing.random_ltd")
+            out["random_ltd"] = _random_ltd(routing["random_ltd"], "data_efficiency.data_routing.random_ltd", note)
             out["random_ltd"]["enabled"] = (bool(out["random_ltd"].get("enabled", False)) and enabled
                                             and bool(routing.get("enabled", False)))
     return out
@@ -169,11 +197,14 @@ def read(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m jaxllm.interop.deepspeed_data_efficiency DS_CONFIG.json", file=sys.stderr)
-        return 2
-    return exit_status(lambda: print(yaml.safe_dump(read(argv[0]), sort_keys=False), end=""))
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxllm.interop.deepspeed_data_efficiency",
+        description="Print the jaxllm curriculum: / random_ltd: sections of a DeepSpeed config's data_efficiency "
+                    "(or legacy curriculum_learning) section, to append to a jaxllm YAML config. "
+                    "python -m jaxllm.interop.deepspeed translates the whole file.")
+    parser.add_argument("ds_config", help="DeepSpeed JSON config")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return exit_status(lambda: print(yaml.safe_dump(read(args.ds_config), sort_keys=False), end=""))
 
 
 if __name__ == "__main__":
