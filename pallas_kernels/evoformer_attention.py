@@ -434,7 +434,7 @@ def _attention_for(q, k, v, biases, *, backend, scale, block_q, block_k, num_war
 
 
 def evoformer_attention(q, k, v, biases=(), *, scale=None, block_q=None, block_k=None, interpret=False,
-                        num_warps=4, num_stages=2):
+                        backend=None, num_warps=4, num_stages=2):
     """Pallas Evoformer attention; same contract as `jaxllm.ops.evoformer_attention`.
 
     Args:
@@ -445,6 +445,8 @@ def evoformer_attention(q, k, v, biases=(), *, scale=None, block_q=None, block_k
         128 on TPU, where smaller blocks grow to 128; less for short inputs).
       interpret: run the kernels with the Pallas interpreter on every platform (slow); otherwise the
         backend follows the platform compiled for.
+      backend: force one variant on every platform ("mosaic_tpu", "triton" or "interpret"; see
+        `pallas_kernels.platforms.by_platform`).
       num_warps, num_stages: Triton launch parameters.
     """
     biases = check_inputs(q, k, v, biases)
@@ -452,5 +454,5 @@ def evoformer_attention(q, k, v, biases=(), *, scale=None, block_q=None, block_k
         if value is not None and (value < 16 or value & (value - 1)):
             raise UserError(f"evoformer_attention (pallas): {name} must be a power of two >= 16, got {value}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return by_platform(_attention_for, q, k, v, biases, interpret=interpret, scale=scale, block_q=block_q,
-                       block_k=block_k, num_warps=int(num_warps), num_stages=int(num_stages))
+    return by_platform(_attention_for, q, k, v, biases, interpret=interpret, backend=backend, scale=scale,
+                       block_q=block_q, block_k=block_k, num_warps=int(num_warps), num_stages=int(num_stages))

@@ -21,16 +21,25 @@ from typing import Any
 
 from jax import lax
 
+from jaxllm.errors import UserError
+
 BACKENDS = ("interpret", "mosaic_tpu", "triton")
 
 
-def by_platform(kernel: Callable[..., Any], *args: Any, interpret: bool = False, **static: Any) -> Any:
+def by_platform(kernel: Callable[..., Any], *args: Any, interpret: bool = False, backend: str | None = None,
+                **static: Any) -> Any:
     """`kernel(*args, backend=..., **static)` with the backend of the platform being compiled for.
 
-    `interpret=True` forces the interpreter everywhere (tests of a kernel body on any backend).
+    `interpret=True` forces the interpreter everywhere (tests of a kernel body on any backend);
+    `backend` forces one variant (its block shapes, parameters and kernel bodies) everywhere: under
+    `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` the "mosaic_tpu" one runs on a CPU.
     """
     if interpret:
         return kernel(*args, backend="interpret", **static)
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise UserError(f"Pallas backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        return kernel(*args, backend=backend, **static)
     variant = {b: functools.partial(kernel, backend=b, **static) for b in BACKENDS}
     return lax.platform_dependent(*args, tpu=variant["mosaic_tpu"], cpu=variant["interpret"],
                                   default=variant["triton"])

@@ -258,7 +258,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def token_dropped_attention(q, k, v, segment_ids, positions, token_index, alibi=None, *, block=None,
-                            interpret=False):
+                            interpret=False, backend=None):
     """Pallas attention over kept tokens; same contract as `jaxllm.ops.token_dropped_attention`.
 
     Args:
@@ -270,6 +270,8 @@ def token_dropped_attention(q, k, v, segment_ids, positions, token_index, alibi=
         TPU, where smaller blocks grow to 128; the padded length when that is shorter).
       interpret: run with the Pallas interpreter on every platform (slow); otherwise the backend
         follows the platform compiled for (`pallas_kernels.platforms`).
+      backend: force one variant on every platform ("mosaic_tpu", "triton" or "interpret"; see
+        `pallas_kernels.platforms.by_platform`).
     """
     batch, length, heads, dim = q.shape
     if k.shape != v.shape or k.shape[:2] != (batch, length) or heads % k.shape[2] or k.shape[3] != dim:
@@ -279,7 +281,7 @@ def token_dropped_attention(q, k, v, segment_ids, positions, token_index, alibi=
         raise UserError(f"token_dropped_attention (pallas): block must be a power of two >= 16, got {block}")
     slopes = jnp.zeros((heads,), jnp.float32) if alibi is None else jnp.asarray(alibi, jnp.float32)
     return by_platform(_attention_for, q, k, v, segment_ids.astype(jnp.int32), positions.astype(jnp.int32),
-                       token_index.astype(jnp.int32), slopes, interpret=interpret, block=block,
+                       token_index.astype(jnp.int32), slopes, interpret=interpret, backend=backend, block=block,
                        alibi=alibi is not None)
 
 
