@@ -1,28 +1,30 @@
-"""Evoformer attention as Pallas kernels (Triton GPU backend), forward and backward.
+"""Evoformer attention as Pallas kernels for TPU (Mosaic) and GPU (Triton), forward and backward.
 
 Computes the same function as `jaxllm.ops.evoformer_attention_reference`:
 
     O = softmax(Q K^T * scale + sum_t bias_t) V,   Q, K, V: [B, N, L, H, D],  bias_t -> [B, N, H, Lq, Lk]
 
-Four kernels, each one program per tile, with an online softmax in f32 (FlashAttention-2, Dao 2023):
+Kernels, each one program per tile, with an online softmax in f32 (FlashAttention-2, Dao 2023):
 
 * forward, grid (B, N, H, query blocks): streams key blocks, writes O and the log-sum-exp
   `lse = m + log l` (+inf for a row whose scores are all -inf; such a row outputs 0);
 * dQ, grid (B, N, H, query blocks), and dK/dV, grid (B, N, H, key blocks): recompute
   `P = exp(S - lse)`, `dS = P * (dO V^T - rowsum(dO * O))`;
-* one bias-gradient kernel per bias, gridded over that bias's own (non-broadcast) axes, which loops
-  over the axes the bias is broadcast along and accumulates `dS` in f32, so a pair bias
-  `[B, 1, H, L, L]` gets its sum over N without any `[B, N, H, L, L]` array existing.
+* one bias-gradient kernel per bias that sums `dS` in f32 over the axes the bias is broadcast along,
+  so a pair bias `[B, 1, H, L, L]` gets its sum over N without any `[B, N, H, L, L]` array existing.
+  On GPU one program per tile of the bias loops over those axes (Triton programs run in parallel, so
+  no two may write one tile); on TPU the broadcast axes are trailing "arbitrary" grid axes whose
+  programs run in order and accumulate into the output tile they share, which stays in VMEM.
 
-Lengths are padded to a multiple of the block sizes and D to a power of two >= 16 (Triton's
-`tl.dot` needs power-of-two tiles of at least 16); padded keys are masked with -inf, padded queries
-carry zero `dO` and so contribute nothing to any gradient. Broadcasting is done by the BlockSpec index
-maps: a bias axis of size 1 always maps to block 0, so no bias is ever expanded.
+Inside, arrays are heads-major, `[B, N, H, L, D]`: Mosaic TPU needs a block's last two dimensions to
+be (8, 128)-aligned or whole, which a tile that squeezes H out of `[.., L, H, D]` cannot be. Row
+statistics (lse, delta) are `[B, N, H, Lq, 1]` columns for the same reason. Lengths are padded to a
+multiple of the blocks and D to a power of two >= 16 (Triton's `tl.dot` needs power-of-two tiles of
+at least 16); padded keys are masked with -inf, padded queries carry zero `dO` and so contribute
+nothing to any gradient. A bias axis of size 1 always maps to block 0, so no bias is ever expanded.
 
-Every kernel uses only `pl.program_id`, ref slicing with `pl.ds`, `lax.dot_general` with f32
-accumulation, `lax.fori_loop` and element-wise `jnp`; the pallas calls pass Triton compiler params,
-so on a GPU they lower through the Triton backend. With `interpret=True` they run on any backend
-(the tests run them on CPU). Importing this module needs no GPU.
+The backend (Mosaic TPU, Triton, or the interpreter on CPU) follows the platform compiled for
+(`pallas_kernels.platforms`). Importing this module needs neither a TPU nor a GPU.
 """
 
 from __future__ import annotations
@@ -34,28 +36,42 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from jaxllm.errors import UserError
 from pallas_kernels.evoformer_inputs import check_inputs
+from pallas_kernels.platforms import by_platform, compiler_params
 from pallas_kernels.tiles import dot_nn, dot_nt, dot_tn
 
 NEG_INF = -jnp.inf
+TPU_LANES = 128  # a TPU bias tile's key axis is its lane (last) dimension
 
 
 def _pow2_at_least_16(n: int) -> int:
     return max(16, pl.next_power_of_2(n))
 
 
-class _Layout:
-    """Static sizes shared by the kernels of one call."""
+def _block_for(backend: str, block: int | None, length: int) -> int:
+    """Tile size along a length: default 64 (Triton, interpreter) or 128 (TPU), at most the padded
+    length. On TPU a block below 128 that does not cover the length grows to 128, since bias tiles
+    take the key block as their lane dimension."""
+    whole = _pow2_at_least_16(length)
+    if backend == "mosaic_tpu":
+        return min(max(block or TPU_LANES, TPU_LANES), whole)
+    return min(block or 64, whole)
 
-    def __init__(self, q, k, biases, block_q, block_k):
+
+class _Layout:
+    """Static sizes shared by the kernels of one call (q, k and biases in the caller's layout)."""
+
+    def __init__(self, q, k, biases, block_q, block_k, backend, num_warps, num_stages):
+        self.num_warps, self.num_stages = num_warps, num_stages  # Triton launch parameters
         self.batch, self.rows, self.length_q, self.heads, self.dim = q.shape
         self.length_k = k.shape[2]
-        self.block_q, self.block_k = block_q, block_k
-        self.padded_q = -(-self.length_q // block_q) * block_q
-        self.padded_k = -(-self.length_k // block_k) * block_k
+        self.backend = backend
+        self.block_q = _block_for(backend, block_q, self.length_q)
+        self.block_k = _block_for(backend, block_k, self.length_k)
+        self.padded_q = -(-self.length_q // self.block_q) * self.block_q
+        self.padded_k = -(-self.length_k // self.block_k) * self.block_k
         self.padded_d = _pow2_at_least_16(self.dim)
         # Per bias: which of (B, N, H, Lq, Lk) it spans (True) or is broadcast along (False).
         self.spans = tuple(tuple(s != 1 for s in b.shape) for b in biases)
@@ -69,8 +85,22 @@ class _Layout:
         return self.padded_k // self.block_k
 
     @property
+    def extents(self):
+        """Grid extents of the five score axes (B, N, H, query blocks, key blocks)."""
+        return (self.batch, self.rows, self.heads, self.q_blocks, self.k_blocks)
+
+    @property
     def key_padding(self):
         return self.padded_k != self.length_k
+
+    def params(self, parallel_axes, reduction_axes=0):
+        return compiler_params(self.backend, parallel_axes=parallel_axes, reduction_axes=reduction_axes,
+                               num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _ds(index, size):
+    """`pl.ds` over block `index`; the hint lets Mosaic prove the start is tile-aligned."""
+    return pl.ds(pl.multiple_of(index * size, size), size)
 
 
 def _bias_tile(ref, spans, rows, cols, lead=()):
@@ -94,6 +124,12 @@ def _scores(q, k, bias_tiles, scale, key_start, layout):
     return s
 
 
+def _probabilities_and_ds(q, k, v, do, lse, delta, tiles, scale, key_start, layout):
+    """Recomputed `P = exp(S - lse)` and `dS = P * (dO V^T - delta)` of one tile ([bq, 1] lse, delta)."""
+    p = jnp.exp(_scores(q, k, tiles, scale, key_start, layout) - lse)
+    return p, p * (dot_nt(do, v) - delta)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward.
 
@@ -105,23 +141,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, scale, layout):
 
     def body(j, carry):
         m_prev, l_prev, acc = carry
-        cols = pl.ds(j * bk, bk)
+        cols = _ds(j, bk)
         tiles = [_bias_tile(r, sp, None, cols) for r, sp in zip(bias_refs, layout.spans, strict=True)]
         s = _scores(q, k_ref[cols, :], tiles, scale, j * bk, layout)
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        p = jnp.exp(s - m_safe[:, None])
+        p = jnp.exp(s - m_safe)
         correction = jnp.exp(m_prev - m_safe)
         v = v_ref[cols, :]
-        acc = acc * correction[:, None] + dot_nn(p.astype(v.dtype), v)
-        return m_new, l_prev * correction + jnp.sum(p, axis=1), acc
+        acc = acc * correction + dot_nn(p.astype(v.dtype), v)
+        return m_new, l_prev * correction + jnp.sum(p, axis=1, keepdims=True), acc
 
-    init = (jnp.full((bq,), NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32),
+    init = (jnp.full((bq, 1), NEG_INF, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
             jnp.zeros((bq, layout.padded_d), jnp.float32))
     m, denom, acc = lax.fori_loop(0, layout.k_blocks, body, init)
     empty = denom == 0.0
     safe = jnp.where(empty, 1.0, denom)
-    o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
+    o_ref[...] = (acc / safe).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(safe))
 
 
@@ -136,11 +172,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, la
     lse, delta = lse_ref[...], delta_ref[...]
 
     def body(j, dq):
-        cols = pl.ds(j * bk, bk)
+        cols = _ds(j, bk)
         tiles = [_bias_tile(r, sp, None, cols) for r, sp in zip(bias_refs, layout.spans, strict=True)]
         k = k_ref[cols, :]
-        p = jnp.exp(_scores(q, k, tiles, scale, j * bk, layout) - lse[:, None])
-        ds = p * (dot_nt(do, v_ref[cols, :]) - delta[:, None])
+        _, ds = _probabilities_and_ds(q, k, v_ref[cols, :], do, lse, delta, tiles, scale, j * bk, layout)
         return dq + dot_nn(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, layout.k_blocks, body, jnp.zeros((layout.block_q, layout.padded_d), jnp.float32))
@@ -155,11 +190,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, l
 
     def body(i, carry):
         dk, dv = carry
-        rows = pl.ds(i * bq, bq)
+        rows = _ds(i, bq)
         tiles = [_bias_tile(r, sp, rows, None) for r, sp in zip(bias_refs, layout.spans, strict=True)]
         q, do = q_ref[rows, :], do_ref[rows, :]
-        p = jnp.exp(_scores(q, k, tiles, scale, key_start, layout) - lse_ref[rows][:, None])
-        ds = p * (dot_nt(do, v) - delta_ref[rows][:, None])
+        p, ds = _probabilities_and_ds(q, k, v, do, lse_ref[rows, :], delta_ref[rows, :], tiles, scale, key_start,
+                                      layout)
         return dk + dot_tn(ds.astype(q.dtype), q), dv + dot_tn(p.astype(do.dtype), do)
 
     zeros = jnp.zeros((layout.block_k, layout.padded_d), jnp.float32)
@@ -168,12 +203,21 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, l
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dbias_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, layout, which):
-    """Gradient tile of bias `which`: sums dS over every index that bias is broadcast along."""
+def _reduce_broadcast(ds, spans):
+    """Sums a [bq, bk] dS tile over the query / key axis when the bias is broadcast along it."""
+    if not spans[3]:
+        ds = jnp.sum(ds, axis=0, keepdims=True)
+    if not spans[4]:
+        ds = jnp.sum(ds, axis=1, keepdims=True)
+    return ds
+
+
+def _dbias_loop_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, layout, which):
+    """GPU: the gradient tile of bias `which`, looping over every index it is broadcast along."""
     *bias_refs, db_ref = refs
     bq, bk = layout.block_q, layout.block_k
     spans = layout.spans[which]
-    extents = (layout.batch, layout.rows, layout.heads, layout.q_blocks, layout.k_blocks)
+    extents = layout.extents
     # Loop over the product of the broadcast axes; the spanned ones come from the grid.
     looped = [a for a in range(5) if not spans[a]]
     count = math.prod(extents[a] for a in looped)
@@ -190,37 +234,57 @@ def _dbias_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale,
         for ref, sp in zip(bias_refs, layout.spans, strict=True):
             lead = tuple(x if s else 0 for x, s in zip((b, n, h), sp[:3], strict=True))
             tiles.append(_bias_tile(ref, sp, rows, cols, lead))
-        q, do = q_ref[b, n, rows, h, :], do_ref[b, n, rows, h, :]
-        k, v = k_ref[b, n, cols, h, :], v_ref[b, n, cols, h, :]
-        p = jnp.exp(_scores(q, k, tiles, scale, j * bk, layout) - lse_ref[b, n, h, rows][:, None])
-        ds = p * (dot_nt(do, v) - delta_ref[b, n, h, rows][:, None])
-        if not spans[3]:
-            ds = jnp.sum(ds, axis=0, keepdims=True)
-        if not spans[4]:
-            ds = jnp.sum(ds, axis=1, keepdims=True)
-        return acc + ds
+        _, ds = _probabilities_and_ds(q_ref[b, n, h, rows, :], k_ref[b, n, h, cols, :], v_ref[b, n, h, cols, :],
+                                      do_ref[b, n, h, rows, :], lse_ref[b, n, h, rows, :],
+                                      delta_ref[b, n, h, rows, :], tiles, scale, j * bk, layout)
+        return acc + _reduce_broadcast(ds, spans)
 
     shape = (bq if spans[3] else 1, bk if spans[4] else 1)
     db_ref[...] = lax.fori_loop(0, count, body, jnp.zeros(shape, jnp.float32)).astype(db_ref.dtype)
 
 
+def _dbias_grid_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, layout, which, order):
+    """TPU: one tile of dS, added to the f32 gradient tile of bias `which`. The grid visits the axes in
+    `order` (spanned first, broadcast last), so the programs summing into one tile run back to back and
+    the first of them zeroes it."""
+    *bias_refs, db_ref = refs
+    spans = layout.spans[which]
+    grid_ids = [pl.program_id(g) for g in range(5)]
+    index = [grid_ids[order.index(a)] for a in range(5)]
+    reduced = [grid_ids[g] for g, a in enumerate(order) if not spans[a]]
+    tiles = [_bias_tile(r, sp, None, None) for r, sp in zip(bias_refs, layout.spans, strict=True)]
+    _, ds = _probabilities_and_ds(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
+                                  tiles, scale, index[4] * layout.block_k, layout)
+    ds = _reduce_broadcast(ds, spans)
+    if not reduced:  # the bias spans every axis: each program owns its tile
+        db_ref[...] = ds
+        return
+    first = functools.reduce(jnp.logical_and, [r == 0 for r in reduced])
+
+    @pl.when(first)
+    def _():
+        db_ref[...] = jnp.zeros(db_ref.shape, db_ref.dtype)
+
+    db_ref[...] += ds
+
+
 # ----------------------------------------------------------------------------------------------------
-# pallas_call wrappers.
+# pallas_call wrappers on the heads-major layout [B, N, H, Lp, Dp].
 
 
 def _qkv_spec(layout, block, along_k):
-    """Block of a [B, N, Lp, H, Dp] array: one (b, n, h) and either one block or the whole length."""
+    """Block of a [B, N, H, Lp, Dp] array: one (b, n, h) and either one block or the whole length."""
     if block is None:
-        return pl.BlockSpec((None, None, layout.padded_k if along_k else layout.padded_q, None, layout.padded_d),
-                            lambda b, n, h, i: (b, n, 0, h, 0))
-    return pl.BlockSpec((None, None, block, None, layout.padded_d), lambda b, n, h, i: (b, n, i, h, 0))
+        return pl.BlockSpec((None, None, None, layout.padded_k if along_k else layout.padded_q, layout.padded_d),
+                            lambda b, n, h, i: (b, n, h, 0, 0))
+    return pl.BlockSpec((None, None, None, block, layout.padded_d), lambda b, n, h, i: (b, n, h, i, 0))
 
 
 def _row_spec(layout, whole):
-    """Block of a [B, N, H, Lqp] f32 array (lse, delta)."""
+    """Block of a [B, N, H, Lqp, 1] f32 column (lse, delta)."""
     if whole:
-        return pl.BlockSpec((None, None, None, layout.padded_q), lambda b, n, h, i: (b, n, h, 0))
-    return pl.BlockSpec((None, None, None, layout.block_q), lambda b, n, h, i: (b, n, h, i))
+        return pl.BlockSpec((None, None, None, layout.padded_q, 1), lambda b, n, h, i: (b, n, h, 0, 0))
+    return pl.BlockSpec((None, None, None, layout.block_q, 1), lambda b, n, h, i: (b, n, h, i, 0))
 
 
 def _bias_spec(layout, spans, grid_along_k):
@@ -235,14 +299,6 @@ def _bias_spec(layout, spans, grid_along_k):
     return pl.BlockSpec((None, None, None, rows, cols), index)
 
 
-def _whole(x):
-    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-
-
-def _params(num_warps, num_stages):
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def _pad_to(x, axis, size):
     if x.shape[axis] == size:
         return x
@@ -251,127 +307,152 @@ def _pad_to(x, axis, size):
     return jnp.pad(x, widths)
 
 
+def _heads_major(x, length):
+    """[B, N, L, H, D] -> padded [B, N, H, length, Dp]."""
+    x = jnp.swapaxes(x, 2, 3)
+    return _pad_to(_pad_to(x, 4, _pow2_at_least_16(x.shape[4])), 3, length)
+
+
+def _caller_layout(x, length, dim):
+    """Padded [B, N, H, Lp, Dp] -> [B, N, length, H, dim]."""
+    return jnp.swapaxes(x[:, :, :, :length, :dim], 2, 3)
+
+
 def _pad_inputs(layout, q, k, v, biases):
-    d = layout.padded_d
-    q = _pad_to(_pad_to(q, 4, d), 2, layout.padded_q)
-    k = _pad_to(_pad_to(k, 4, d), 2, layout.padded_k)
-    v = _pad_to(_pad_to(v, 4, d), 2, layout.padded_k)
+    q = _heads_major(q, layout.padded_q)
+    k, v = _heads_major(k, layout.padded_k), _heads_major(v, layout.padded_k)
     biases = tuple(_pad_to(_pad_to(b, 3, layout.padded_q if b.shape[3] != 1 else 1), 4,
                            layout.padded_k if b.shape[4] != 1 else 1) for b in biases)
     return q, k, v, biases
 
 
-def _forward(q, k, v, biases, scale, layout, interpret, params):
-    """Padded inputs -> padded output [B, N, Lqp, H, Dp] and lse [B, N, H, Lqp]."""
-    grid = (layout.batch, layout.rows, layout.heads, layout.q_blocks)
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, scale=scale, layout=layout),
-        grid=grid,
-        in_specs=[_qkv_spec(layout, layout.block_q, False), _qkv_spec(layout, None, True),
-                  _qkv_spec(layout, None, True)] + [_bias_spec(layout, sp, False) for sp in layout.spans],
-        out_specs=[_qkv_spec(layout, layout.block_q, False), _row_spec(layout, False)],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((layout.batch, layout.rows, layout.heads, layout.padded_q), jnp.float32)],
-        compiler_params=params,
-        interpret=interpret,
-        name="evoformer_attention_forward",
+def _call(layout, kernel, grid, in_specs, out_specs, out_shape, name, reduction_axes=0):
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          compiler_params=layout.params(len(grid) - reduction_axes, reduction_axes),
+                          interpret=layout.backend == "interpret", name=name)
+
+
+def _forward(q, k, v, biases, scale, layout):
+    """Padded inputs -> padded output [B, N, H, Lqp, Dp] and lse [B, N, H, Lqp, 1]."""
+    b, n, h = layout.batch, layout.rows, layout.heads
+    return _call(
+        layout, functools.partial(_forward_kernel, scale=scale, layout=layout), (b, n, h, layout.q_blocks),
+        [_qkv_spec(layout, layout.block_q, False), _qkv_spec(layout, None, True), _qkv_spec(layout, None, True)]
+        + [_bias_spec(layout, sp, False) for sp in layout.spans],
+        [_qkv_spec(layout, layout.block_q, False), _row_spec(layout, False)],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, h, layout.padded_q, 1), jnp.float32)],
+        "evoformer_attention_forward",
     )(q, k, v, *biases)
 
 
-def _backward(q, k, v, biases, out, lse, do, scale, layout, interpret, params):
+def _dbias(operands, biases, which, scale, layout):
+    """Gradient of bias `which` (its own padded shape, its dtype)."""
+    spans = layout.spans[which]
+    bias = biases[which]
+    block = (None, None, None, layout.block_q if spans[3] else 1, layout.block_k if spans[4] else 1)
+    if layout.backend != "mosaic_tpu":
+        grid = tuple(e if s else 1 for e, s in zip(layout.extents, spans, strict=True))
+        return _call(
+            layout, functools.partial(_dbias_loop_kernel, scale=scale, layout=layout, which=which), grid,
+            [pl.BlockSpec(x.shape, lambda *_, r=x.ndim: (0,) * r) for x in (*operands, *biases)],
+            pl.BlockSpec(block, lambda b, n, h, i, j: (b, n, h, i, j)),
+            jax.ShapeDtypeStruct(bias.shape, bias.dtype), f"evoformer_attention_dbias{which}",
+        )(*operands, *biases)
+    order = tuple(a for a in range(5) if spans[a]) + tuple(a for a in range(5) if not spans[a])
+
+    def spec(block_shape, index):
+        """A BlockSpec whose index map reads the score axes (b, n, h, i, j) back out of the grid order."""
+        return pl.BlockSpec(block_shape, lambda *g: index(*(g[order.index(a)] for a in range(5))))
+
+    def bias_spec(sp):
+        return spec((None, None, None, layout.block_q if sp[3] else 1, layout.block_k if sp[4] else 1),
+                    lambda b, n, h, i, j: (b if sp[0] else 0, n if sp[1] else 0, h if sp[2] else 0,
+                                           i if sp[3] else 0, j if sp[4] else 0))
+
+    rows = spec((None, None, None, layout.block_q, layout.padded_d), lambda b, n, h, i, j: (b, n, h, i, 0))
+    cols = spec((None, None, None, layout.block_k, layout.padded_d), lambda b, n, h, i, j: (b, n, h, j, 0))
+    stat = spec((None, None, None, layout.block_q, 1), lambda b, n, h, i, j: (b, n, h, i, 0))
+    grad = _call(
+        layout, functools.partial(_dbias_grid_kernel, scale=scale, layout=layout, which=which, order=order),
+        tuple(layout.extents[a] for a in order),
+        [rows, cols, cols, rows, stat, stat] + [bias_spec(sp) for sp in layout.spans], bias_spec(spans),
+        jax.ShapeDtypeStruct(bias.shape, jnp.float32), f"evoformer_attention_dbias{which}",
+        reduction_axes=5 - sum(spans),
+    )(*operands, *biases)
+    return grad.astype(bias.dtype)
+
+
+def _backward(q, k, v, biases, out, lse, do, scale, layout):
     """Padded inputs -> padded gradients of q, k, v and each bias."""
-    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 1, 3, 2)
+    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
     operands = (q, k, v, do, lse, delta)
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, layout=layout),
-        grid=(layout.batch, layout.rows, layout.heads, layout.q_blocks),
-        in_specs=[_qkv_spec(layout, layout.block_q, False), _qkv_spec(layout, None, True),
-                  _qkv_spec(layout, None, True), _qkv_spec(layout, layout.block_q, False),
-                  _row_spec(layout, False), _row_spec(layout, False)]
+    grid = (layout.batch, layout.rows, layout.heads)
+    dq = _call(
+        layout, functools.partial(_dq_kernel, scale=scale, layout=layout), (*grid, layout.q_blocks),
+        [_qkv_spec(layout, layout.block_q, False), _qkv_spec(layout, None, True), _qkv_spec(layout, None, True),
+         _qkv_spec(layout, layout.block_q, False), _row_spec(layout, False), _row_spec(layout, False)]
         + [_bias_spec(layout, sp, False) for sp in layout.spans],
-        out_specs=_qkv_spec(layout, layout.block_q, False),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=params,
-        interpret=interpret,
-        name="evoformer_attention_dq",
+        _qkv_spec(layout, layout.block_q, False), jax.ShapeDtypeStruct(q.shape, q.dtype), "evoformer_attention_dq",
     )(*operands, *biases)
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, layout=layout),
-        grid=(layout.batch, layout.rows, layout.heads, layout.k_blocks),
-        in_specs=[_qkv_spec(layout, None, False), _qkv_spec(layout, layout.block_k, True),
-                  _qkv_spec(layout, layout.block_k, True), _qkv_spec(layout, None, False),
-                  _row_spec(layout, True), _row_spec(layout, True)]
-        + [_bias_spec(layout, sp, True) for sp in layout.spans],
-        out_specs=[_qkv_spec(layout, layout.block_k, True)] * 2,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=params,
-        interpret=interpret,
-        name="evoformer_attention_dkv",
+    dk, dv = _call(
+        layout, functools.partial(_dkv_kernel, scale=scale, layout=layout), (*grid, layout.k_blocks),
+        [_qkv_spec(layout, None, False), _qkv_spec(layout, layout.block_k, True),
+         _qkv_spec(layout, layout.block_k, True), _qkv_spec(layout, None, False), _row_spec(layout, True),
+         _row_spec(layout, True)] + [_bias_spec(layout, sp, True) for sp in layout.spans],
+        [_qkv_spec(layout, layout.block_k, True)] * 2,
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)], "evoformer_attention_dkv",
     )(*operands, *biases)
-    dbiases = []
-    for which, (bias, spans) in enumerate(zip(biases, layout.spans, strict=True)):
-        extents = (layout.batch, layout.rows, layout.heads, layout.q_blocks, layout.k_blocks)
-        grid = tuple(e if s else 1 for e, s in zip(extents, spans, strict=True))
-        block = (None, None, None, layout.block_q if spans[3] else 1, layout.block_k if spans[4] else 1)
-        dbiases.append(pl.pallas_call(
-            functools.partial(_dbias_kernel, scale=scale, layout=layout, which=which),
-            grid=grid,
-            in_specs=[_whole(x) for x in (*operands, *biases)],
-            out_specs=pl.BlockSpec(block, lambda b, n, h, i, j: (b, n, h, i, j)),
-            out_shape=jax.ShapeDtypeStruct(bias.shape, bias.dtype),
-            compiler_params=params,
-            interpret=interpret,
-            name=f"evoformer_attention_dbias{which}",
-        )(*operands, *biases))
-    return dq, dk, dv, tuple(dbiases)
+    return dq, dk, dv, tuple(_dbias(operands, biases, i, scale, layout) for i in range(len(biases)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _attention(q, k, v, biases, scale, block_q, block_k, interpret, num_warps, num_stages):
-    return _attention_fwd(q, k, v, biases, scale, block_q, block_k, interpret, num_warps, num_stages)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, biases, scale, layout):
+    return _attention_fwd(q, k, v, biases, scale, layout)[0]
 
 
-def _attention_fwd(q, k, v, biases, scale, block_q, block_k, interpret, num_warps, num_stages):
-    layout = _Layout(q, k, biases, block_q, block_k)
-    out, lse = _forward(*_pad_inputs(layout, q, k, v, biases), scale, layout, interpret,
-                        _params(num_warps, num_stages))
+def _attention_fwd(q, k, v, biases, scale, layout):
+    out, lse = _forward(*_pad_inputs(layout, q, k, v, biases), scale, layout)
     # The unpadded inputs are residuals (they are alive anyway); padding is redone in the backward.
-    return out[:, :, : layout.length_q, :, : layout.dim], (q, k, v, biases, out, lse)
+    return _caller_layout(out, layout.length_q, layout.dim), (q, k, v, biases, out, lse)
 
 
-def _attention_bwd(scale, block_q, block_k, interpret, num_warps, num_stages, residuals, do):
+def _attention_bwd(scale, layout, residuals, do):
     q, k, v, biases, out, lse = residuals
-    layout = _Layout(q, k, biases, block_q, block_k)
-    do = _pad_to(_pad_to(do, 4, layout.padded_d), 2, layout.padded_q)
-    dq, dk, dv, dbiases = _backward(*_pad_inputs(layout, q, k, v, biases), out, lse, do, scale, layout, interpret,
-                                    _params(num_warps, num_stages))
+    do = _heads_major(do, layout.padded_q)
+    dq, dk, dv, dbiases = _backward(*_pad_inputs(layout, q, k, v, biases), out, lse, do, scale, layout)
     lq, lk, d = layout.length_q, layout.length_k, layout.dim
-    return (dq[:, :, :lq, :, :d], dk[:, :, :lk, :, :d], dv[:, :, :lk, :, :d],
+    return (_caller_layout(dq, lq, d), _caller_layout(dk, lk, d), _caller_layout(dv, lk, d),
             tuple(g[..., : b.shape[3], : b.shape[4]] for b, g in zip(biases, dbiases, strict=True)))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _attention_for(q, k, v, biases, *, backend, scale, block_q, block_k, num_warps, num_stages):
+    layout = _Layout(q, k, biases, block_q, block_k, backend, num_warps, num_stages)
+    return _attention(q, k, v, biases, scale, layout)
+
+
 def evoformer_attention(q, k, v, biases=(), *, scale=None, block_q=None, block_k=None, interpret=False,
-                        num_warps=4, num_stages=2):
+                        backend=None, num_warps=4, num_stages=2):
     """Pallas Evoformer attention; same contract as `jaxllm.ops.evoformer_attention`.
 
     Args:
       q, k, v: `[B, N, L, H, D]` (k, v may have their own length), one floating dtype.
       biases: rank-5 arrays broadcastable to `[B, N, H, Lq, Lk]`, q's dtype; `None` entries ignored.
       scale: default `1 / sqrt(D)`.
-      block_q, block_k: tile sizes, powers of two >= 16 (default 64, or less for short inputs).
-      interpret: run the kernels with the Pallas interpreter (any backend, slow).
+      block_q, block_k: tile sizes, powers of two >= 16 (default 64 on GPU and in the interpreter,
+        128 on TPU, where smaller blocks grow to 128; less for short inputs).
+      interpret: run the kernels with the Pallas interpreter on every platform (slow); otherwise the
+        backend follows the platform compiled for.
+      backend: force one variant on every platform ("mosaic_tpu", "triton" or "interpret"; see
+        `pallas_kernels.platforms.by_platform`).
       num_warps, num_stages: Triton launch parameters.
     """
     biases = check_inputs(q, k, v, biases)
-    lq, lk = q.shape[2], k.shape[2]
-    block_q = block_q or min(64, _pow2_at_least_16(lq))
-    block_k = block_k or min(64, _pow2_at_least_16(lk))
     for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if value < 16 or value & (value - 1):
+        if value is not None and (value < 16 or value & (value - 1)):
             raise UserError(f"evoformer_attention (pallas): {name} must be a power of two >= 16, got {value}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _attention(q, k, v, biases, scale, int(block_q), int(block_k), bool(interpret), int(num_warps),
-                      int(num_stages))
+    return by_platform(_attention_for, q, k, v, biases, interpret=interpret, backend=backend, scale=scale,
+                       block_q=block_q, block_k=block_k, num_warps=int(num_warps), num_stages=int(num_stages))

@@ -21,7 +21,8 @@ Packed codes are handled without interleaving inside the kernel: a byte row hold
 which are split out of `x` (and merged back into `dx`) outside the kernel. One program per
 (M block, N block) loops over K tiles (forward); the backward kernel's programs are (M block, K block)
 and loop over N. Every dimension is padded to its block (zero activations and zero codes add
-nothing; padded rows fall in no group). On CPU the kernels run only with `interpret=True`.
+nothing; padded rows fall in no group). The backend (Mosaic TPU, Triton, or the interpreter on CPU)
+follows the platform compiled for (`pallas_kernels.platforms`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.packing import field_width, packed_rows
+from pallas_kernels.platforms import by_platform, compiler_params
 from pallas_kernels.tiles import dot
 
 
@@ -160,7 +162,7 @@ class _Layout:
         return jnp.pad(grid.astype(jnp.float32), ((0, _round_up(groups, 8) - groups), (0, self.np_ - self.n)))
 
 
-def _forward(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, interpret):
+def _forward(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, backend):
     m, n = x.shape[0], codes.shape[1]
     lay = _Layout(m, n, k, bits, block_m, block_n, block_k)
     groups = scale.shape[0]
@@ -176,12 +178,13 @@ def _forward(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, 
         in_specs=[pl.BlockSpec((lay.planes, lay.bm, lay.kb), lambda i, j: (0, i, 0)),
                   pl.BlockSpec((lay.kb, lay.bn), lambda i, j: (0, j))] + [grid_spec] * len(side),
         out_specs=pl.BlockSpec((lay.bm, lay.bn), lambda i, j: (i, j)),
-        interpret=interpret,
+        compiler_params=compiler_params(backend, parallel_axes=2),
+        interpret=backend == "interpret",
     )(lay.x_planes(x), lay.codes(codes), *side)
     return out[:m, :n]
 
 
-def _backward_dx(g, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, interpret, dtype):
+def _backward_dx(g, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, backend, dtype):
     m, n = g.shape
     lay = _Layout(m, n, k, bits, block_m, block_n, block_k)
     groups = scale.shape[0]
@@ -198,7 +201,8 @@ def _backward_dx(g, codes, scale, zero, bits, signed, k, block_m, block_n, block
                   pl.BlockSpec((lay.bk, lay.np_), lambda i, t: (t, 0))]
                  + [pl.BlockSpec((side[0].shape[0], lay.np_), lambda i, t: (0, 0))] * len(side),
         out_specs=pl.BlockSpec((lay.planes, lay.bm, lay.bk), lambda i, t: (0, i, t)),
-        interpret=interpret,
+        compiler_params=compiler_params(backend, parallel_axes=2),
+        interpret=backend == "interpret",
     )(gp, lay.codes(codes), *side)
     dx = planes.transpose(1, 2, 0).reshape(lay.mp, lay.kb * lay.planes)
     return dx[:m, :k]
@@ -211,18 +215,18 @@ def _no_grad(x):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
-def _qmm(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, interpret):
-    return _forward(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, interpret)
+def _qmm(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, backend):
+    return _forward(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, backend)
 
 
-def _qmm_fwd(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, interpret):
-    out = _forward(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, interpret)
+def _qmm_fwd(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, backend):
+    out = _forward(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, backend)
     return out, (codes, scale, zero, jnp.zeros((0,), x.dtype))
 
 
-def _qmm_bwd(bits, signed, k, block_m, block_n, block_k, interpret, res, g):
+def _qmm_bwd(bits, signed, k, block_m, block_n, block_k, backend, res, g):
     codes, scale, zero, x_like = res
-    dx = _backward_dx(g, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, interpret, x_like.dtype)
+    dx = _backward_dx(g, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, backend, x_like.dtype)
     return dx.astype(x_like.dtype), _no_grad(codes), _no_grad(scale), None if zero is None else _no_grad(zero)
 
 
@@ -243,7 +247,12 @@ def quantized_matmul(x, codes, scale, zero=None, *, bits: int, signed: bool, k: 
     """
     if scale.shape[0] < 1 or k % scale.shape[0]:
         raise ValueError(f"quantized_matmul: {scale.shape[0]} row groups do not divide K={k}")
-    return _qmm(x, codes, scale, zero, bits, bool(signed), k, block_m, block_n, block_k, interpret)
+    return by_platform(_qmm_for, x, codes, scale, zero, interpret=interpret, bits=bits, signed=bool(signed), k=k,
+                       block_m=block_m, block_n=block_n, block_k=block_k)
+
+
+def _qmm_for(x, codes, scale, zero, *, backend, bits, signed, k, block_m, block_n, block_k):
+    return _qmm(x, codes, scale, zero, bits, signed, k, block_m, block_n, block_k, backend)
 
 
 def quantize_rows_int8(x):
@@ -254,7 +263,7 @@ def quantize_rows_int8(x):
     return codes, scale
 
 
-def _i8_forward(x, codes, scale, block_m, block_n, block_k, interpret):
+def _i8_forward(x, codes, scale, block_m, block_n, block_k, backend):
     m, k = x.shape
     n = codes.shape[1]
     lay = _Layout(m, n, k, 8, block_m, block_n, block_k)
@@ -271,23 +280,24 @@ def _i8_forward(x, codes, scale, block_m, block_n, block_k, interpret):
                   pl.BlockSpec((lay.bm, 1), lambda i, j: (i, 0)),
                   pl.BlockSpec((1, lay.bn), lambda i, j: (0, j))],
         out_specs=pl.BlockSpec((lay.bm, lay.bn), lambda i, j: (i, j)),
-        interpret=interpret,
+        compiler_params=compiler_params(backend, parallel_axes=2),
+        interpret=backend == "interpret",
     )(xq, lay.codes(codes.astype(jnp.int8)), xs, sp)
     return out[:m, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _i8mm(x, codes, scale, block_m, block_n, block_k, interpret):
-    return _i8_forward(x, codes, scale, block_m, block_n, block_k, interpret)
+def _i8mm(x, codes, scale, block_m, block_n, block_k, backend):
+    return _i8_forward(x, codes, scale, block_m, block_n, block_k, backend)
 
 
-def _i8mm_fwd(x, codes, scale, block_m, block_n, block_k, interpret):
-    return _i8_forward(x, codes, scale, block_m, block_n, block_k, interpret), (codes, scale, jnp.zeros((0,), x.dtype))
+def _i8mm_fwd(x, codes, scale, block_m, block_n, block_k, backend):
+    return _i8_forward(x, codes, scale, block_m, block_n, block_k, backend), (codes, scale, jnp.zeros((0,), x.dtype))
 
 
-def _i8mm_bwd(block_m, block_n, block_k, interpret, res, g):
+def _i8mm_bwd(block_m, block_n, block_k, backend, res, g):
     codes, scale, x_like = res
-    dx = _backward_dx(g, codes, scale, None, 8, True, codes.shape[0], block_m, block_n, block_k, interpret,
+    dx = _backward_dx(g, codes, scale, None, 8, True, codes.shape[0], block_m, block_n, block_k, backend,
                       jnp.float32)
     return dx.astype(x_like.dtype), _no_grad(codes), _no_grad(scale)
 
@@ -301,4 +311,9 @@ def int8_matmul(x, codes, scale, *, block_m: int | None = None, block_n: int = 1
     per-column `scale [1, N]`; the gradient in `x` is `g @ (codes * scale)^T` (straight-through)."""
     if scale.shape[0] != 1:
         raise ValueError(f"int8_matmul: needs one scale per column ([1, N]), got {scale.shape}")
-    return _i8mm(x, codes, scale, block_m, block_n, block_k, interpret)
+    return by_platform(_i8mm_for, x, codes, scale, interpret=interpret, block_m=block_m, block_n=block_n,
+                       block_k=block_k)
+
+
+def _i8mm_for(x, codes, scale, *, backend, block_m, block_n, block_k):
+    return _i8mm(x, codes, scale, block_m, block_n, block_k, backend)

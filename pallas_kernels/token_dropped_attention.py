@@ -19,8 +19,8 @@ query block are fully masked and skipped: the kernels assume ascending `index` a
 The length is padded to a multiple of the block and D to a power of two >= 16 (padded keys are
 masked, padded queries get zero cotangents). Side inputs are laid out so every tile's last two
 dimensions are either whole or block-sized: queries' ids as `[B, R, 1]`, keys' ids as `[B, 1, R]`.
-On GPU the calls carry Triton compiler parameters; with `interpret=True` they run on any backend
-(the tests run them on CPU).
+The calls carry Mosaic TPU or Triton compiler parameters by the platform compiled for
+(`pallas_kernels.platforms`); on CPU, or with `interpret=True`, they run in the Pallas interpreter.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxllm.errors import UserError
+from pallas_kernels.platforms import by_platform, compiler_params
 from pallas_kernels.tiles import dot_nn, dot_nt, dot_tn
 
 
@@ -123,14 +124,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, sq_ref, sk_ref,
 # --------------------------------------------------------------------------------------------------
 # pallas_call wrappers on the [B, H, R, D] layout.
 
-def _compiler_params(interpret):
-    if interpret or jax.default_backend() != "gpu":
-        return None
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.CompilerParams(num_warps=4, num_stages=2)
-
-
 def _specs(groups, block, padded, dim, *, along_keys):
     """BlockSpecs of (q-like tile or whole, k/v tile or whole, ids...), for a (b, h, block) grid."""
 
@@ -177,7 +170,7 @@ def _prepare(q, k, v, segment_ids, positions, token_index, slopes, block):
     return heads_major(q), heads_major(k), heads_major(v), ids(segment_ids), ids(token_index), ids(positions), slope
 
 
-def _forward(qt, kt, vt, seg, idx, pos, slope, *, scale, block, length, alibi, interpret):
+def _forward(qt, kt, vt, seg, idx, pos, slope, *, scale, block, length, alibi, backend):
     batch, heads, padded, pdim = qt.shape
     groups = heads // kt.shape[1]
     sp = _specs(groups, block, padded, pdim, along_keys=False)
@@ -190,12 +183,12 @@ def _forward(qt, kt, vt, seg, idx, pos, slope, *, scale, block, length, alibi, i
         out_specs=[sp["q"], sp["stat"]],
         out_shape=[jax.ShapeDtypeStruct(qt.shape, qt.dtype),
                    jax.ShapeDtypeStruct((batch, heads, padded, 1), jnp.float32)],
-        compiler_params=_compiler_params(interpret),
-        interpret=interpret,
+        compiler_params=compiler_params(backend, parallel_axes=3),
+        interpret=backend == "interpret",
     )(qt, kt, vt, seg[0], seg[1], idx[0], idx[1], pos[0], pos[1], slope)
 
 
-def _backward(qt, kt, vt, ot, lse, dot, seg, idx, pos, slope, *, scale, block, length, alibi, interpret):
+def _backward(qt, kt, vt, ot, lse, dot, seg, idx, pos, slope, *, scale, block, length, alibi, backend):
     batch, heads, padded, pdim = qt.shape
     groups = heads // kt.shape[1]
     delta = jnp.sum(ot.astype(jnp.float32) * dot.astype(jnp.float32), axis=-1, keepdims=True)
@@ -209,8 +202,8 @@ def _backward(qt, kt, vt, ot, lse, dot, seg, idx, pos, slope, *, scale, block, l
                   sq["row"], sq["col"], sq["row"], sq["slope"]],
         out_specs=sq["q"],
         out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
-        compiler_params=_compiler_params(interpret),
-        interpret=interpret,
+        compiler_params=compiler_params(backend, parallel_axes=3),
+        interpret=backend == "interpret",
     )(qt, kt, vt, dot, lse, delta, *ids)
     sk = _specs(groups, block, padded, pdim, along_keys=True)
     per_head = pl.BlockSpec((None, None, block, pdim), lambda b, h, t: (b, h, t, 0))
@@ -221,8 +214,8 @@ def _backward(qt, kt, vt, ot, lse, dot, seg, idx, pos, slope, *, scale, block, l
                   sk["row"], sk["col"], sk["row"], sk["slope"]],
         out_specs=[per_head, per_head],
         out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, pdim), jnp.float32)] * 2,
-        compiler_params=_compiler_params(interpret),
-        interpret=interpret,
+        compiler_params=compiler_params(backend, parallel_axes=3),
+        interpret=backend == "interpret",
     )(qt, kt, vt, dot, lse, delta, *ids)
     kv_heads = kt.shape[1]
     dk = dk.reshape(batch, kv_heads, groups, padded, pdim).sum(2)
@@ -234,26 +227,26 @@ def _backward(qt, kt, vt, ot, lse, dot, seg, idx, pos, slope, *, scale, block, l
 # custom_vjp entry point on the model layout [B, r, H, D].
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attention(q, k, v, segment_ids, positions, token_index, slopes, block, alibi, interpret):
-    return _attention_fwd(q, k, v, segment_ids, positions, token_index, slopes, block, alibi, interpret)[0]
+def _attention(q, k, v, segment_ids, positions, token_index, slopes, block, alibi, backend):
+    return _attention_fwd(q, k, v, segment_ids, positions, token_index, slopes, block, alibi, backend)[0]
 
 
-def _attention_fwd(q, k, v, segment_ids, positions, token_index, slopes, block, alibi, interpret):
+def _attention_fwd(q, k, v, segment_ids, positions, token_index, slopes, block, alibi, backend):
     length, dim = q.shape[1], q.shape[3]
     qt, kt, vt, seg, idx, pos, slope = _prepare(q, k, v, segment_ids, positions, token_index, slopes, block)
     ot, lse = _forward(qt, kt, vt, seg, idx, pos, slope, scale=1.0 / math.sqrt(dim), block=block, length=length,
-                       alibi=alibi, interpret=interpret)
+                       alibi=alibi, backend=backend)
     out = jnp.swapaxes(ot[:, :, :length, :dim], 1, 2)
     return out, (q, k, v, segment_ids, positions, token_index, slopes, ot, lse)
 
 
-def _attention_bwd(block, alibi, interpret, residuals, g):
+def _attention_bwd(block, alibi, backend, residuals, g):
     q, k, v, segment_ids, positions, token_index, slopes, ot, lse = residuals
     length, dim = q.shape[1], q.shape[3]
     qt, kt, vt, seg, idx, pos, slope = _prepare(q, k, v, segment_ids, positions, token_index, slopes, block)
     dot = _prepare(g.astype(q.dtype), k, v, segment_ids, positions, token_index, slopes, block)[0]
     dq, dk, dv = _backward(qt, kt, vt, ot, lse, dot, seg, idx, pos, slope, scale=1.0 / math.sqrt(dim), block=block,
-                           length=length, alibi=alibi, interpret=interpret)
+                           length=length, alibi=alibi, backend=backend)
 
     def back(x, like):
         return jnp.swapaxes(x[:, :, :length, :dim], 1, 2).astype(like.dtype)
@@ -265,7 +258,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def token_dropped_attention(q, k, v, segment_ids, positions, token_index, alibi=None, *, block=None,
-                            interpret=False):
+                            interpret=False, backend=None):
     """Pallas attention over kept tokens; same contract as `jaxllm.ops.token_dropped_attention`.
 
     Args:
@@ -273,19 +266,35 @@ def token_dropped_attention(q, k, v, segment_ids, positions, token_index, alibi=
         dtype: dots accumulate in f32, the softmax is f32).
       segment_ids, positions, token_index: `[B, r]` int; `token_index` ascending along each row.
       alibi: `[H]` slopes or None.
-      block: tile size along r (a power of two >= 16 on GPU; default 64, or 128 on TPU, or the padded
-        length when shorter).
-      interpret: run with the Pallas interpreter (any backend, slow).
+      block: tile size along r, a power of two >= 16 (default 64 on GPU and in the interpreter, 128 on
+        TPU, where smaller blocks grow to 128; the padded length when that is shorter).
+      interpret: run with the Pallas interpreter on every platform (slow); otherwise the backend
+        follows the platform compiled for (`pallas_kernels.platforms`).
+      backend: force one variant on every platform ("mosaic_tpu", "triton" or "interpret"; see
+        `pallas_kernels.platforms.by_platform`).
     """
     batch, length, heads, dim = q.shape
     if k.shape != v.shape or k.shape[:2] != (batch, length) or heads % k.shape[2] or k.shape[3] != dim:
         raise UserError(f"token_dropped_attention: q {q.shape}, k {k.shape}, v {v.shape}; expected q [B, r, H, D] "
                         "and k, v [B, r, KV, D] with KV dividing H")
-    if block is None:
-        target = 128 if jax.default_backend() == "tpu" else 64
-        block = min(target, max(16, pl.next_power_of_2(length)))
-    if block < 16 or block & (block - 1):
+    if block is not None and (block < 16 or block & (block - 1)):
         raise UserError(f"token_dropped_attention (pallas): block must be a power of two >= 16, got {block}")
     slopes = jnp.zeros((heads,), jnp.float32) if alibi is None else jnp.asarray(alibi, jnp.float32)
-    return _attention(q, k, v, segment_ids.astype(jnp.int32), positions.astype(jnp.int32),
-                      token_index.astype(jnp.int32), slopes, int(block), alibi is not None, bool(interpret))
+    return by_platform(_attention_for, q, k, v, segment_ids.astype(jnp.int32), positions.astype(jnp.int32),
+                       token_index.astype(jnp.int32), slopes, interpret=interpret, backend=backend, block=block,
+                       alibi=alibi is not None)
+
+
+def _block_for(backend: str, block: int | None, length: int) -> int:
+    """The tile size along r. Mosaic TPU needs the key ids' lane-dimension tiles `[1, block]` to be
+    multiples of 128 or the whole padded length, so a TPU block below 128 grows to 128 (or to the
+    length when that is shorter); Triton and the interpreter take any power of two >= 16."""
+    whole = max(16, pl.next_power_of_2(length))
+    if backend == "mosaic_tpu":
+        return min(max(block or 128, 128), whole)
+    return block or min(64, whole)
+
+
+def _attention_for(q, k, v, segment_ids, positions, token_index, slopes, *, backend, block, alibi):
+    return _attention(q, k, v, segment_ids, positions, token_index, slopes, _block_for(backend, block, q.shape[1]),
+                      alibi, backend)

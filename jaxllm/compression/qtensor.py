@@ -47,7 +47,7 @@ from jaxllm.compression.quantizers import (
     update_range,
 )
 from jaxllm.errors import UserError
-from jaxllm.ops.dispatch import pallas_selected
+from jaxllm.ops.dispatch import dispatch, kernel_mesh, logical_spec, shard_kernel
 from jaxllm.ops.linear import embedding_lookup, linear
 
 
@@ -265,27 +265,46 @@ class QuantizedWeight(_CompressedWeight):
 
     def _product(self, x: jax.Array, raw_x: jax.Array, compute_dtype: Any, contract: int,
                  transpose_w: bool) -> jax.Array:
-        """The Pallas kernel on the integer codes where the spec's implementation selects it, else XLA."""
-        if transpose_w or not pallas_selected("quantized matmul", self.spec.implementation):
-            return super()._product(x, raw_x, compute_dtype, contract, transpose_w)
+        """The Pallas kernel on the integer codes where the spec's implementation selects it ("auto": when
+        the program is compiled for a GPU or TPU), else XLA on the dequantized weight."""
+        dequantized = super()._product
+        if transpose_w:  # the kernel contracts the codes' K rows only
+            return dequantized(x, raw_x, compute_dtype, contract, transpose_w)
         k = math.prod(self._shape[:contract])
-        out = self._kernel_matmul(x.reshape(-1, k).astype(compute_dtype), raw_x.reshape(-1, k))
-        return out.reshape(*x.shape[:-1], *self._shape[contract:])
+
+        def kernel(x, raw_x):
+            out = self._kernel_matmul(x.reshape(-1, k).astype(compute_dtype), raw_x.reshape(-1, k))
+            return out.reshape(*x.shape[:-1], *self._shape[contract:])
+
+        def reference(x, raw_x):
+            return dequantized(x, raw_x, compute_dtype, contract, transpose_w).astype(jnp.float32)
+
+        return dispatch("quantized matmul", self.spec.implementation, kernel, reference, x, raw_x)
 
     def _kernel_matmul(self, x2: jax.Array, raw_x: jax.Array) -> jax.Array:
+        """`[M, K] @ [K, N]` by the kernels; under a mesh each device takes its rows of M and columns of N."""
         from pallas_kernels import quantized_matmul as kernels
 
         spec = self.spec
         k, n = matrix_shape(spec, self._shape)
-        interpret = jax.default_backend() == "cpu"
         scale = kernels.column_scales(self.scale, n)
         zero = None if self.zero is None else kernels.column_scales(self.zero, n)
         w8a8 = (spec.weight_bits == 8 and spec.weight_kind == "symmetric" and scale.shape[0] == 1
                 and spec.act_bits == 8 and spec.act_symmetric and not spec.act_static)
-        if w8a8:  # int8 x int8 with per-token activation scales; the input's quantization is straight-through
-            return kernels.int8_matmul(raw_x, self.codes, scale, interpret=interpret)
-        return kernels.quantized_matmul(x2, self.codes, scale, zero, bits=spec.weight_bits, signed=self.signed, k=k,
-                                        interpret=interpret)
+
+        def run(x2, raw_x, codes, scale, zero):
+            if w8a8:  # int8 x int8 with per-token activation scales; the input's quantization is straight-through
+                return kernels.int8_matmul(raw_x, codes, scale)
+            return kernels.quantized_matmul(x2, codes, scale, zero, bits=spec.weight_bits, signed=self.signed, k=k)
+
+        args = (x2, raw_x, self.codes, scale, zero)
+        mesh = kernel_mesh()
+        if mesh is None:
+            return run(*args)
+        rows = logical_spec(mesh, ("batch", None), x2.shape)
+        cols = logical_spec(mesh, (None, "mlp"), (1, n))
+        out = logical_spec(mesh, ("batch", "mlp"), (x2.shape[0], n))
+        return shard_kernel(run, mesh, (rows, rows, cols, cols, None if zero is None else cols), out)(*args)
 
     def lookup(self, tokens: Int[Array, "*dims"]) -> Float[Array, "... d"]:
         """Rows of the table. Per-row scales (DeepSpeed's embedding groups) gather the code and scale rows

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxllm.errors import UserError
-from jaxllm.ops.dispatch import pallas_selected
+from jaxllm.ops.dispatch import dispatch, kernel_mesh, logical_spec, pallas_selected, shard_kernel
 from pallas_kernels.evoformer_inputs import check_inputs
 
 DEFAULT_BLOCK = 128
@@ -267,13 +267,25 @@ _xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def pallas_supported(platform: str | None = None) -> bool:
-    """Whether "auto" picks the Pallas kernel on `platform` (default: JAX's default backend).
+    """Whether "auto" picks the Pallas kernel on `platform` (default: JAX's default backend): on GPU
+    (Triton) and TPU (Mosaic); on CPU, which has only the Pallas interpreter, the XLA implementation."""
+    return pallas_selected("evoformer_attention", "auto", platform)
 
-    The kernel (`pallas_kernels/evoformer_attention.py`) is written for the Triton GPU backend: its
-    tiles squeeze the head axis of `[B, N, L, H, D]`, which Mosaic TPU's rule that a block's last two
-    dimensions be (8, 128)-aligned rejects. On CPU and TPU "auto" therefore uses the XLA implementation.
-    """
-    return pallas_selected("evoformer_attention", "auto", platform, auto_platforms=("gpu",))
+
+def _pallas_attention(q, k, v, biases, scale):
+    """The kernel, under a mesh on each device's rows of B and its heads."""
+    from pallas_kernels.evoformer_attention import evoformer_attention as kernel
+
+    def run(q, k, v, biases):
+        return kernel(q, k, v, biases, scale=scale)
+
+    mesh = kernel_mesh()
+    if mesh is None:
+        return run(q, k, v, biases)
+    qkv = lambda x: logical_spec(mesh, ("batch", None, None, "heads", None), x.shape)  # noqa: E731
+    scores = lambda x: logical_spec(mesh, ("batch", None, "heads", None, None), x.shape)  # noqa: E731
+    specs = (qkv(q), qkv(k), qkv(v), tuple(scores(b) for b in biases))
+    return shard_kernel(run, mesh, specs, qkv(q))(q, k, v, biases)
 
 
 def evoformer_attention(
@@ -294,9 +306,9 @@ def evoformer_attention(
       biases: any number of rank-5 arrays (DeepSpeed allows two), each broadcastable to
         `[B, N, H, Lq, Lk]` and of q's dtype; `None` entries are ignored. All are differentiable.
       scale: score scale, default `1 / sqrt(D)`.
-      implementation: "xla" (tiled online softmax, any platform), "pallas" (the Triton kernel in
-        `pallas_kernels/evoformer_attention.py`; GPU, or interpreted on CPU) or "auto" (Pallas on
-        GPU, XLA elsewhere).
+      implementation: "xla" (tiled online softmax, any platform), "pallas" (the kernels in
+        `pallas_kernels/evoformer_attention.py`: Triton on GPU, Mosaic on TPU, interpreted on CPU) or
+        "auto" (Pallas when compiled for a GPU or TPU, XLA for CPU).
       block_q, block_k: query and key tile sizes of the XLA implementation; its temporary memory
         holds a few `[B, N, H, block_q, block_k]` f32 tiles besides the `O(L D)` accumulators.
 
@@ -307,11 +319,6 @@ def evoformer_attention(
         raise UserError(f"evoformer_attention: block_q and block_k must be positive, got {block_q}, {block_k}")
     biases = check_inputs(q, k, v, biases)
     scale = _scale(q, scale)
-    if implementation == "pallas" and jax.default_backend() == "tpu":
-        raise UserError("evoformer_attention: the Pallas kernel targets GPUs (Triton); use implementation='xla' "
-                        "or 'auto' on TPU")
-    if pallas_selected("evoformer_attention", implementation, auto_platforms=("gpu",)):
-        from pallas_kernels.evoformer_attention import evoformer_attention as kernel
-
-        return kernel(q, k, v, biases, scale=scale, interpret=jax.default_backend() == "cpu")
-    return _xla_attention(q, k, v, biases, scale, int(block_q), int(block_k))
+    return dispatch("evoformer_attention", implementation, functools.partial(_pallas_attention, scale=scale),
+                    lambda q, k, v, biases: _xla_attention(q, k, v, biases, scale, int(block_q), int(block_k)),
+                    q, k, v, biases)

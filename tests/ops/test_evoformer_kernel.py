@@ -89,3 +89,22 @@ def test_block_sizes_must_suit_triton():
         pallas_attention(x, x, x, block_q=24, interpret=True)
     with pytest.raises(UserError, match=r"biases\[0\] must have rank 5"):
         pallas_attention(x, x, x, [jnp.zeros((8, 8))], interpret=True)
+
+
+@pytest.mark.slow  # the TPU interpreter simulates every grid step's copies
+def test_tpu_variant_matches_reference_in_tpu_interpret_mode():
+    # The Mosaic TPU variant (128-blocks, key padding 136 -> 256, and the bias gradients as grid
+    # reductions over the broadcast axes: N for the pair bias, H and the query blocks for the mask),
+    # run by the TPU interpreter on this CPU.
+    from jax.experimental.pallas import tpu as pltpu
+
+    b, n, L, h, d = 1, 2, 136, 2, 8
+    q, k, v, biases, cot = random_inputs(6, (b, n, L, h, d), [(b, n, 1, 1, L), (b, 1, h, L, L)], jnp.float32,
+                                         mask_index=0)
+    with pltpu.force_tpu_interpret_mode():
+        got = value_and_grads(lambda q, k, v, bs: pallas_attention(q, k, v, bs, backend="mosaic_tpu"), q, k, v,
+                              biases, cot)
+    want = value_and_grads(evoformer_attention_reference, q, k, v, biases, cot)
+    for name, g, w in zip(["out", "dq", "dk", "dv", "dmask", "dpair"], got, want, strict=True):
+        assert g.shape == w.shape, name
+        assert float(jnp.abs(g - w).max()) <= 1e-5 * max(float(jnp.abs(w).max()), 1.0), name
