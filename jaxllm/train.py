@@ -31,7 +31,7 @@ from jaxllm.data.sources import build_sources, token_directory
 from jaxllm.data_efficiency import DataEfficiency
 from jaxllm.engine import loop
 from jaxllm.engine.background_compile import BackgroundCompiledStep
-from jaxllm.engine.checkpoint import Checkpointer, run_meta
+from jaxllm.engine.checkpoint import Checkpointer, run_meta, saved_steps
 from jaxllm.engine.step import evaluate
 from jaxllm.errors import UserError, exit_status
 from jaxllm.ltd import LTDSetup
@@ -44,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = run_parser("python -m jaxllm.train", __doc__.splitlines()[0], "runs/default")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, build the mesh and abstract model, print sizes and memory, then exit")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate the workdir's latest checkpoint on the config's held-out rows, print the "
+                             "eval loss as JSON, then exit (nothing is trained or written)")
     return parse_run_args(parser, argv)
 
 
@@ -62,9 +65,11 @@ def dry_run(config: Config, mesh, layout) -> None:
     print(f"model FLOPs per token (training): {flops_per_token(config.model, config.data.seq_len):.4g}")
 
 
-def train(config: Config, workdir: Path, dry: bool = False, summary: bool = False) -> dict[str, Any]:
+def train(config: Config, workdir: Path, dry: bool = False, summary: bool = False,
+          eval_only: bool = False) -> dict[str, Any]:
     """Runs (or resumes) pretraining; returns the last logged metrics row. With `summary` (the command
-    line's), ends with a short sample from the trained model and where everything went."""
+    line's), ends with a short sample from the trained model and where everything went. With
+    `eval_only`, returns the held-out metrics of the latest checkpoint instead of training."""
     if config.model.init_from:
         from jaxllm.interop import hf
 
@@ -79,12 +84,14 @@ def train(config: Config, workdir: Path, dry: bool = False, summary: bool = Fals
         dry_run(config, mesh, task.layout)
         return {}
     with runtime.workdir_lock(workdir):
-        return _train(config, workdir, mesh, efficiency, task, summary)
+        return _train(config, workdir, mesh, efficiency, task, summary, eval_only)
 
 
 def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: DataEfficiency | None,
-           task: LanguageModelTraining, summary: bool = False) -> dict[str, Any]:
+           task: LanguageModelTraining, summary: bool = False, eval_only: bool = False) -> dict[str, Any]:
     """The run itself, on a workdir this process holds."""
+    if eval_only and not saved_steps(workdir / "checkpoints"):
+        raise UserError(f"--eval-only: workdir '{workdir}' has no checkpoint to evaluate")
     started = time.perf_counter()
     shard_dir = runtime.lead_first(lambda: token_directory(config, workdir), "the training data")
     train_rows, eval_rows = build_sources(config, shard_dir)
@@ -97,7 +104,7 @@ def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: D
     else:
         iterator = make_train_iterator(train_rows, batch_size, config.seed, slot, slots)
     held_out = []
-    if config.eval.every and eval_rows is not None:
+    if (config.eval.every or eval_only) and eval_rows is not None:
         held_out = make_eval_batches(eval_rows, batch_size, config.eval.batches, slot, slots)
 
     def init() -> dict[str, Any]:
@@ -157,6 +164,15 @@ def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: D
         loss = evaluate(eval_step, state["params"], batches)["loss"]
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
 
+    if eval_only:
+        if not held_out:
+            raise UserError("--eval-only: the config's data has no held-out rows (data.eval_fraction is 0 or the "
+                            "data is too small)")
+        with jax.set_mesh(mesh):
+            metrics = {"step": start, **evaluate_fn(state, start)}
+        if runtime.is_lead():
+            print(json.dumps(metrics))
+        return metrics
     cadence = loop.Cadence.from_config(config, total_steps, eval_at_end=bool(efficiency and efficiency.budget))
     closing = (train_step.close,) if isinstance(train_step, BackgroundCompiledStep) else ()
     with jax.set_mesh(mesh):
@@ -229,7 +245,7 @@ def _compilations(jitted) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     return exit_status(lambda: train(config_lib.load(args.config, args.overrides), Path(args.workdir),
-                                     dry=args.dry_run, summary=True))
+                                     dry=args.dry_run, summary=True, eval_only=args.eval_only))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,12 @@ def test_quickstart_command_as_printed_learns_and_ends_with_a_sample_and_a_summa
     sample = next(line for line in out.splitlines() if line.startswith("sample: "))
     assert " -> " in sample and len(sample) > len("sample: '' -> ''")
     assert "python -m jaxllm.generate --workdir runs/default" in out
+    # Evaluating the finished workdir again gives the eval loss its last step logged.
+    assert main(["--config=configs/quickstart.yaml", "--eval-only", "eval.batches=1", "model.layers=1",
+                 "model.d_model=48", "model.heads=2", "train.batch_size=8", "log.progress_bar=false"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["step"] == 6 and again["eval_loss"] == pytest.approx(eval_loss, rel=1e-6)
+    assert losses(workdir) == got  # nothing was trained or logged
 
 
 def _cli(workdir: Path, *overrides: str, fault: str | None = None) -> subprocess.CompletedProcess:

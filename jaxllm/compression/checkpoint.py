@@ -132,7 +132,8 @@ def load(workdir: str | Path, step: int | None = None, compute_dtype: str | None
     meta, step = read_meta(workdir, step)
     if "compression" not in meta:
         raise UserError(f"--workdir {workdir}: checkpoint {step} is not compressed (its meta has no 'compression'); "
-                        "compress it with python -m jaxllm.compress")
+                        "compress it with python -m jaxllm.compress, or evaluate it with python -m jaxllm.train "
+                        f"--config=... --workdir={workdir} --eval-only")
     info = meta["compression"]
     if info.get("format") != FORMAT:
         raise UserError(f"--workdir {workdir}: compressed checkpoint format {info.get('format')!r}; this jaxllm "
