@@ -131,17 +131,18 @@ def train_tokenizer(
         if symbol in ("<pad>", "<unk>", "<s>", "</s>"):
             raise UserError(f"user_defined_symbols: found {symbol!r}, which is a special piece (ids 0-3) already")
     prefix = Path(model_prefix)
+    made = [d for d in (prefix.parent, *prefix.parent.parents) if not d.exists()]
     prefix.parent.mkdir(parents=True, exist_ok=True)
     lines = _training_lines(documents_or_files)
-    first = next(lines, None)
-    if first is None:
-        raise UserError(f"tokenizer {prefix}.model: found no text to train on; allowed: non-empty documents")
 
     def all_lines() -> Iterator[str]:
         yield first
         yield from lines
 
     try:
+        first = next(lines, None)
+        if first is None:
+            raise UserError(f"tokenizer {prefix}.model: found no text to train on; allowed: non-empty documents")
         spm.SentencePieceTrainer.train(
             sentence_iterator=all_lines(), model_prefix=str(prefix), vocab_size=vocab_size,
             model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
@@ -154,9 +155,25 @@ def train_tokenizer(
             shuffle_input_sentence=input_sentence_size > 0, minloglevel=2,
         )
     except RuntimeError as e:
+        _remove_empty(made)
         reason = re.sub(r"^.*?\] ", "", str(e).strip().splitlines()[0])
-        raise UserError(f"tokenizer {prefix}.model: vocab_size {vocab_size} rejected: {reason}") from None
+        # The largest vocabulary a corpus allows depends on the model type (a unigram model usually
+        # stops well below a BPE one), so the message names it.
+        raise UserError(f"tokenizer {prefix}.model: vocab_size {vocab_size} rejected for a {model_type} model: "
+                        f"{reason}") from None
+    except BaseException:
+        _remove_empty(made)
+        raise
     return prefix.with_name(prefix.name + ".model")
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Removes the directories a failed training created (innermost first), if nothing else was put there."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def _checked_ids(ids: Sequence[int] | Integer[np.ndarray, " n"], vocab_size: int, path: Path) -> list[int]:
@@ -406,3 +423,4 @@ def install_tokenizer(workdir: str | Path, source: Path | None, train_new: Calla
             train_new(data / "tokenizer")
     runtime.barrier("tokenizer")
     return load_tokenizer(workdir_tokenizer_file(workdir))
+
