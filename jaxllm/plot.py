@@ -2,9 +2,11 @@
 
     python -m jaxllm.plot WORKDIR [WORKDIR ...] [--out runs.png] [--labels base,ltd]
 
-Each WORKDIR is a `python -m jaxllm.train` workdir holding `metrics.jsonl`. The PNG has four panels
-sharing the step axis, so runs compared in a benchmark (baseline vs random-LTD, AdamW vs 1-bit Adam)
-are read at a glance. `plot_runs` is the library entry point that benchmarks call.
+Each WORKDIR is a `python -m jaxllm.train` workdir holding `metrics.jsonl`. The PNG has up to four
+panels sharing the step axis (2 x 2), so runs compared in a benchmark (baseline vs random-LTD, AdamW
+vs 1-bit Adam) are read at a glance. A series no run logged (eval loss of runs with `eval.every=0`)
+gets no panel: the others are drawn side by side. `plot_runs` is the library entry point that
+benchmarks call.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def read_metrics(workdir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_runs(workdirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
-    """Writes a 2x2 PNG of the PANELS series of each run to `out` and returns its path."""
+    """Writes a PNG of the PANELS series of each run to `out` and returns its path: 2 x 2 panels when
+    every series was logged, otherwise one row of the panels some run has data for."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed on a TPU VM or in CI
@@ -48,8 +51,12 @@ def plot_runs(workdirs: list[str | Path], out: str | Path, labels: list[str] | N
     if len(labels) != len(workdirs):
         raise UserError(f"--labels: got {len(labels)} labels for {len(workdirs)} workdirs")
     runs = [read_metrics(w) for w in workdirs]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
+    panels = [(key, title) for key, title in PANELS if any(key in series for series in runs)]
+    if not panels:
+        raise UserError(f"{workdirs[0]}: its metrics hold none of {', '.join(key for key, _ in PANELS)}")
+    shape, size = ((2, 2), (11, 7)) if len(panels) == 4 else ((1, len(panels)), (4.5 * len(panels), 3.8))
+    fig, axes = plt.subplots(*shape, figsize=size, sharex=True, squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
         for label, series in zip(labels, runs, strict=True):
             if key in series:
                 steps, values = zip(*series[key], strict=True)
@@ -58,7 +65,7 @@ def plot_runs(workdirs: list[str | Path], out: str | Path, labels: list[str] | N
         ax.grid(alpha=0.3)
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    for ax in axes[1]:
+    for ax in axes[-1]:
         ax.set_xlabel("step")
     axes.flat[0].legend()
     fig.tight_layout()

@@ -336,3 +336,43 @@ def test_cli_generates_from_a_hugging_face_directory(tmp_path, capsys, devices):
         assert [json.loads(line)["new_ids"] for line in capsys.readouterr().out.splitlines()] == want
     assert main(["--hf", str(tmp_path / "absent"), "--prompt-ids", "1"]) == 2
     assert "--hf" in capsys.readouterr().err
+
+
+def test_compressed_workdir_generates_as_docs_compression_prints(workdir, tmp_path, monkeypatch, capsys, devices):
+    """docs/compression.md's ptq and generate lines, run as printed from a directory of their own (the
+    teacher is the module's trained run, copied to runs/qs; outputs shrunk by appended flags)."""
+    import shlex
+
+    import yaml
+
+    from jaxllm.compression.__main__ import main as compress_main
+    from jaxllm.data.tokenizer import Tokenizer
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "compression.md").read_text()
+    block = text[text.index("## Commands"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(line, comments=True) for line in block.splitlines() if "runs/qs-w8a8" in line]
+    ptq = next(argv for argv in lines if argv[2:4] == ["jaxllm.compress", "ptq"])
+    generating = [argv for argv in lines if argv[2] == "jaxllm.generate" or argv[3] == "generate"]
+    assert [argv[2] for argv in generating] == ["jaxllm.compress", "jaxllm.generate"]
+
+    shutil.copytree(workdir, tmp_path / "runs" / "qs")
+    corpus = workdir.parent / "corpus.txt"  # the teacher's data, so its tokenized shards are reused
+    recipe = {"data": {"source": "text", "path": str(corpus), "seq_len": 16}, "train": {"batch_size": 8},
+              "eval": {"batches": 1}, "log": {"progress_bar": False, "tensorboard": False},
+              "compression": {"rules": {"all": {"modules": [r"attn\.w[qkvo]", "mlp"], "weight_bits": 8,
+                                                "act_bits": 8}}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path)
+    assert compress_main(ptq[3:]) == 0
+    capsys.readouterr()
+    records = []
+    for argv in generating:
+        run = compress_main if argv[2] == "jaxllm.compress" else main
+        assert run([*argv[3:], "--max-new-tokens", "4", "--json"]) == 0, capsys.readouterr().err
+        (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        records.append(record)
+    tok = Tokenizer.load(workdir / "data" / "tokenizer.model")
+    assert records[0]["prompt_ids"] == tok.encode("The") and records[0]["prompt_text"] == "The"
+    assert records[0]["completion"] == tok.decode(records[0]["prompt_ids"] + records[0]["new_ids"])[3:]
+    assert records[1] == records[0]

@@ -62,3 +62,23 @@ def test_cli_writes_png_and_reports_bad_workdirs(two_runs, tmp_path, capsys):
     assert main([str(tmp_path / "broken"), "--out", str(tmp_path / "x.png")]) == 2
     assert "metrics.jsonl:2" in capsys.readouterr().err
     assert main([*map(str, two_runs), "--labels", "only-one", "--out", str(tmp_path / "y.png")]) == 2
+
+
+def test_a_series_no_run_logged_gets_no_empty_panel(tmp_path):
+    import matplotlib.image
+
+    runs = []
+    for name, scale in (("a", 1.0), ("b", 0.5)):  # as eval.every=0 leaves it: no eval_loss rows
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": s, "loss": scale * (5 - s / 3), "lr": scale * 1e-3 * s, "tokens_per_sec": scale * 100 * s}
+                for s in range(1, 11)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(run)
+    image = matplotlib.image.imread(plot_runs(runs, tmp_path / "no_eval.png"))
+    assert image.shape[:2] == (380, 1350)  # one row of three panels
+    width = image.shape[1]
+    for third in range(3):
+        panel = image[:, third * width // 3:(third + 1) * width // 3]
+        for colour in RUN_COLOURS:
+            assert _pixels_of(panel, colour).sum() > 20, (third, colour)

@@ -6,10 +6,16 @@ Usage::
         [--tokenizer MODEL.model | --train-tokenizer] [--vocab-size N] [--tokens-per-shard N]
 
 Inputs use the formats of :mod:`jaxllm.data.corpus` (``.jsonl`` or ``.txt``). Without
-``--tokenizer`` a SentencePiece model is trained on the inputs into ``DIR/tokenizer.model``; a given
-model is copied there, so ``DIR`` is self-contained. Every document is encoded and followed by EOS,
-then written as shards with ``DIR/index.json``. On a user mistake the command prints one line and
-exits with status 2.
+``--tokenizer`` a SentencePiece BPE model (:func:`jaxllm.data.tokenizer.train_tokenizer`'s settings)
+is trained on the inputs into ``DIR/tokenizer.model``; a given model is copied there, so ``DIR`` is
+self-contained. Every document is encoded and followed by EOS, then written as shards with
+``DIR/index.json``. On a user mistake the command prints one line and exits with status 2, and a
+directory it created is removed again.
+
+``python -m jaxllm.data.train_tokenizer`` trains a unigram model with LLM-jp's settings instead. The
+largest vocabulary a corpus allows depends on the model type (on a small corpus a unigram model's is
+often half a BPE model's), so ``--vocab-size`` may pass here and fail there on the same files; both
+name the limit SentencePiece found.
 """
 
 from __future__ import annotations
@@ -46,9 +52,21 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
       character_coverage: passed to :func:`jaxllm.data.tokenizer.train_tokenizer`.
       metadata: more entries for the index metadata.
 
-    The index metadata records the tokenizer file name, its EOS id and the input paths.
+    The index metadata records the tokenizer file name, its EOS id and the input paths. If anything
+    fails, the directories this call created are removed (an existing ``out_dir`` is kept).
     """
     paths = [Path(p) for p in inputs]
+    made = [d for d in (Path(out_dir), *Path(out_dir).parents) if not d.exists()]  # removed again on failure
+    try:
+        return _prepare(paths, out_dir, vocab_size, tokenizer, tokens_per_shard, character_coverage, metadata)
+    except BaseException:
+        if made and made[-1].is_dir():
+            shutil.rmtree(made[-1], ignore_errors=True)
+        raise
+
+
+def _prepare(paths: list[Path], out_dir: str | os.PathLike, vocab_size: int, tokenizer: str | os.PathLike | None,
+             tokens_per_shard: int, character_coverage: float, metadata: dict[str, Any] | None) -> Path:
     if not paths:
         raise UserError("--input: found no corpus files; allowed: one or more .jsonl/.txt files")
     documents = {path: read_documents(path) for path in paths}
@@ -86,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--tokenizer", metavar="MODEL", help="existing SentencePiece .model file")
     which.add_argument("--train-tokenizer", action="store_true", help="train DIR/tokenizer.model (default)")
-    parser.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size when training")
+    parser.add_argument("--vocab-size", type=int, default=8000,
+                        help="vocabulary size of the BPE model trained when no --tokenizer is given")
     parser.add_argument("--character-coverage", type=float, default=1.0)
     parser.add_argument("--tokens-per-shard", type=int, default=1 << 24)
     parser.add_argument("--overwrite", action="store_true",

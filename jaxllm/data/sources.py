@@ -15,6 +15,7 @@ from jaxllm.data.corpus import build_stdlib_corpus
 from jaxllm.data.pipeline import PackedRows, RowSource, SyntheticRows, split_train_eval
 from jaxllm.data.prepare import prepare_corpus
 from jaxllm.data.shards import TokenShards
+from jaxllm.data.tokenizer import record_run_tokenizer
 from jaxllm.errors import UserError
 
 STDLIB_CORPUS = "stdlib_docstrings.jsonl"
@@ -60,12 +61,15 @@ def prepare_text(config: Config, workdir: Path) -> Path:
 
 
 def token_directory(config: Config, workdir: Path) -> Path | None:
-    """The shard directory this config reads (preparing text if needed); None for synthetic data."""
+    """The shard directory this config reads (preparing text if needed); None for synthetic data.
+
+    Its tokenizer is kept in `WORKDIR/data/` too, so the workdir alone decodes what it generates."""
     if config.data.source == "synthetic":
         return None
-    if config.data.source == "text":
-        return prepare_text(config, workdir)
-    return Path(config.data.path)
+    shard_dir = prepare_text(config, workdir) if config.data.source == "text" else Path(config.data.path)
+    if shard_dir.is_dir():  # a missing directory is named by build_sources
+        record_run_tokenizer(shard_dir, workdir)
+    return shard_dir
 
 
 def build_sources(config: Config, shard_dir: Path | None) -> tuple[RowSource, RowSource | None]:

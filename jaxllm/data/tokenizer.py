@@ -131,17 +131,18 @@ def train_tokenizer(
         if symbol in ("<pad>", "<unk>", "<s>", "</s>"):
             raise UserError(f"user_defined_symbols: found {symbol!r}, which is a special piece (ids 0-3) already")
     prefix = Path(model_prefix)
+    made = [d for d in (prefix.parent, *prefix.parent.parents) if not d.exists()]
     prefix.parent.mkdir(parents=True, exist_ok=True)
     lines = _training_lines(documents_or_files)
-    first = next(lines, None)
-    if first is None:
-        raise UserError(f"tokenizer {prefix}.model: found no text to train on; allowed: non-empty documents")
 
     def all_lines() -> Iterator[str]:
         yield first
         yield from lines
 
     try:
+        first = next(lines, None)
+        if first is None:
+            raise UserError(f"tokenizer {prefix}.model: found no text to train on; allowed: non-empty documents")
         spm.SentencePieceTrainer.train(
             sentence_iterator=all_lines(), model_prefix=str(prefix), vocab_size=vocab_size,
             model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
@@ -154,9 +155,25 @@ def train_tokenizer(
             shuffle_input_sentence=input_sentence_size > 0, minloglevel=2,
         )
     except RuntimeError as e:
+        _remove_empty(made)
         reason = re.sub(r"^.*?\] ", "", str(e).strip().splitlines()[0])
-        raise UserError(f"tokenizer {prefix}.model: vocab_size {vocab_size} rejected: {reason}") from None
+        # The largest vocabulary a corpus allows depends on the model type (a unigram model usually
+        # stops well below a BPE one), so the message names it.
+        raise UserError(f"tokenizer {prefix}.model: vocab_size {vocab_size} rejected for a {model_type} model: "
+                        f"{reason}") from None
+    except BaseException:
+        _remove_empty(made)
+        raise
     return prefix.with_name(prefix.name + ".model")
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Removes the directories a failed training created (innermost first), if nothing else was put there."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def _checked_ids(ids: Sequence[int] | Integer[np.ndarray, " n"], vocab_size: int, path: Path) -> list[int]:
@@ -406,3 +423,55 @@ def install_tokenizer(workdir: str | Path, source: Path | None, train_new: Calla
             train_new(data / "tokenizer")
     runtime.barrier("tokenizer")
     return load_tokenizer(workdir_tokenizer_file(workdir))
+
+
+def record_run_tokenizer(shard_dir: str | Path, workdir: str | Path) -> Path | None:
+    """Keeps the tokenizer of the token shards a run reads in `WORKDIR/data/`, beside its checkpoints, so
+    that the workdir alone decodes what it generates (shards of `data.source=tokens`, or of `text` with a
+    `data.cache_dir`, live elsewhere). Returns the kept file, or None when the shards carry no tokenizer.
+
+    A workdir that already holds a different tokenizer of the same name was trained on other token ids:
+    that is a `UserError`, never an overwrite. Call on one process first (the copy is atomic)."""
+    source = next((Path(shard_dir) / name for name in (SENTENCEPIECE_FILE, HF_FILE)
+                   if (Path(shard_dir) / name).is_file()), None)
+    if source is None:
+        return None
+    target = Path(workdir) / "data" / source.name
+    if target.resolve() == source.resolve():
+        return target
+    if target.is_file():
+        if target.read_bytes() != source.read_bytes():
+            raise UserError(f"workdir {workdir}: its {target} differs from {source}, the tokenizer of the token "
+                            "shards this run reads; the workdir was trained on other token ids: use another "
+                            "--workdir")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+    return target
+
+
+def hugging_face_files(path: str | Path, max_len: int | None = None) -> tuple[dict[str, bytes], dict[str, int]]:
+    """The files that put the tokenizer `path` into a Hugging Face model directory, and its special ids.
+
+    Returns ({file name: contents}, {"bos_token_id": ..., "eos_token_id": ..., ...}) with the ids the
+    tokenizer has. A SentencePiece model is written as `tokenizer.model`, a `tokenizer.json` as itself;
+    either with a `tokenizer_config.json` that names the special tokens, adds no BOS/EOS (as jaxllm's
+    `encode`) and asks for `PreTrainedTokenizerFast`, which `transformers` 5 builds from either file.
+    """
+    tokenizer = load_tokenizer(path)
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        spell = tokenizer._sp.id_to_piece
+    else:
+        spell = tokenizer._tok.id_to_token
+    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id, "unk": tokenizer.unk_id}
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config |= {f"{role}_token": spell(i) for role, i in ids.items() if i >= 0}
+    config |= {"add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    if max_len is not None:
+        config["model_max_length"] = max_len
+    name = SENTENCEPIECE_FILE if isinstance(tokenizer, SentencePieceTokenizer) else HF_FILE
+    files = {name: Path(tokenizer.path).read_bytes(),
+             "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()}
+    return files, {f"{role}_token_id": i for role, i in ids.items() if i >= 0 and role != "unk"}

@@ -93,8 +93,7 @@ def train_llmjp_style(inputs: Sequence[str | Path], out_dir: str | Path,
     if recipe.max_piece_length < 1:
         raise UserError(f"--max-piece-length: found {recipe.max_piece_length}; allowed: a positive integer")
     symbols = list(dict.fromkeys(("\n", *recipe.user_defined_symbols)))  # "\n" first, no duplicates
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # train_tokenizer creates it, and removes it again if training fails
     start = time.perf_counter()
     model = train_tokenizer(
         paths, out / Path(SENTENCEPIECE_FILE).stem, recipe.vocab_size, recipe.character_coverage,

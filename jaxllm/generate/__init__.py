@@ -43,7 +43,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from jaxllm.compression import checkpoint as compressed_checkpoint
-from jaxllm.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, TextTokenizer, load_tokenizer
+from jaxllm.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, TextTokenizer, load_tokenizer, workdir_tokenizer_file
 from jaxllm.engine.checkpoint import Checkpointer, model_config, workdir_step
 from jaxllm.engine.state import ParamTree
 from jaxllm.errors import UserError
@@ -381,15 +381,16 @@ def load_hf(path: str | Path, mesh: Mesh, compute_dtype: str | None = None) -> D
 def find_tokenizer(explicit: str | None, workdir: str | None, hf_dir: str | None) -> TextTokenizer | None:
     """`--tokenizer` (a file or directory) if given, else the tokenizer the run or checkpoint carries.
 
-    A workdir's is `WORKDIR/data/tokenizer.model`, where `python -m jaxllm.train` puts the one it
-    trains for `data.source=text`; a Hugging Face directory's is its `tokenizer.json` or
-    `tokenizer.model`. Returns None when there is none.
+    A workdir's is `WORKDIR/data/tokenizer.json` or `tokenizer.model`, where every run keeps the one
+    its data was tokenized with (trained for `data.source=text`, copied from the shard directory for
+    `tokens`, from the teacher for a compressed run); a Hugging Face directory's is its
+    `tokenizer.json` or `tokenizer.model`. Returns None when there is none.
     """
     if explicit is not None:
         return load_tokenizer(explicit)
     if workdir is not None:
-        candidate = Path(workdir) / "data" / SENTENCEPIECE_FILE
-        return load_tokenizer(candidate) if candidate.is_file() else None
+        kept = workdir_tokenizer_file(workdir)
+        return load_tokenizer(kept) if kept is not None else None
     if any((Path(hf_dir) / name).is_file() for name in (HF_FILE, SENTENCEPIECE_FILE)):
         return load_tokenizer(hf_dir)
     return None

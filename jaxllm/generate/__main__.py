@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             model = load_hf(args.hf, mesh, args.compute_dtype)
         tokenizer = find_tokenizer(args.tokenizer, args.workdir, args.hf)
         if args.prompt and tokenizer is None:
-            where = "data/tokenizer.model" if args.workdir else f"{HF_FILE} or {SENTENCEPIECE_FILE}"
+            where = " or ".join(f"data/{name}" if args.workdir else name for name in (HF_FILE, SENTENCEPIECE_FILE))
             raise UserError(f"--prompt needs a tokenizer and none was found in {args.workdir or args.hf} ({where}); "
                             "pass --tokenizer FILE or use --prompt-ids")
         prompts = [tokenizer.encode(text) for text in args.prompt]

@@ -6,15 +6,21 @@
 `to-hf` reads the parameters of a jaxllm checkpoint (RUN is a workdir, its `checkpoints/` folder or one
 `checkpoints/<step>/` folder; the newest step by default) and writes a directory that
 `transformers.AutoModelForCausalLM.from_pretrained` loads. Only the parameters are restored; the
-optimizer state is skipped.
+optimizer state is skipped. The run's tokenizer (`WORKDIR/data/tokenizer.model` or `.json`) is
+written beside the weights with a `tokenizer_config.json`, and its BOS/EOS/PAD ids go into
+config.json.
 
 `from-hf` writes `WORKDIR/checkpoints/0/` (parameters from HF_DIR, a fresh optimizer state and data
-position for the given training config) and `WORKDIR/config.yaml`, the full config with the model
-section filled from the checkpoint's config.json, so that
+position for the given training config), HF_DIR's tokenizer files in `WORKDIR/data/`, and
+`WORKDIR/config.yaml`, the full config with the model section filled from the checkpoint's
+config.json, so that
 
     python -m jaxllm.train --config=WORKDIR/config.yaml --workdir=WORKDIR
 
-continues from it. (`model.init_from=HF_DIR` does the same without an intermediate checkpoint.)
+continues from it. (`model.init_from=HF_DIR` does the same without an intermediate checkpoint.) The
+data section is the one given (`--config` or `data.*` overrides); given none, it is `data.source:
+tokens` with `data.path: null`, which the training run refuses until `data.path=DIR` names the
+token shards: a model continued on random tokens is never what was meant.
 
 Either direction writes into a temporary directory and moves it into place when complete: a failed
 conversion leaves nothing behind. Errors print one line and exit with status 2.
@@ -94,7 +100,16 @@ def to_hf(run: Path, out: Path, step: int | None = None, dtype: str = "float32",
         raise UserError(f"OUT '{out}' is, contains or lies inside the run '{run}' it reads; choose a directory "
                         "outside it")
     params, cfg = read_checkpoint_params(step_dir)
-    return hf.save(params, cfg, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    return hf.save(params, cfg, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                   tokenizer=run_tokenizer(step_dir))
+
+
+def run_tokenizer(step_dir: Path) -> Path | None:
+    """The tokenizer file of the workdir that holds `checkpoints/<step>` (`WORKDIR/data/`), if it has one."""
+    from jaxllm.data.tokenizer import workdir_tokenizer_file
+
+    checkpoints = step_dir.absolute().parent
+    return workdir_tokenizer_file(checkpoints.parent) if checkpoints.name == "checkpoints" else None
 
 
 def from_hf(hf_dir: Path, workdir: Path, config_path: str | None, overrides: list[str]) -> Path:
@@ -113,8 +128,9 @@ def from_hf(hf_dir: Path, workdir: Path, config_path: str | None, overrides: lis
         raise UserError(f"workdir '{workdir}' is not empty; from-hf writes a new workdir")
     if not workdir.parent.is_dir():
         raise UserError(f"workdir '{workdir}': parent directory '{workdir.parent}' does not exist")
-    config = config_lib.load(config_path, [*overrides, f"model.init_from={hf_dir}"])
-    config = hf.resolve_init_from(config)
+    values = config_lib.read_values(config_path, [*overrides, f"model.init_from={hf_dir}"])
+    has_data = "source" in (values.get("data") or {})
+    config = hf.resolve_init_from(config_lib.from_dict(values))
     mesh = mesh_lib.make_mesh(config.mesh)
     runtime.check_batch(config, mesh)
     tmp = workdir.with_name(f".{workdir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -133,8 +149,16 @@ def from_hf(hf_dir: Path, workdir: Path, config_path: str | None, overrides: lis
         ckpt = Checkpointer(tmp / "checkpoints", config.checkpoint.keep, async_save=False)
         ckpt.save(0, state, iterator, run_meta(config.model, task.optimizer.signature()))
         ckpt.close()
-        saved = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(saved.to_dict(), sort_keys=False))
+        tokenizer = _copy_tokenizer(hf_dir, tmp / "data", config.data.source)
+        saved = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None)).to_dict()
+        if has_data and saved["data"]["source"] == "text" and saved["data"]["tokenizer"] is None and tokenizer:
+            # The corpus is tokenized with the model's own tokenizer, not a new one.
+            saved["data"]["tokenizer"] = str(workdir / "data" / tokenizer)
+        header = ""
+        if not has_data:  # a training run must be told its data, never train on random tokens by default
+            saved["data"]["source"] = "tokens"
+            header = NO_DATA_HEADER.format(workdir=workdir) if saved["data"]["path"] is None else ""
+        (tmp / "config.yaml").write_text(header + yaml.safe_dump(saved, sort_keys=False))
         if workdir.exists():
             workdir.rmdir()
         tmp.rename(workdir)
@@ -142,6 +166,29 @@ def from_hf(hf_dir: Path, workdir: Path, config_path: str | None, overrides: lis
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return workdir / "checkpoints" / "0"
+
+
+NO_DATA_HEADER = ("# from-hf was given no data: set data.path to token shards made with this model's tokenizer\n"
+                  "# (python -m jaxllm.data.prepare --tokenizer ITS.model ...), e.g.\n"
+                  "#   python -m jaxllm.train --config={workdir}/config.yaml --workdir={workdir} data.path=DIR\n")
+# What a Hugging Face directory may hold about its tokenizer; the configs keep its special tokens.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _copy_tokenizer(hf_dir: Path, data: Path, source: str) -> str | None:
+    """Copies HF_DIR's tokenizer files into WORKDIR/data/, where generation and the checks of later runs
+    look; returns the SentencePiece file's name when there is one.
+
+    Skipped for `data.source=text` when HF_DIR has only a `tokenizer.json`: that run trains its own
+    SentencePiece model into the same folder, and the two must not be confused."""
+    present = [name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
+    sentencepiece = "tokenizer.model" in present
+    if not (sentencepiece or "tokenizer.json" in present) or (source == "text" and not sentencepiece):
+        return None
+    data.mkdir()
+    for name in present:
+        shutil.copyfile(hf_dir / name, data / name)
+    return "tokenizer.model" if sentencepiece else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             done = to_hf(args.run, args.out, args.step, args.dtype, args.max_shard_size, args.overwrite)
         else:
             done = from_hf(args.hf_dir, args.workdir, args.config, args.overrides)
+            data = yaml.safe_load((args.workdir / "config.yaml").read_text())["data"]
+            if data["source"] == "tokens" and data["path"] is None:
+                print(f"{args.workdir / 'config.yaml'} names no training data: give data.path=DIR (token shards) "
+                      "to python -m jaxllm.train, or pass --config with a data section to from-hf")
         print(f"wrote {done}")
 
     return exit_status(run)

@@ -39,6 +39,7 @@ from jaxtyping import Array, Float
 
 from jaxllm import mesh as mesh_lib
 from jaxllm.config import ModelConfig
+from jaxllm.data.tokenizer import hugging_face_files
 from jaxllm.errors import UserError
 from jaxllm.interop import hf_io as io
 from jaxllm.interop import hf_layouts as layouts
@@ -261,6 +262,7 @@ def save(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     extra_config: dict[str, Any] | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> Path:
     """Writes `model` as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads.
 
@@ -275,8 +277,13 @@ def save(
         `model-0000i-of-0000n.safetensors` files with a `model.safetensors.index.json`.
       overwrite: replace an existing non-empty directory (only once the new one is complete).
       extra_config: more config.json fields, e.g. `{"bos_token_id": 1, "eos_token_id": 2}`.
+      tokenizer: a SentencePiece `.model`, a `tokenizer.json` or a directory holding one, written beside
+        the weights with a `tokenizer_config.json`
+        (`jaxllm.data.tokenizer.hugging_face_files`); its BOS/EOS/PAD ids fill config.json's
+        `bos_token_id`, `eos_token_id` and `pad_token_id` (`extra_config` still wins).
 
-    Returns the directory. Nothing is left at `path` (or beside it) if any step fails.
+    Returns the directory. Nothing is left at `path` (or beside it) if any step fails. Files get the
+    mode of any new file (0644 under the usual umask).
     """
     if dtype not in io.SAVE_DTYPES:
         raise UserError(f"dtype: got {dtype!r}; expected one of {', '.join(io.SAVE_DTYPES)}")
@@ -285,9 +292,10 @@ def save(
     params = model if isinstance(model, dict) else nnx.to_pure_dict(nnx.state(model, nnx.Param))
     path = Path(path)
     limit = io.size_bytes(max_shard_size)
-    hf_config = layouts.hf_config_from_model(config, dtype) | dict(extra_config or {})
+    files, special_ids = hugging_face_files(tokenizer, config.max_len) if tokenizer is not None else ({}, {})
+    hf_config = layouts.hf_config_from_model(config, dtype) | special_ids | dict(extra_config or {})
     io.check_target(path, overwrite)
-    io.write_directory(path, hf_config, list(_hf_tensors(params, config, io.SAVE_DTYPES[dtype])), limit)
+    io.write_directory(path, hf_config, list(_hf_tensors(params, config, io.SAVE_DTYPES[dtype])), limit, files)
     return path
 
 

@@ -248,14 +248,23 @@ def _commit(tmp: Path, path: Path) -> None:
         tmp.rename(path)
 
 
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the umask (0o644 under the usual 022)."""
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; restored at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_directory(path: Path, config: dict[str, Any], tensors: list[tuple[str, Callable[[], np.ndarray], int]],
-                    limit: int) -> None:
-    """Writes config.json and `(name, build, nbytes)` tensors, split into files of at most `limit` bytes.
+                    limit: int, files: dict[str, bytes] | None = None) -> None:
+    """Writes config.json, `files` ({name: contents}, e.g. the tokenizer's) and `(name, build, nbytes)`
+    tensors, split into files of at most `limit` bytes.
 
     One file is `model.safetensors`; more are `model-0000i-of-0000n.safetensors` with a
     `model.safetensors.index.json` (`metadata.total_size`, `weight_map`), as `transformers` names them.
     Each tensor is built only when its file is written. Everything goes to a temporary directory beside
-    `path` that replaces `path` once complete; on any failure it is removed.
+    `path` that replaces `path` once complete; on any failure it is removed. Every file gets the mode of
+    a new file (`new_file_mode`): safetensors creates its own as private (0600) temporary files.
     """
     if save_file is None:
         raise UserError("writing Hugging Face checkpoints needs the 'safetensors' package")
@@ -280,6 +289,11 @@ def write_directory(path: Path, config: dict[str, Any], tensors: list[tuple[str,
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, contents in (files or {}).items():
+            (tmp / name).write_bytes(contents)
+        mode = new_file_mode()
+        for file in tmp.iterdir():
+            file.chmod(mode)
         _commit(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Tests for jaxllm.data.prepare: corpus files to shards, the function and the command."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,45 @@ def test_module_entry_point(tmp_path, corpus_files, tokenizer_path):
                           "--out", str(tmp_path / "e"), "--vocab-size", "100"],
                          capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
     assert bad.returncode == 2 and own_stderr(bad.stderr).count("\n") == 1 and "vocab_size 100" in bad.stderr
+
+
+def _limit(message: str) -> int:
+    return int(re.search(r"a value <= (\d+)", message).group(1))
+
+
+def test_vocabulary_limits_name_the_model_type_and_hold(tmp_path, corpus_files, capsys):
+    """prepare (BPE) and train_tokenizer (unigram, LLM-jp settings) allow different largest vocabularies on
+    the same files; each refusal names its model type and a limit that the same command then accepts."""
+    from jaxllm.data import train_tokenizer
+
+    files = [str(f) for f in corpus_files[0]]
+    assert main(["--input", *files, "--out", str(tmp_path / "p"), "--vocab-size", "5000"]) == 2
+    bpe = capsys.readouterr().err
+    assert "rejected for a bpe model" in bpe
+    assert train_tokenizer.main(["--input", *files, "--out", str(tmp_path / "t"), "--vocab-size", "5000"]) == 2
+    unigram = capsys.readouterr().err
+    assert "rejected for a unigram model" in unigram
+    assert _limit(unigram) < _limit(bpe)
+    between = (_limit(unigram) + _limit(bpe)) // 2  # passes prepare, fails train_tokenizer
+    assert main(["--input", *files, "--out", str(tmp_path / "p"), "--vocab-size", str(between)]) == 0
+    assert Tokenizer.load(tmp_path / "p" / "tokenizer.model").vocab_size == between
+    capsys.readouterr()
+    assert train_tokenizer.main(["--input", *files, "--out", str(tmp_path / "t"), "--vocab-size", str(between)]) == 2
+    assert train_tokenizer.main(["--input", *files, "--out", str(tmp_path / "t"),
+                                 "--vocab-size", str(_limit(unigram))]) == 0
+
+
+def test_a_failed_prepare_leaves_no_directory_behind(tmp_path, corpus_files, capsys):
+    files = [str(f) for f in corpus_files[0]]
+    for out in (tmp_path / "new", tmp_path / "nested" / "deeper" / "new"):
+        assert main(["--input", *files, "--out", str(out), "--vocab-size", "5000"]) == 2
+        assert not out.exists() and not (tmp_path / "nested").exists()
+    from jaxllm.data import train_tokenizer
+
+    assert train_tokenizer.main(["--input", *files, "--out", str(tmp_path / "tok" / "new"), "--vocab-size",
+                                 "5000"]) == 2
+    assert not (tmp_path / "tok").exists()
+    (tmp_path / "kept").mkdir()  # a directory the user made stays, empty as it was
+    assert main(["--input", *files, "--out", str(tmp_path / "kept"), "--vocab-size", "5000"]) == 2
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+    assert "vocab_size 5000" in capsys.readouterr().err

@@ -71,3 +71,23 @@ def test_load_missing_or_corrupt_file_names_it(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(UserError, match=r"bad\.model"):
         Tokenizer.load(bad)
+
+
+def test_a_run_keeps_its_shards_tokenizer_and_refuses_another(tmp_path, tokenizer_path):
+    from jaxllm.data.tokenizer import record_run_tokenizer, workdir_tokenizer_file
+
+    shards, workdir = tmp_path / "shards", tmp_path / "run"
+    shards.mkdir()
+    assert record_run_tokenizer(shards, workdir) is None and not workdir.exists()  # shards without one
+    (shards / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    kept = record_run_tokenizer(shards, workdir)
+    assert kept == workdir_tokenizer_file(workdir) == workdir / "data" / "tokenizer.model"
+    assert kept.read_bytes() == tokenizer_path.read_bytes()
+    assert record_run_tokenizer(shards, workdir) == kept  # the same file again: nothing to do
+    assert record_run_tokenizer(workdir / "data", workdir) == kept  # shards in WORKDIR/data itself
+    other = train_tokenizer(["other words entirely"] * 50, tmp_path / "other", vocab_size=280)
+    (shards / "tokenizer.model").write_bytes(other.read_bytes())
+    with pytest.raises(UserError, match=r"run/data/tokenizer.model differs from .*shards/tokenizer.model"):
+        record_run_tokenizer(shards, workdir)
+    assert kept.read_bytes() == tokenizer_path.read_bytes()  # never overwritten
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["tokenizer.model"]  # no temporary file left

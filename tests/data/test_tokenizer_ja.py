@@ -393,3 +393,20 @@ def test_loading_errors_name_the_path(tmp_path, trained, monkeypatch):
         load_tokenizer(bad)
     shutil.copy(trained[0] / "tokenizer.model", tmp_path / "tokenizer.model")
     assert isinstance(load_tokenizer(tmp_path), SentencePieceTokenizer)
+
+
+def test_a_tokenizer_json_exports_with_its_special_tokens(byte_level_dir, corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from jaxllm.data.tokenizer import hugging_face_files
+
+    files, ids = hugging_face_files(byte_level_dir / "tokenizer.json", max_len=64)
+    assert ids == {"bos_token_id": 0, "eos_token_id": 0}  # no pad token in this file
+    assert files["tokenizer.json"] == (byte_level_dir / "tokenizer.json").read_bytes()
+    for name, contents in files.items():
+        (tmp_path / name).write_bytes(contents)
+    ours, theirs = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id) == (0, 0)
+    assert theirs.model_max_length == 64
+    text = corpus["heldout"][:2000]
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text) == load_tokenizer(
+        byte_level_dir).encode(text)

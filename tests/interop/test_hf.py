@@ -541,7 +541,8 @@ def test_train_from_hf_then_convert_both_ways(made, tmp_path, devices):
     assert _losses(tmp_path / "run") == losses and (tmp_path / "run" / "checkpoints" / "2" / "state").is_dir()
 
     # Hugging Face -> a jaxllm workdir at step 0 that `jaxllm.train` continues from: same first loss.
-    assert convert.main(["from-hf", str(path), str(tmp_path / "wd"), *TRAIN, "train.steps=1"]) == 0
+    assert convert.main(["from-hf", str(path), str(tmp_path / "wd"), *TRAIN, "train.steps=1",
+                         "data.source=synthetic"]) == 0  # asked for by name: never the silent default
     assert sorted(p.name for p in (tmp_path / "wd").iterdir()) == ["checkpoints", "config.yaml"]
     assert train_main([f"--config={tmp_path / 'wd' / 'config.yaml'}", f"--workdir={tmp_path / 'wd'}"]) == 0
     assert _losses(tmp_path / "wd")[1] == pytest.approx(losses[1], abs=1e-6)
