@@ -40,7 +40,15 @@ def write_atomic(path: Path, lines: Iterable[str]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(lines)
+        os.chmod(tmp, new_file_mode())  # mkstemp makes a private (0600) file; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the umask (0o644 under the usual 022)."""
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; restored at once
+    os.umask(mask)
+    return 0o666 & ~mask

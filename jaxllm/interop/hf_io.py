@@ -25,6 +25,7 @@ import ml_dtypes  # registers numpy's bfloat16 so safetensors can return it
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.data.jsonl import new_file_mode
 from jaxllm.errors import UserError
 from jaxllm.interop import hf_layouts as layouts
 
@@ -246,13 +247,6 @@ def _commit(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(path)
-
-
-def new_file_mode() -> int:
-    """The mode `open()` gives a new file: 0o666 less the umask (0o644 under the usual 022)."""
-    mask = os.umask(0o022)  # the only way to read the umask is to set it; restored at once
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def write_directory(path: Path, config: dict[str, Any], tensors: list[tuple[str, Callable[[], np.ndarray], int]],
