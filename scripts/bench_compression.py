@@ -105,7 +105,7 @@ def generation_speed(models: list, prompts, new_tokens: int, repeats: int) -> li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/bench_compression")
-    parser.add_argument("--steps", type=int, default=150, help="teacher training steps (quickstart: 300)")
+    parser.add_argument("--steps", type=int, default=150, help="teacher training steps (the quickstart's 150)")
     parser.add_argument("--xtc-steps", type=int, default=60)
     parser.add_argument("--xtc-lr", type=float, default=1e-3)
     parser.add_argument("--lkd-steps", type=int, default=100)
