@@ -143,3 +143,20 @@ def test_cli_exits_3_when_the_cache_does_not_fit(tmp_path):
 def test_generation_flags_are_refused_for_the_train_step(capsys):
     assert aot_main(["--target=tpu:v5e:2x2", "--batch=8"]) == 2
     assert "--batch applies to --step=generate" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_configs_compression_section_packed_int4_mlp_also_multiplies_integers(tmp_path):
+    """`--quantize=config` plans the config's rules as `python -m jaxllm.compress ptq` does: int8 attention
+    and packed int4 MLP weights, both with int8 token-wise inputs, unpack to int8 and multiply integers."""
+    recipe = tmp_path / "w48a8.yaml"
+    recipe.write_text("compression:\n  rules:\n"
+                      "    attention: {modules: ['attn\\.w[qkvo]$'], weight_bits: 8, weight_groups: 64, act_bits: 8}\n"
+                      "    mlp: {modules: ['mlp\\.w_'], weight_bits: 4, weight_groups: 64, act_bits: 8}\n")
+    config = config_lib.load(recipe, LLAMA)
+    report = compile_generate_step(config, Target.parse("tpu:v5e:2x2"), quantize="config", **SIZES)
+    assert report.fits and report.integer_products >= 2 * 7 and report.dequantized_products == 0
+    w8a8 = w8a8_parameter_bytes(config.model)
+    cfg = config.model
+    mlp = 3 * cfg.d_model * cfg.d_ff  # the same tree with the MLP's codes at half a byte and no int8 embedding
+    assert report.parameters == w8a8 - mlp // 2 + 3 * cfg.vocab_size * cfg.d_model - 4 * cfg.vocab_size
