@@ -264,7 +264,8 @@ def describe_generation(report: GenerateReport) -> str:
     weights = {"none": "f32 weights", "w8a8": "W8A8 (int8 weights, int8 token-wise activations)",
                "config": "weights compressed by the config's compression section"}[report.quantize]
     unit, size = ("GiB", GIB) if report.total >= GIB else ("MiB", 2**20)
-    lines = [f"target {report.target}: {report.devices} devices, mesh tensor {report.mesh['tensor']}; {weights}",
+    tensor = report.mesh["tensor"]
+    lines = [f"target {report.target}: {report.devices} devices, {tensor} used (mesh tensor {tensor}); {weights}",
              f"generation: batch {report.batch}, prompt {report.prompt_len} tokens, {report.max_new_tokens} new "
              f"tokens, KV cache of {report.cache_len} slots ({report.kv_cache / size:.3f} {unit} per device)",
              f"per device, in {unit}: {'generate (prefill + decode loop)':>34}  {'one decode step':>16}"]
