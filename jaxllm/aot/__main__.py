@@ -1,4 +1,4 @@
-"""`python -m jaxllm.aot --config=PATH --target=TARGET [--json OUT] [section.key=value ...]`
+"""`python -m jaxllm.aot --config=PATH --target=TARGET [--step=train|generate] [--json OUT] [section.key=value ...]`
 
 Compiles the train step `python -m jaxllm.train --config=PATH` would run for TARGET's devices (say
 `tpu:v5e:2x2`, `tpu:v5p:2x2x2`, `gpu:h100:1x8`, `gpu:a100-80g:48x8`) with the target's own compiler,
@@ -6,6 +6,10 @@ on this machine, and prints per device: the arguments (parameters, optimizer sta
 temporaries and aliasing as the compiler counts them, their total against the device's memory, the
 model FLOPs of a step against the compiled program's, and the compile time. Exit status 0 when it
 fits, 3 when it does not (with the compiler's own figures and what to try), 2 on a bad config or target.
+
+`--step=generate [--quantize=none|w8a8|config] [--batch B] [--prompt-len P] [--max-new-tokens N] [--tensor T]`
+compiles `python -m jaxllm.generate`'s program instead (prefill and KV-cache decode loop) and one decode
+step, dense or quantized (`jaxllm.aot.generate`; docs/aot_generate.md), with the same exit statuses.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import jax
 
 from jaxllm import config as config_lib
 from jaxllm.aot import CompileReport, Target, compile_train_step
-from jaxllm.errors import exit_status
+from jaxllm.errors import UserError, exit_status
 
 DOES_NOT_FIT = 3
 GIB = 2**30
@@ -70,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config, as for python -m jaxllm.train")
     parser.add_argument("--target", required=True, help="tpu:<version>:<topology> or gpu:<model>:<nodes>x<gpus>")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--step", choices=["train", "generate"], default="train",
+                        help="the train step (default) or python -m jaxllm.generate's programs")
+    generation = parser.add_argument_group("--step=generate")
+    generation.add_argument("--quantize", choices=["none", "w8a8", "config"],
+                            help="weights: f32 (none, default), ZeroQuant W8A8, or the config's compression section")
+    generation.add_argument("--batch", type=int, help="prompts per call (default 1)")
+    generation.add_argument("--prompt-len", type=int, help="prompt tokens (default model.max_len / 4)")
+    generation.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: up to model.max_len)")
+    generation.add_argument("--tensor", type=int, help="tensor-parallel degree (default: every device)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     if not os.environ.get("JAX_PLATFORMS"):  # compile for the target; start no local accelerator
@@ -78,8 +91,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         target = Target.parse(args.target)
-        report = compile_train_step(config_lib.load(args.config, args.overrides), target)
-        print(describe(report), flush=True)
+        config = config_lib.load(args.config, args.overrides)
+        generation = {"quantize": args.quantize, "batch": args.batch, "prompt_len": args.prompt_len,
+                      "max_new_tokens": args.max_new_tokens, "tensor": args.tensor}
+        if args.step == "generate":
+            from jaxllm.aot.generate import compile_generate_step, describe_generation
+
+            report = compile_generate_step(config, target, **{k: v for k, v in generation.items() if v is not None})
+            print(describe_generation(report), flush=True)
+        else:
+            given = [k for k, v in generation.items() if v is not None]
+            if given:
+                raise UserError(f"--{given[0].replace('_', '-')} applies to --step=generate, not --step=train")
+            report = compile_train_step(config, target)
+            print(describe(report), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         fits.append(report.fits)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxllm.compression import packing
-from jaxllm.compression.linear import active_recorder
+from jaxllm.compression.linear import active_recorder, integer_matmul
 from jaxllm.compression.quantizers import (
     ActRange,
     GroupCodes,
@@ -263,10 +263,18 @@ class QuantizedWeight(_CompressedWeight):
             w = w + expand_blocks(self.zero, k, n)
         return w.reshape(self._shape)
 
+    @property
+    def integer_inputs(self) -> bool:
+        """Whether XLA multiplies integers (`integer_matmul`): codes without zero points, inputs quantized
+        token-wise on the symmetric grid (W8A8, W4A8, ternary/binary weights with A8)."""
+        spec = self.spec
+        return self.zero is None and spec.act_bits is not None and spec.act_symmetric and not spec.act_static
+
     def _product(self, x: jax.Array, raw_x: jax.Array, compute_dtype: Any, contract: int,
                  transpose_w: bool) -> jax.Array:
         """The Pallas kernel on the integer codes where the spec's implementation selects it ("auto": when
-        the program is compiled for a GPU or TPU), else XLA on the dequantized weight."""
+        the program is compiled for a GPU or TPU), else XLA: integer dots on the codes when `integer_inputs`,
+        else the dequantized weight in floating point."""
         dequantized = super()._product
         if transpose_w:  # the kernel contracts the codes' K rows only
             return dequantized(x, raw_x, compute_dtype, contract, transpose_w)
@@ -277,6 +285,9 @@ class QuantizedWeight(_CompressedWeight):
             return out.reshape(*x.shape[:-1], *self._shape[contract:])
 
         def reference(x, raw_x):
+            if self.integer_inputs:
+                out = integer_matmul(raw_x.reshape(-1, k), self.int_codes(), self.scale, self.spec.act_bits)
+                return out.reshape(*raw_x.shape[:-1], *self._shape[contract:]).astype(jnp.float32)
             return dequantized(x, raw_x, compute_dtype, contract, transpose_w).astype(jnp.float32)
 
         return dispatch("quantized matmul", self.spec.implementation, kernel, reference, x, raw_x)

@@ -264,6 +264,13 @@ def generate_jit(
                          sampling=Sampling.of(max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id))
 
 
+def lower_generate(graphdef: Any, params: Any, prompt_tokens: Any, prompt_lengths: Any, key: Any,
+                   sampling: Sampling) -> Any:
+    """`generate_jit`'s program lowered for these arguments (arrays or `jax.ShapeDtypeStruct`s carrying
+    shardings) without running it: what `jaxllm.aot.generate` compiles for a TPU or GPU target."""
+    return _generate_jit.lower(_Graph(graphdef), params, prompt_tokens, prompt_lengths, key, sampling=sampling)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None,
              multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Right-aligns prompts in a `[batch, width]` int32 array; returns it and the prompt lengths.
@@ -278,6 +285,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | Non
     for row, prompt in enumerate(prompts):
         out[row, width - len(prompt):] = prompt
     return out, lengths
+
+
+def prompt_width(longest: int, max_len: int, max_new_tokens: int) -> int:
+    """The padded prompt width `generate` compiles for: the longest prompt rounded up to a multiple of
+    16, as far as `max_len - max_new_tokens` allows (the KV cache holds `width + max_new_tokens` slots)."""
+    return min(-(-longest // 16) * 16, max_len - max_new_tokens)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_len: int, max_new_tokens: int) -> None:
@@ -324,8 +337,7 @@ def generate(
         raise UserError(f"max_new_tokens: got {max_new_tokens}; expected a positive integer")
     check_sampling(temperature, top_k, top_p)
     _check_prompts(prompts, cfg.vocab_size, cfg.max_len, max_new_tokens)
-    longest = max(len(p) for p in prompts)
-    width = min(-(-longest // 16) * 16, cfg.max_len - max_new_tokens)
+    width = prompt_width(max(len(p) for p in prompts), cfg.max_len, max_new_tokens)
     tokens, lengths = left_pad(prompts, pad_id, width)
     graphdef, params = nnx.split(model)
     out = generate_jit(graphdef, params, tokens, lengths, jax.random.key(seed), max_new_tokens=max_new_tokens,
