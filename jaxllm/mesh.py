@@ -144,6 +144,50 @@ def opt_drop(zero_stage: int) -> tuple[str, ...]:
     return () if zero_stage >= 1 else ("fsdp",)
 
 
+# Memory kinds of a device's memories (JAX's names): its own (HBM) and page-locked host memory, which
+# the device reads and writes by DMA. Host offload places state in HOST and streams it through the step.
+DEVICE_MEMORY = "device"
+HOST_MEMORY = "pinned_host"
+
+
+def check_host_memory(mesh: Mesh, key: str) -> None:
+    """Refuses `key` when the mesh's devices cannot address host memory (the compile-only GPU targets
+    of jax 0.10 describe none, and would silently keep everything on the device)."""
+    device = mesh.devices.flat[0]
+    try:
+        kinds = {memory.kind for memory in device.addressable_memories()}
+    except Exception:  # noqa: BLE001 -- a device without memory descriptions raises its own error types
+        kinds = set()
+    if HOST_MEMORY not in kinds:
+        raise UserError(f"config key '{key}': the devices ({device.device_kind}) address no {HOST_MEMORY!r} "
+                        f"memory here (memories: {sorted(kinds) or 'none described'}); set {key}=none")
+
+
+def on_host(sharding: NamedSharding) -> NamedSharding:
+    return sharding.with_memory_kind(HOST_MEMORY)
+
+
+def _moved(tree: Any, shardings: Any, kind: str) -> Any:
+    def move(x, sharding):
+        if sharding.memory_kind != HOST_MEMORY:
+            return x
+        return jax.device_put(x, sharding.with_memory_kind(kind))
+
+    return jax.tree.map(move, tree, shardings)
+
+
+def to_device(tree: Any, shardings: Any) -> Any:
+    """Inside `jit`: the leaves of `tree` whose `shardings` place them in host memory, copied into device
+    memory with the same sharding (the other leaves as they are). XLA schedules the copies (DMA) beside
+    the computation that needs them."""
+    return _moved(tree, shardings, DEVICE_MEMORY)
+
+
+def to_host(tree: Any, shardings: Any) -> Any:
+    """Inside `jit`: the leaves that `shardings` place in host memory copied back there."""
+    return _moved(tree, shardings, HOST_MEMORY)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch arrays `[batch, length, ...]` split over the data-parallel axes and the sequence axis."""
     return NamedSharding(mesh, logical_to_spec(("batch", "length") + (None,) * (ndim - 2), mesh=mesh))

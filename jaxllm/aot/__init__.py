@@ -18,6 +18,7 @@ the compilers' plugins do not look for a local TPU or GPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import time
@@ -84,7 +85,11 @@ class Target:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiling processes at once
         try:
             if self.platform == "tpu":
-                topology = topologies.get_topology_desc(platform="tpu", topology_name=f"{self.chip}:{self.topology}")
+                # A slice smaller than one host (v5e:1x1) is its own host: libtpu's default host is 2x2x1.
+                dims = tuple(int(d) for d in self.topology.split("x"))
+                small = {"chips_per_host_bounds": (dims + (1, 1))[:3]} if math.prod(dims) < 4 else {}
+                topology = topologies.get_topology_desc(platform="tpu", topology_name=f"{self.chip}:{self.topology}",
+                                                        **small)
             else:
                 nodes, per_node = self.topology.split("x")
                 topology = topologies.get_topology_desc(platform="cuda", topology_name=self.chip,
@@ -121,11 +126,23 @@ class CompileReport:
     compile_seconds: float
     estimate: int  # `python -m jaxllm.train --dry-run`'s per-device estimate
     error: str | None = None  # the compiler's own message when it refused the program
+    # Host memory the program reads and writes (`mesh.offload`), as the compiler counts it (TPU; the
+    # compile-only GPU targets describe no host memory), and the state bytes placed there by the layout.
+    host_arguments: int = 0
+    host_outputs: int = 0
+    host_temporaries: int = 0
+    host_aliased: int = 0
+    offloaded: int = 0
 
     @property
     def total(self) -> int:
         """Peak bytes a device holds: arguments, outputs not aliased to them, and temporaries."""
         return self.arguments + self.outputs - self.aliased + self.temporaries
+
+    @property
+    def host_total(self) -> int:
+        """Peak host bytes the program holds per device, counted like `total`."""
+        return self.host_arguments + self.host_outputs - self.host_aliased + self.host_temporaries
 
     @property
     def fits(self) -> bool:
@@ -136,7 +153,8 @@ class CompileReport:
         return 1.0 - self.total / self.capacity
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"total": self.total, "fits": self.fits, "headroom": self.headroom}
+        return dataclasses.asdict(self) | {"total": self.total, "host_total": self.host_total, "fits": self.fits,
+                                           "headroom": self.headroom}
 
 
 def abstract_batch(config: Any, mesh: Any, rows: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -196,7 +214,19 @@ def compile_train_step(config: Any, target: Target) -> CompileReport:
         model_flops=flops_per_token(config.model, length) * rows * length,
         compiled_flops=max(flops) * len(devices) if flops and None not in flops else None,
         micro_batches=config.train.grad_accum, scanned_layers=config.model.scan_layers, compile_seconds=seconds,
-        estimate=estimate, error=error)
+        estimate=estimate, error=error, **_host_figures(peak), offloaded=_offloaded_bytes(task.layout.abstract))
+
+
+def _host_figures(stats: Any) -> dict[str, int]:
+    fields = {"arguments": "argument", "outputs": "output", "temporaries": "temp", "aliased": "alias"}
+    return {f"host_{name}": getattr(stats, f"host_{field}_size_in_bytes", 0) if stats else 0
+            for name, field in fields.items()}
+
+
+def _offloaded_bytes(abstract_state: Any) -> int:
+    """Per-device bytes of the state leaves the layout places in host memory."""
+    placed = [a for a in jax.tree.leaves(abstract_state) if a.sharding.memory_kind == mesh_lib.HOST_MEMORY]
+    return memory.sharded_bytes(placed)
 
 
 def _compiled_flops(compiled: Any, target: Target) -> float | None:

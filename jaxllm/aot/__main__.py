@@ -47,6 +47,8 @@ def describe(report: CompileReport) -> str:
             f"({'fits, ' + format(report.headroom, '.0%') + ' headroom' if report.fits else 'does NOT fit'})",
             f"  --dry-run's estimate {report.estimate / GIB:.3f} GiB ({report.estimate / report.total - 1:+.0%})",
         ]
+        if report.offloaded or report.host_total:
+            lines.append(host_line(report))
         if report.compiled_flops:
             lines.append(flops_line(report))
     lines.append(f"compiled in {report.compile_seconds:.1f} s")
@@ -54,6 +56,13 @@ def describe(report: CompileReport) -> str:
         lines.append("to fit: rematerialise more (model.remat=dots or full), a smaller micro-batch (raise "
                      "train.grad_accum), or shard more (mesh.fsdp, mesh.tensor)")
     return "\n".join(lines)
+
+
+def host_line(report: CompileReport) -> str:
+    """Host memory per device: what the layout placed there (mesh.offload) and the compiler's figures."""
+    return (f"  host memory   {report.host_total / GIB:9.3f} GiB  (offloaded state {report.offloaded / GIB:.3f}, "
+            f"not counted in the device total; arguments {report.host_arguments / GIB:.3f}, temporaries "
+            f"{report.host_temporaries / GIB:.3f})")
 
 
 def flops_line(report: CompileReport) -> str:

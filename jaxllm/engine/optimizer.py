@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from jaxllm.engine.onebit import OneBitTraining, is_onebit
 from jaxllm.engine.state import ParamTree, StateLayout, state_layout
+from jaxllm.errors import UserError
 from jaxllm.optim import build_optimizer
 
 
@@ -22,12 +23,13 @@ class TrainOptimizer:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     onebit: OneBitTraining | None = None
+    offload: str = "none"  # mesh.offload
 
     def layout(self, mesh: Mesh, model: Any, zero_stage: int, frozen: tuple[str, ...] = (),
                buffers: Any = None) -> StateLayout:
         """The state layout of `model` (a `ModelDef` or `ParamTree`) trained with this optimizer."""
         opt_state = self.onebit.opt_state_layout() if self.onebit else None
-        return state_layout(mesh, model, self.tx, zero_stage, frozen, opt_state, buffers)
+        return state_layout(mesh, model, self.tx, zero_stage, frozen, opt_state, buffers, self.offload)
 
     def signature(self) -> dict[str, Any] | None:
         """What the saved optimizer state is bound to (None: it restores onto any mesh)."""
@@ -39,11 +41,16 @@ def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
     """The optimizer of `config.optimizer` for the trainable parameters of `model` (all groups but
     `frozen`). `schedule` replaces the config's warm-up + cosine learning rate (random-LTD's LayerToken
     schedule, PPO's per-model rates)."""
+    offload = config.mesh.offload
     if is_onebit(config):
+        if offload != "none":
+            raise UserError(f"config key 'mesh.offload': got {offload!r}; expected 'none' with "
+                            f"optimizer.name={config.optimizer.name} (its state is laid out per device and "
+                            "stepped in shard_map; offload works with adamw)")
         params = ParamTree(model.logical_axes, model.shapes)
         if frozen:
             params = params.subset(tuple(k for k in params.shapes if k not in frozen))
         onebit = OneBitTraining(config, mesh, params, schedule)
         return TrainOptimizer(onebit.state_tx, onebit.schedule, onebit)
     tx, schedule = build_optimizer(config, schedule)
-    return TrainOptimizer(tx, schedule)
+    return TrainOptimizer(tx, schedule, offload=offload)

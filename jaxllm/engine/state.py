@@ -8,7 +8,9 @@ checkpoint. Parameters are pure dicts of f32 arrays (what Orbax saves).
 Shardings come from the parameters' logical axes through `jaxllm.mesh`; ZeRO stages are sharding
 choices (`param_drop`, `grad_drop`, `opt_drop`). Every optimizer-state leaf that mirrors a parameter
 is sharded like it, for any Optax chain; a 1-bit optimizer (`jaxllm.engine.onebit`) lays out
-its own per-device state.
+its own per-device state. Host offload (`mesh.offload=optimizer`) is a memory kind on the same
+shardings: the optimizer state's leaves live in host memory (`pinned_host`), split over the devices
+as before, and the step (`jaxllm.engine.step`) streams them through the update.
 """
 
 from __future__ import annotations
@@ -91,15 +93,17 @@ class StateLayout:
     grads: Any
     abstract: Any  # ShapeDtypeStructs carrying `state` shardings (Orbax restore target)
     frozen: tuple[str, ...] = ()  # top-level parameter groups kept under "frozen"
+    offload: str = "none"  # mesh.offload: "optimizer" places `opt_state` in host memory
 
 
 def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_stage: int,
                  frozen: tuple[str, ...] = (), opt_state: tuple[Any, Any] | None = None,
-                 buffers: Any = None) -> StateLayout:
+                 buffers: Any = None, offload: str = "none") -> StateLayout:
     """The layout of a task's state. `model`: a `ModelDef` or `ParamTree`; `frozen`: top-level groups
     without gradients; `opt_state`: (abstract, shardings) of an optimizer that lays out its own state
     (a 1-bit optimizer's per-device buffers), else they follow `tx.init` and the parameters;
-    `buffers`: a tree of arrays the loss updates (`jaxllm.engine.step`), replicated."""
+    `buffers`: a tree of arrays the loss updates (`jaxllm.engine.step`), replicated; `offload`:
+    `mesh.offload` ("optimizer": the optimizer state in host memory)."""
     whole = ParamTree(model.logical_axes, model.shapes)
     trainable = whole.subset(tuple(k for k in whole.shapes if k not in frozen)) if frozen else whole
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -109,6 +113,9 @@ def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_
         opt_shardings = mirrored_shardings(mesh, trainable, opt_abstract, mesh_lib.opt_drop(zero_stage))
     else:
         opt_abstract, opt_shardings = opt_state
+    if offload == "optimizer":
+        mesh_lib.check_host_memory(mesh, "mesh.offload")
+        opt_shardings = jax.tree.map(mesh_lib.on_host, opt_shardings)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     shardings = {"step": replicated, "skipped_steps": replicated,
                  "params": trainable.shardings(mesh, mesh_lib.param_drop(zero_stage)), "opt_state": opt_shardings}
@@ -122,7 +129,7 @@ def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_
         shardings["buffers"] = jax.tree.map(lambda _: replicated, buffers)
     grads = trainable.shardings(mesh, mesh_lib.grad_drop(zero_stage))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-    return StateLayout(shardings, grads, abstract, tuple(frozen))
+    return StateLayout(shardings, grads, abstract, tuple(frozen), offload)
 
 
 def all_params(state: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +153,7 @@ def initial_state(layout: StateLayout, tx: optax.GradientTransformation, params:
             state["frozen"] = {k: values[k] for k in layout.frozen}
         if buffers is not None:
             state["buffers"] = buffers
-        return state
+        return mesh_lib.to_host(state, layout.state)  # an offloaded optimizer state starts in host memory
 
     if callable(params):
         return jax.jit(init, out_shardings=layout.state)(None, buffers)

@@ -9,7 +9,10 @@ in the state's `buffers`: the loss reads it as `params["buffers"]` and returns i
 The step adds everything else: gradient accumulation over `grad_accum` micro-batches,
 the mean over the global count, the skip of a step whose loss or gradient is not finite (parameters
 and optimizer state unchanged, `skipped_steps` + 1), random-LTD's kept positions, and for a
-1-bit optimizer its per-device path (`jaxllm.engine.onebit`) behind the same call.
+1-bit optimizer its per-device path (`jaxllm.engine.onebit`) behind the same call. With host
+offload (`mesh.offload=optimizer`) the optimizer state comes in from host memory, is copied to the
+devices for the update and goes back, all inside the one jitted program (ZeRO-Offload's streaming,
+with the update on the devices; the arithmetic is the same as without offload).
 
 Metrics: `loss` (sum / count), `grad_norm`, `lr`, `tokens` (the count), `skipped`, and each aux sum
 divided by the count (the reward model's `accuracy` is its correct pairs over its pairs).
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm import ltd as ltd_lib
+from jaxllm import mesh as mesh_lib
 from jaxllm.engine.state import StateLayout
 
 LossFn = Callable[[Any, dict[str, jax.Array], "ltd_lib.LTDPlan | None"],
@@ -113,12 +117,15 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        opt_shardings = layout.state["opt_state"]
+        opt_state = mesh_lib.to_device(state["opt_state"], opt_shardings)  # from host memory when offloaded
+        updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = dict(state, step=state["step"] + 1,
                          skipped_steps=state["skipped_steps"] + (~finite).astype(jnp.int32),
-                         params=keep(new_params, params), opt_state=keep(new_opt, state["opt_state"]))
+                         params=keep(new_params, params),
+                         opt_state=mesh_lib.to_host(keep(new_opt, opt_state), opt_shardings))
         if buffers is not None:
             new_state[BUFFERS] = keep(buffers, state[BUFFERS])
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,

@@ -1,0 +1,106 @@
+"""Host offload of the optimizer state (`mesh.offload=optimizer`): the same losses, bit for bit, with the
+state in host memory; checkpoints restore across the setting both ways; the TPU compiler's own figures
+show the state leaving device memory for host memory."""
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from jaxllm import config as config_lib
+from jaxllm import mesh as mesh_lib
+from jaxllm.engine.checkpoint import Checkpointer
+from jaxllm.errors import UserError
+from jaxllm.pretraining import LanguageModelTraining
+from tests.engine.test_step import batches
+
+TINY = ["model.layers=1", "model.d_model=32", "model.heads=4", "model.vocab_size=128", "data.seq_len=16",
+        "train.batch_size=8", "train.warmup_steps=1", "mesh.data=4", "mesh.fsdp=2"]
+
+
+def _task(offload: str, overrides=()):
+    cfg = config_lib.load(None, [*TINY, f"mesh.offload={offload}", *overrides])
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        return cfg, mesh, LanguageModelTraining.build(cfg, mesh)
+
+
+def _steps(task, mesh, state, data):
+    step, losses, rows = task.train_step(), [], mesh_lib.batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+        for batch in data:
+            state, metrics = step(state, {k: jax.device_put(v, rows) for k, v in batch.items()})
+            losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def _kinds(tree):
+    """Memory kinds of a tree of arrays or of shardings."""
+    return {getattr(leaf, "sharding", leaf).memory_kind for leaf in jax.tree.leaves(tree)}
+
+
+def _equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_offloaded_state_gives_the_same_losses_bit_for_bit(devices):
+    cfg, mesh, plain = _task("none")
+    _, _, offloaded = _task("optimizer")
+    bad = dict(batches(cfg, 1, seed=1)[0])
+    bad["loss_mask"] = bad["loss_mask"].copy()
+    bad["loss_mask"][0, 0] = np.nan  # a non-finite step keeps the state, offloaded or not
+    data = [*batches(cfg, 3), bad]
+    with jax.set_mesh(mesh):
+        base_state, base = _steps(plain, mesh, plain.init_state(), data)
+        state, losses = _steps(offloaded, mesh, offloaded.init_state(), data)
+    assert losses[:3] == base[:3] and np.isnan(losses[3]) and int(state["skipped_steps"]) == 1
+    _equal(state["params"], base_state["params"])
+    _equal(state["opt_state"], base_state["opt_state"])
+    assert _kinds(offloaded.layout.state["opt_state"]) == {mesh_lib.HOST_MEMORY}
+    assert _kinds(state["opt_state"]) == {mesh_lib.HOST_MEMORY}
+    assert _kinds(state["params"]) == {mesh_lib.DEVICE_MEMORY}
+    assert _kinds(base_state["opt_state"]) == {mesh_lib.DEVICE_MEMORY}
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [("optimizer", "none"), ("none", "optimizer")])
+def test_checkpoints_restore_across_the_setting(devices, tmp_path, saved, resumed):
+    cfg, mesh, first = _task(saved)
+    _, _, second = _task(resumed)
+    data = batches(cfg, 3)
+    with jax.set_mesh(mesh):
+        _, uninterrupted = _steps(second, mesh, second.init_state(), data)
+        state, _ = _steps(first, mesh, first.init_state(), data[:2])
+        ckpt = Checkpointer(tmp_path, async_save=False)
+        ckpt.save(2, state, iter(grain.MapDataset.range(4).to_iter_dataset()), {})
+        restored = ckpt.restore(2, second.layout.abstract, iter(grain.MapDataset.range(4).to_iter_dataset()))
+        ckpt.close()
+        _equal(restored["opt_state"], state["opt_state"])
+        assert _kinds(restored["opt_state"]) == _kinds(second.layout.state["opt_state"])
+        _, resumed_losses = _steps(second, mesh, restored, data[2:])
+    assert resumed_losses == uninterrupted[2:]
+
+
+def test_offload_is_refused_where_it_cannot_work():
+    with pytest.raises(UserError, match="'mesh.offload'"):
+        config_lib.load(None, ["mesh.offload=params"])
+    with pytest.raises(UserError, match="'mesh.offload'.*onebit_adam"):
+        _task("optimizer", ["optimizer.name=onebit_adam"])
+
+
+@pytest.mark.slow
+def test_tpu_compiler_reads_the_optimizer_state_from_host_memory():
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the aot extra: pip install -e '.[aot]'")
+    from jaxllm.aot import Target, compile_train_step
+
+    model = ["model.layers=1", "model.d_model=128", "model.heads=4", "model.vocab_size=512", "data.seq_len=128",
+             "train.batch_size=8", "mesh.data=1", "mesh.fsdp=4"]
+    reports = {offload: compile_train_step(config_lib.load(None, [*model, f"mesh.offload={offload}"]),
+                                           Target.parse("tpu:v5e:2x2")) for offload in ("none", "optimizer")}
+    plain, offloaded = reports["none"], reports["optimizer"]
+    state = plain.optimizer_state  # Adam's two moments, per chip, from the layout's shardings
+    assert offloaded.offloaded == state and plain.offloaded == 0
+    # The compiler's own figures: what left the device arguments is what it reads from host memory (both
+    # padded to the TPU's tiles, so at least the state's bytes), written back there in place.
+    assert plain.arguments - offloaded.arguments == offloaded.host_arguments >= state
+    assert offloaded.host_aliased == offloaded.host_arguments
+    assert plain.host_arguments == 0
