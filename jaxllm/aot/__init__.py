@@ -202,14 +202,14 @@ def compile_train_step(config: Any, target: Target) -> CompileReport:
     stats = [c.memory_analysis() for c in compiled]
     peak = max(stats, key=lambda s: s.argument_size_in_bytes + s.output_size_in_bytes - s.alias_size_in_bytes
                + s.temp_size_in_bytes, default=None)
-    flops = [_compiled_flops(c, target) for c in compiled]
+    flops = [compiled_flops_of(c, target) for c in compiled]
     return CompileReport(
         target=str(target), devices=len(devices), mesh=dict(mesh.shape),
         parameters=memory.sharded_bytes(task.layout.abstract["params"]),
         optimizer_state=memory.sharded_bytes(task.layout.abstract["opt_state"]),
         batch=memory.sharded_bytes(batch),
         arguments=peak.argument_size_in_bytes if peak else 0, outputs=peak.output_size_in_bytes if peak else 0,
-        temporaries=peak.temp_size_in_bytes if peak else _reported_bytes(error),
+        temporaries=peak.temp_size_in_bytes if peak else reported_bytes(error),
         aliased=peak.alias_size_in_bytes if peak else 0, capacity=target.memory_bytes,
         model_flops=flops_per_token(config.model, length) * rows * length,
         compiled_flops=max(flops) * len(devices) if flops and None not in flops else None,
@@ -229,7 +229,7 @@ def _offloaded_bytes(abstract_state: Any) -> int:
     return memory.sharded_bytes(placed)
 
 
-def _compiled_flops(compiled: Any, target: Target) -> float | None:
+def compiled_flops_of(compiled: Any, target: Target) -> float | None:
     """FLOPs of one device's program: XLA's cost analysis (on the optimized module for GPU, whose
     compiled executable does not report it)."""
     if target.platform == "tpu":
@@ -240,7 +240,7 @@ def _compiled_flops(compiled: Any, target: Target) -> float | None:
     return float(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)["flops"])
 
 
-def _reported_bytes(error: str | None) -> int:
+def reported_bytes(error: str | None) -> int:
     """The memory the compiler said it needed (`... HLO temporaries (22.96G) exceeds ...`), in bytes."""
     found = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", error or "")
     if not found:

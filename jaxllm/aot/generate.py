@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm import memory
 from jaxllm import mesh as mesh_lib
-from jaxllm.aot import Target, _compiled_flops, _reported_bytes, hlo
+from jaxllm.aot import Target, compiled_flops_of, hlo, reported_bytes
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.errors import UserError
 from jaxllm.generate import Sampling, lower_generate, prompt_width
@@ -172,12 +172,12 @@ def _compile(lowering: Any, target: Target) -> tuple[Any, ProgramFigures]:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
         error = str(err).splitlines()[0]
-        return None, ProgramFigures(temporaries=_reported_bytes(error), error=error,
+        return None, ProgramFigures(temporaries=reported_bytes(error), error=error,
                                     compile_seconds=time.perf_counter() - start)
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     return compiled, ProgramFigures(stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.temp_size_in_bytes,
-                                    stats.alias_size_in_bytes, _compiled_flops(compiled, target), seconds)
+                                    stats.alias_size_in_bytes, compiled_flops_of(compiled, target), seconds)
 
 
 def check_shape(cfg: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int) -> None:
