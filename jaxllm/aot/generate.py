@@ -17,8 +17,8 @@ groups with token-wise int8 activations, the token embedding int8 per row, the L
 `"config"` the config's `compression:` section, each planned and quantized as `python -m jaxllm.compress
 ptq` stores it (abstractly: only shapes and dtypes) and replicated on every device, as the command
 loads a compressed checkpoint. Quantized matmuls take the XLA path (`implementation: xla`): integer
-dots (`jaxllm.compression.linear.integer_matmul`), since the Pallas kernels do not compile for these
-targets yet (docs/aot.md).
+dots (`jaxllm.compression.linear.integer_matmul`) that the compiled program shows and the report counts;
+the Pallas kernel path compiles for these targets too (docs/aot.md) but is one opaque custom call.
 
 Per-token model FLOPs, with `P` dense matmul parameters (`count_params`: non-embedding and unembedding),
 `L` cache slots and `H` query heads of `d_h` each: `2 P + 4 layers L H d_h` (every query reads every
