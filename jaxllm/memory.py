@@ -190,3 +190,25 @@ def device_memory(device: Any) -> tuple[int, str]:
     devices = max(len(jax.local_devices()), 1)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ram // devices, f"this machine's RAM over its {devices} {device.platform} devices"
+
+
+def compiled_total(analysis: Any) -> int:
+    """Peak bytes per device of a compiled program, from its `memory_analysis()`: arguments, outputs
+    not written over donated arguments, and temporaries."""
+    return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+            + analysis.temp_size_in_bytes)
+
+
+def verdict(estimated: int, capacity: int, what: str, compiled: int | None = None) -> str:
+    """The line `--dry-run` ends its memory report with: the estimate against the device, and the
+    compiler's figure beside it when the step was compiled for the local accelerators."""
+    gib = 2**30
+    if compiled is None:
+        fits = "fits" if estimated <= capacity else "does NOT fit"
+        return (f"verdict: {estimated / gib:.3f} GiB per device against {capacity / gib:.2f} GiB ({what}): "
+                f"{fits} by this estimate; python -m jaxllm.aot --target=... gives the compiler's figure "
+                "for a TPU or GPU")
+    fits = "fits" if compiled <= capacity else "does NOT fit"
+    return (f"verdict: compiled for these devices, {compiled / gib:.3f} GiB per device against "
+            f"{capacity / gib:.2f} GiB ({what}): {fits}; the estimate {estimated / gib:.3f} GiB is "
+            f"{estimated / compiled - 1:+.0%} off")
