@@ -105,3 +105,17 @@ def test_estimate_within_15_percent_of_the_tpu_compiler(name):
     report = compile_train_step(config, Target.parse("tpu:v5e:2x2"))
     assert report.error is None
     assert abs(report.estimate / report.total - 1) <= 0.15, (report.estimate / GIB, report.total / GIB)
+
+
+def test_dry_run_on_an_accelerator_prints_the_compilers_figure(tmp_path, capsys, devices, monkeypatch):
+    """The accelerator path of `--dry-run`, exercised on the CPU devices (whose figures it then prints)."""
+    from jaxllm.train import train
+
+    config = config_lib.load(None, ["model.layers=1", "model.d_model=32", "model.heads=2", "model.vocab_size=128",
+                                    "model.max_len=16", "data.seq_len=16", "train.batch_size=8", "mesh.fsdp=8"])
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    train(config, tmp_path / "w", dry=True)
+    out = capsys.readouterr().out
+    assert "verdict: compiled for these devices" in out and "off" in out
+    assert "python -m jaxllm.aot" not in out
+    assert not (tmp_path / "w").exists()
