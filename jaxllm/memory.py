@@ -10,7 +10,7 @@ their buffer assignments show (`scripts/dry_run_check.py` compares the total wit
 Per device, with b rows of a micro-batch (`batch_size / grad_accum / (data * fsdp)`), l tokens of each
 row (`seq_len / sequence`) out of s, t = b l, d = d_model, f' the MLP hidden width (twice the MLP width
 when gated), h query and g key/value heads of size e, V the vocabulary, L layers, w the bytes of the
-compute dtype, and h, g, f', V split over the `tensor` axis:
+compute dtype, and h, g, f', V split over the `tensor` axis (h and g also over `sequence`):
 
 - `gradients`: the f32 gradient (the sum over micro-batches) in its layout; `micro_gradients`: with
   `grad_accum` > 1, one micro-batch's gradient beside the sum.
@@ -96,8 +96,8 @@ def block_saved_bytes(mb: MicroBatch, remat: str, platform: str = "gpu") -> int:
     - `none`: per token the two f32 residuals and the MLP hidden, `4 (2 d + f')`, the compute-dtype
       inputs of every matmul, `w (2 d + (h + 2 g) e + h e + f')`, and per score the attention
       probabilities: the GPU compiler keeps the f32 scores and the compute-dtype probabilities,
-      `b h l s (4 + w)` (its buffer assignment for GPT-2 124M); the TPU compiler's totals match keeping
-      the probabilities only, `b h l s w` (fitted to GPT-2 124M on v5e: 5.71 GiB per chip).
+      `b h s s (4 + w)` (its buffer assignment for GPT-2 124M); the TPU compiler's totals match keeping
+      the probabilities only, `b h s s w` (fitted to GPT-2 124M on v5e: 5.71 GiB per chip).
     """
     t, d, w = mb.tokens, mb.d_model, mb.width
     projections = (mb.heads + 2 * mb.kv_heads) * mb.head_dim + mb.heads * mb.head_dim
@@ -111,8 +111,9 @@ def block_saved_bytes(mb: MicroBatch, remat: str, platform: str = "gpu") -> int:
 
 
 def attention_bytes(mb: MicroBatch, per_score: int) -> int:
-    """`b h l s * per_score`: arrays over every (query, key) pair of the local heads."""
-    return mb.rows * mb.heads * mb.length * mb.seq_len * per_score
+    """`b h s s * per_score`: arrays over every (query, key) pair of whole rows for the local heads
+    (with a `sequence` axis, attention holds whole rows and splits the heads: Ulysses)."""
+    return mb.rows * mb.heads * mb.seq_len * mb.seq_len * per_score
 
 
 def logits_bytes(mb: MicroBatch) -> int:
@@ -124,9 +125,9 @@ def block_backward_bytes(mb: MicroBatch, remat: str) -> int:
     """Working set of one block's backward pass.
 
     Under remat the block runs forward again first: the attention scores, probabilities (f32 and
-    compute dtype) and their gradient, `b h l s (12 + w)`, the compute-dtype matmul inputs,
+    compute dtype) and their gradient, `b h s s (12 + w)`, the compute-dtype matmul inputs,
     `w t (2 d + f')`, and with `full` also the f32 activations per token, `4 t (4 d + 2 f')`. Without
-    remat only the gradients are new: of the probabilities and scores, `8 b h l s`, and the f32
+    remat only the gradients are new: of the probabilities and scores, `8 b h s s`, and the f32
     gradients of the residual and the MLP hidden, `4 t (d + f')`.
     """
     t, d, w = mb.tokens, mb.d_model, mb.width

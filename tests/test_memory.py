@@ -48,6 +48,14 @@ def test_activation_terms_follow_their_formulas(remat, devices):
     assert est["total"] == sum(v for k, v in est.items() if k != "total") - min(est["loss_backward"], block)
 
 
+def test_sequence_axis_splits_tokens_and_heads_but_attention_sees_whole_rows(devices):
+    _, est = _estimate([*LLAMA, "mesh.tensor=1", "mesh.sequence=2", "model.remat=dots"], devices)
+    b, s, d, w = 2, 64, 64, 2
+    t, h, f2 = b * s // 2, 2, 2 * 96  # half of each row's tokens; heads split over sequence; whole MLP
+    assert est["block_backward"] == b * h * s * s * (12 + w) + t * w * (2 * d + f2)
+    assert est["loss_backward"] == 4 * t * 512
+
+
 def test_state_terms_are_the_shards_of_the_layout(devices):
     config, est = _estimate([*LLAMA, "model.scan_layers=true"], devices)
     from jaxllm.models.decoder import count_params
