@@ -96,8 +96,8 @@ def block_saved_bytes(mb: MicroBatch, remat: str, platform: str = "gpu") -> int:
     - `none`: per token the two f32 residuals and the MLP hidden, `4 (2 d + f')`, the compute-dtype
       inputs of every matmul, `w (2 d + (h + 2 g) e + h e + f')`, and per score the attention
       probabilities: the GPU compiler keeps the f32 scores and the compute-dtype probabilities,
-      `b h s s (4 + w)` (its buffer assignment for GPT-2 124M); the TPU compiler's totals match keeping
-      the probabilities only, `b h s s w` (fitted to GPT-2 124M on v5e: 5.71 GiB per chip).
+      `b h s s (4 + w)` (its buffer assignment for GPT-2 124M); the TPU compiler's total is consistent
+      with the probabilities only, `b h s s w` (GPT-2 124M on v5e: 5.71 GiB per chip, 5.06 estimated).
     """
     t, d, w = mb.tokens, mb.d_model, mb.width
     projections = (mb.heads + 2 * mb.kv_heads) * mb.head_dim + mb.heads * mb.head_dim
