@@ -1,14 +1,36 @@
-"""Per-device memory estimate for `--dry-run`, from shardings and a coarse activation model.
+"""Per-device memory estimate of one training step for `--dry-run`, as named terms.
 
-Parameters, gradients and optimizer state are exact (shard shapes times bytes). Activations are an
-estimate: the tensors a pre-norm block keeps for its backward pass, per micro-batch on one device,
-after Korthikanti et al. (2022) "Reducing Activation Recomputation in Large Transformer Models",
-with f32 residuals and `compute_dtype` matmul inputs; with remat only each block's input is kept,
-plus one block's worth during its recomputation.
+The state (parameters, optimizer state, gradients) is exact: shard shapes times bytes. The rest models
+what the TPU and GPU compilers keep at the step's peak, in the backward pass of one micro-batch, as
+their buffer assignments show (`scripts/dry_run_check.py` compares the total with theirs):
+
+    total = params + optimizer + gradients + micro_gradients + scanned_weights + scanned_gradients
+            + embedding_table + head_gradient + saved_activations + max(loss_backward, block_backward)
+
+Per device, with b rows of a micro-batch (`batch_size / grad_accum / (data * fsdp)`), l tokens of each
+row (`seq_len / sequence`) out of s, t = b l, d = d_model, f' the MLP hidden width (twice the MLP width
+when gated), h query and g key/value heads of size e, V the vocabulary, L layers, w the bytes of the
+compute dtype, and h, g, f', V split over the `tensor` axis (h and g also over `sequence`):
+
+- `gradients`: the f32 gradient (the sum over micro-batches) in its layout; `micro_gradients`: with
+  `grad_accum` > 1, one micro-batch's gradient beside the sum.
+- `scanned_weights`, `scanned_gradients`: with `model.scan_layers`, the block weights stacked inside the
+  step (laid out like the parameters) and the stacked gradients the backward scan builds.
+- `embedding_table`: the token lookup gathers the whole f32 table, `4 V d` (every shard), when the table
+  is sharded; `head_gradient`: the tied or untied output head's f32 weight gradient, `4 V d`, whole over
+  fsdp until it is reduce-scattered (ZeRO-2/3).
+- `saved_activations`: `L` times what one block keeps for the backward pass (`block_saved_bytes`).
+- `loss_backward`: the f32 logits, `4 t V` (`logits_bytes`).
+- `block_backward`: one block's backward pass, recomputed first under remat (`block_backward_bytes`).
+
+The platform is that of the devices the layout is on (a target's, for `python -m jaxllm.aot`); on CPU
+the GPU compiler's rules apply. Not modelled: a TPU keeps buffers of a few MiB in on-chip memory, so for
+toy models (totals of tens of MiB) the compiler's figure is far below this estimate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -16,6 +38,8 @@ from typing import Any
 import jax
 
 from jaxllm.config import Config
+
+F32 = 4
 
 
 def sharded_bytes(abstract: Any) -> int:
@@ -27,34 +51,141 @@ def sharded_bytes(abstract: Any) -> int:
     return total
 
 
-def activation_bytes(config: Config, data_parallel: int, sequence_parallel: int, tensor_parallel: int) -> int:
-    m, d = config.model, config.data
-    batch = config.train.batch_size // config.train.grad_accum // data_parallel
-    length = d.seq_len // sequence_parallel
-    width = 2 if m.compute_dtype == "bfloat16" else 4
-    tokens = batch * length
-    heads = max(m.heads // tensor_parallel, 1)
-    ffn = m.ffn_dim // tensor_parallel
-    per_block = tokens * (
-        4 * m.d_model * 3  # f32 residual stream and two norm outputs
-        + width * (2 * m.d_model + 3 * m.d_model // tensor_parallel)  # matmul inputs, q/k/v
-        + width * ffn * (3 if m.family == "llama" else 2)  # MLP hidden (and gate)
-    ) + batch * heads * length * d.seq_len * (4 + width)  # attention scores (f32) and probabilities
-    logits = tokens * m.vocab_size // tensor_parallel * 4 * 2  # logits and their gradient, f32
-    if m.remat == "none":
-        return m.layers * per_block + logits
-    return m.layers * tokens * m.d_model * 4 + per_block + logits
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """What one device computes for one micro-batch: rows, tokens per row and the local model widths."""
+
+    rows: int  # b
+    length: int  # l: tokens of a row on this device (after the sequence axis)
+    seq_len: int  # whole rows: attention sees every key (Ulysses moves heads, not keys, between devices)
+    d_model: int
+    heads: int  # local query heads, h / k (attention heads also split over `sequence`)
+    kv_heads: int
+    head_dim: int
+    ffn: int  # local MLP width, f / k
+    vocab: int  # local vocabulary, V / k
+    gated: bool  # SwiGLU (llama): a second MLP input projection
+    width: int  # bytes of a compute-dtype element (matmul inputs)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+    @classmethod
+    def of(cls, config: Config, mesh_shape: dict[str, int]) -> MicroBatch:
+        m = config.model
+        tensor, sequence = mesh_shape.get("tensor", 1), mesh_shape.get("sequence", 1)
+        data_parallel = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+        rows = max(config.train.batch_size // config.train.grad_accum // data_parallel, 1)
+        split = lambda n, by: n // by if n % by == 0 else n  # noqa: E731 -- odd sizes replicate (jaxllm.mesh)
+        attention_split = tensor * sequence
+        return cls(rows=rows, length=config.data.seq_len // sequence, seq_len=config.data.seq_len,
+                   d_model=m.d_model, heads=split(m.heads, attention_split),
+                   kv_heads=split(m.num_kv_heads, attention_split), head_dim=m.head_dim, ffn=split(m.ffn_dim, tensor),
+                   vocab=split(m.vocab_size, tensor), gated=m.family == "llama",
+                   width=2 if m.compute_dtype == "bfloat16" else 4)
+
+
+def block_saved_bytes(mb: MicroBatch, remat: str, platform: str = "gpu") -> int:
+    """Bytes one block keeps for the backward pass of one micro-batch.
+
+    - `full`: its f32 input, `4 t d`.
+    - `dots` (`dots_with_no_batch_dims_saveable`): the f32 input, the f32 outputs of the projections
+      (q, k, v, attention out, MLP in and gate) and the f32 residual between attention and MLP,
+      `4 t (2 d + (h + 2 g) e + h e + f')`; attention scores come from batched matmuls and are recomputed.
+    - `none`: per token the two f32 residuals and the MLP hidden, `4 (2 d + f')`, the compute-dtype
+      inputs of every matmul, `w (2 d + (h + 2 g) e + h e + f')`, and per score the attention
+      probabilities: the GPU compiler keeps the f32 scores and the compute-dtype probabilities,
+      `b h s s (4 + w)` (its buffer assignment for GPT-2 124M); the TPU compiler's total is consistent
+      with the probabilities only, `b h s s w` (GPT-2 124M on v5e: 5.71 GiB per chip, 5.06 estimated).
+    """
+    t, d, w = mb.tokens, mb.d_model, mb.width
+    projections = (mb.heads + 2 * mb.kv_heads) * mb.head_dim + mb.heads * mb.head_dim
+    hidden = mb.ffn * (2 if mb.gated else 1)
+    if remat == "full":
+        return F32 * t * d
+    if remat == "dots":
+        return F32 * t * (2 * d + projections + hidden)
+    per_token = F32 * (2 * d + hidden) + w * (2 * d + projections + hidden)
+    return t * per_token + attention_bytes(mb, w if platform == "tpu" else F32 + w)
+
+
+def attention_bytes(mb: MicroBatch, per_score: int) -> int:
+    """`b h s s * per_score`: arrays over every (query, key) pair of whole rows for the local heads
+    (with a `sequence` axis, attention holds whole rows and splits the heads: Ulysses)."""
+    return mb.rows * mb.heads * mb.seq_len * mb.seq_len * per_score
+
+
+def logits_bytes(mb: MicroBatch) -> int:
+    """The f32 logits, `4 t V` (their gradient takes their place): the peak of the loss's backward pass."""
+    return F32 * mb.tokens * mb.vocab
+
+
+def block_backward_bytes(mb: MicroBatch, remat: str) -> int:
+    """Working set of one block's backward pass.
+
+    Under remat the block runs forward again first: the attention scores, probabilities (f32 and
+    compute dtype) and their gradient, `b h s s (12 + w)`, the compute-dtype matmul inputs,
+    `w t (2 d + f')`, and with `full` also the f32 activations per token, `4 t (4 d + 2 f')`. Without
+    remat only the gradients are new: of the probabilities and scores, `8 b h s s`, and the f32
+    gradients of the residual and the MLP hidden, `4 t (d + f')`.
+    """
+    t, d, w = mb.tokens, mb.d_model, mb.width
+    hidden = mb.ffn * (2 if mb.gated else 1)
+    if remat == "none":
+        return attention_bytes(mb, 2 * F32) + F32 * t * (d + hidden)
+    recomputed = w * (2 * d + hidden) + (F32 * (4 * d + 2 * hidden) if remat == "full" else 0)
+    return attention_bytes(mb, 3 * F32 + w) + t * recomputed
+
+
+def platform_of(abstract: Any) -> str:
+    """The platform of the devices a tree of ShapeDtypeStructs is laid out on ("tpu", "gpu", "cpu")."""
+    for leaf in jax.tree.leaves(abstract):
+        mesh = getattr(leaf.sharding, "mesh", None)
+        devices = getattr(mesh, "devices", None)
+        if devices is not None and devices.size:
+            return devices.flat[0].platform
+    return "cpu"
+
+
+def _blocks(tree: Any) -> Any:
+    return tree.get("blocks", {}) if isinstance(tree, dict) else {}
 
 
 def estimate(config: Config, layout_abstract: Any, grads_bytes: int, mesh_shape: dict[str, int]) -> dict[str, int]:
-    """Per-device bytes by category for one training step."""
-    state = layout_abstract
-    params = sharded_bytes(state["params"])
-    optimizer = sharded_bytes(state["opt_state"])
-    data_parallel = mesh_shape["data"] * mesh_shape["fsdp"]
-    acts = activation_bytes(config, data_parallel, mesh_shape["sequence"], mesh_shape["tensor"])
-    return {"params": params, "gradients": grads_bytes, "optimizer": optimizer, "activations": acts,
-            "total": params + grads_bytes + optimizer + acts}
+    """Per-device bytes of one training step by term (module docstring), and their `total`.
+
+    `layout_abstract`: the state's ShapeDtypeStructs with their shardings (their devices say which
+    compiler's rules apply); `grads_bytes`: one device's share of the f32 gradients in their layout
+    (`StateLayout.grads`)."""
+    m, accum = config.model, config.train.grad_accum
+    mb = MicroBatch.of(config, mesh_shape)
+    platform = platform_of(layout_abstract["params"])
+    params = sharded_bytes(layout_abstract["params"])
+    block_params = sharded_bytes(_blocks(layout_abstract["params"]))
+    block_grads = round(grads_bytes * block_params / params) if params else 0  # same layout ratio
+    scanned = m.scan_layers
+    sharded_weights = config.mesh.zero_stage >= 3 and mesh_shape.get("fsdp", 1) > 1
+    sharded_grads = config.mesh.zero_stage >= 2 and mesh_shape.get("fsdp", 1) > 1
+    table = m.vocab_size * m.d_model * F32
+    terms = {
+        "params": params,
+        "optimizer": sharded_bytes(layout_abstract["opt_state"]),
+        "gradients": grads_bytes,  # the f32 sum over micro-batches (or the one micro-batch's gradient)
+        # A micro-batch's gradient beside the sum; with scanned layers its blocks' part is the stack.
+        "micro_gradients": (grads_bytes - (block_grads if scanned else 0)) if accum > 1 else 0,
+        "scanned_weights": block_params if scanned else 0,  # the blocks' weights stacked inside the step
+        "scanned_gradients": block_grads if scanned else 0,  # and their gradients, stacked by the backward scan
+        # The token lookup gathers the whole f32 table (over fsdp and tensor) when it is sharded.
+        "embedding_table": table if sharded_weights or mesh_shape.get("tensor", 1) > 1 else 0,
+        # The output head's weight gradient, whole over fsdp until it is reduce-scattered.
+        "head_gradient": F32 * mb.vocab * m.d_model if sharded_grads else 0,
+        "saved_activations": m.layers * block_saved_bytes(mb, m.remat, platform),
+        "loss_backward": logits_bytes(mb),
+        "block_backward": block_backward_bytes(mb, m.remat),
+    }
+    terms["total"] = sum(terms.values()) - min(terms["loss_backward"], terms["block_backward"])
+    return terms
 
 
 def device_memory(device: Any) -> tuple[int, str]:
@@ -66,3 +197,25 @@ def device_memory(device: Any) -> tuple[int, str]:
     devices = max(len(jax.local_devices()), 1)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ram // devices, f"this machine's RAM over its {devices} {device.platform} devices"
+
+
+def compiled_total(analysis: Any) -> int:
+    """Peak bytes per device of a compiled program, from its `memory_analysis()`: arguments, outputs
+    not written over donated arguments, and temporaries."""
+    return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+            + analysis.temp_size_in_bytes)
+
+
+def verdict(estimated: int, capacity: int, what: str, compiled: int | None = None) -> str:
+    """The line `--dry-run` ends its memory report with: the estimate against the device, and the
+    compiler's figure beside it when the step was compiled for the local accelerators."""
+    gib = 2**30
+    if compiled is None:
+        fits = "fits" if estimated <= capacity else "does NOT fit"
+        return (f"verdict: {estimated / gib:.3f} GiB per device against {capacity / gib:.2f} GiB ({what}): "
+                f"{fits} by this estimate; python -m jaxllm.aot --target=... gives the compiler's figure "
+                "for a TPU or GPU")
+    fits = "fits" if compiled <= capacity else "does NOT fit"
+    return (f"verdict: compiled for these devices, {compiled / gib:.3f} GiB per device against "
+            f"{capacity / gib:.2f} GiB ({what}): {fits}; the estimate {estimated / gib:.3f} GiB is "
+            f"{estimated / compiled - 1:+.0%} off")

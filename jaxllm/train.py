@@ -51,17 +51,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def dry_run(config: Config, mesh, layout) -> None:
+    """Sizes, the per-device memory estimate by term (`jaxllm.memory`), and on a TPU or GPU the
+    compiler's own figure for the step on these devices."""
     counts = count_params(config.model)
     grads = memory.sharded_bytes(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                               layout.abstract["params"], layout.grads))
     est = memory.estimate(config, layout.abstract, grads, dict(mesh.shape))
     print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
     print(f"parameters: {counts['total']:,} ({counts['non_embedding']:,} non-embedding)")
-    print("per-device memory estimate: " + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in est.items()))
+    # Terms that this config does not have (no scan, no accumulation, ...) are left out; the total takes
+    # the larger of loss_backward and block_backward (jaxllm.memory).
+    print("per-device memory estimate: " + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in est.items()
+                                                     if v or k == "total"))
     capacity, what = memory.device_memory(mesh.devices.flat[0])
-    verdict = "fits" if est["total"] <= capacity else "does NOT fit"
-    print(f"verdict: {est['total'] / 2**30:.3f} GiB per device against {capacity / 2**30:.2f} GiB ({what}): {verdict} "
-          "by this estimate; python -m jaxllm.aot --target=... gives the compiler's figure for a TPU or GPU")
+    compiled = None
+    if jax.default_backend() in ("tpu", "gpu"):  # a CPU compile's figures say nothing about an accelerator
+        from jaxllm.aot import abstract_batch
+
+        with jax.set_mesh(mesh):
+            task = LanguageModelTraining.build(config, mesh)
+            step = task.train_step()
+            if hasattr(step, "lower"):  # a 1-bit optimizer runs one program per phase: estimate only
+                batch = abstract_batch(config, mesh, config.train.batch_size, config.data.seq_len)
+                compiled = memory.compiled_total(step.lower(layout.abstract, batch).compile().memory_analysis())
+    print(memory.verdict(est["total"], capacity, what, compiled))
     print(f"model FLOPs per token (training): {flops_per_token(config.model, config.data.seq_len):.4g}")
 
 
