@@ -81,10 +81,18 @@ def rows(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_resume_and_chat(tmp_path, devices, capsys):
-    workdir = tmp_path / "run"
+def test_train_resume_and_chat(tmp_path, devices, capsys, monkeypatch):
+    """docs/visualchat.md's train and chat commands as printed (relative paths, from a directory holding
+    configs/visualchat/tiny.yaml, here a shrunk one), then resume and a refused vision shape."""
+    import yaml
+
+    (tmp_path / "configs" / "visualchat").mkdir(parents=True)
+    (tmp_path / "configs" / "visualchat" / "tiny.yaml").write_text(yaml.safe_dump(tiny_config()))
+    monkeypatch.chdir(tmp_path)
+    assert train_lib.main(["--config=configs/visualchat/tiny.yaml", "--workdir", "runs/visualchat"]) == 0
+    workdir = tmp_path / "runs" / "visualchat"
     config = from_dict(tiny_config())
-    last = train_lib.train(config, workdir)
+    last = rows(workdir)[-1]
     first = rows(workdir)
     assert [r["step"] for r in first] == [1, 2, 3, 4]
     assert np.isfinite(last["eval_loss"]) and 0.0 <= last["eval_accuracy"] <= 1.0
@@ -109,9 +117,9 @@ def test_train_resume_and_chat(tmp_path, devices, capsys):
     # Without a progress bar (this config) the rows went to the console as lines.
     assert "step 4/4 | loss " in capsys.readouterr().out
 
-    # Chat: two rounds over two images, greedy, from the trained workdir.
-    images = sorted((workdir / "data" / "synthetic" / "images").glob("ep0_*.png"))
-    code = chat.main(["--workdir", str(workdir), "--image", str(images[0]), "--image", str(images[1]),
+    # Chat: two rounds over two images, greedy, from the trained workdir, as the docs print it.
+    code = chat.main(["--workdir", "runs/visualchat", "--image", "runs/visualchat/data/synthetic/images/ep0_a.png",
+                      "--image", "runs/visualchat/data/synthetic/images/ep0_b.png",
                       "--question", "<image>\n<image>\nWhich image has more circles?",
                       "--question", "How many red shapes are there?", "--max-new-tokens", "3", "--json"])
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
