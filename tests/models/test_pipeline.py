@@ -1,0 +1,87 @@
+"""Pipeline stages: the pipelined decoder against the same decoder without stages, the schedule's
+bubble against its formula, and the config checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxllm.config import MeshConfig, ModelConfig
+from jaxllm.errors import UserError
+from jaxllm.mesh import PipelineSettings, make_mesh
+from jaxllm.models.decoder import Decoder
+from jaxllm.models.pipeline import bubble_fraction, schedule_table
+
+FAMILIES = {
+    "gpt2": dict(family="gpt2"),
+    "llama": dict(family="llama", kv_heads=2),  # grouped-query attention
+    "bloom": dict(family="bloom"),  # ALiBi
+}
+
+
+def _model(family, layers=4, **extra):
+    cfg = ModelConfig(**(dict(layers=layers, d_model=32, heads=4, vocab_size=61, max_len=16) | FAMILIES[family]
+                         | extra))
+    return cfg, nnx.split(Decoder(cfg, rngs=nnx.Rngs(params=0)))
+
+
+def _loss_and_grads(graphdef, params, tokens, mesh):
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+    with jax.set_mesh(mesh):
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _tokens(rows, vocab, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (rows, 9)), jnp.int32)
+
+
+def _assert_same(got, want):
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-6)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-7), grads, ref_grads)
+
+
+@pytest.mark.slow  # one compile with stages and one without per case
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mesh_keys", [
+    dict(stage=2),
+    dict(stage=4, pipeline_schedule="gpipe", pipeline_microbatches=2),
+    dict(stage=2, fsdp=2, tensor=2, pipeline_schedule="circular", pipeline_repeats=2),
+], ids=["gpipe2", "gpipe4-fewer-microbatches", "circular2-fsdp-tensor"])
+def test_pipelined_equals_unpipelined(devices, family, mesh_keys):
+    cfg, (graphdef, params) = _model(family)
+    tokens = _tokens(8, cfg.vocab_size)
+    want = _loss_and_grads(graphdef, params, tokens, make_mesh(MeshConfig(), devices))
+    _assert_same(_loss_and_grads(graphdef, params, tokens, make_mesh(MeshConfig(**mesh_keys), devices)), want)
+
+
+@pytest.mark.parametrize("stages,repeats,micro", [(2, 1, 4), (4, 1, 8), (4, 2, 4), (4, 3, 5), (2, 1, 1)])
+def test_schedule_bubble_matches_formula(stages, repeats, micro):
+    settings = PipelineSettings(stages, "circular" if repeats > 1 else "gpipe", repeats, micro)
+    table = schedule_table(settings)
+    # Every (round, micro-batch) item passes every stage once, one stage after the other.
+    for stage in range(stages):
+        np.testing.assert_array_equal(np.sort(table[:, stage][table[:, stage] >= 0]), np.arange(repeats * micro))
+    np.testing.assert_array_equal(np.argmax(table == 0, axis=0), np.arange(stages))
+    assert bubble_fraction(settings) == pytest.approx((stages - 1) / (repeats * micro + stages - 1))
+
+
+def test_bad_pipeline_configs_name_their_key(devices):
+    with pytest.raises(UserError, match="mesh.pipeline_repeats"):
+        MeshConfig(stage=2, pipeline_repeats=2).validate()
+    with pytest.raises(UserError, match="mesh.pipeline_microbatches"):
+        MeshConfig(stage=4, pipeline_schedule="circular", pipeline_repeats=2, pipeline_microbatches=2).validate()
+    with pytest.raises(UserError, match="mesh.stage"):
+        MeshConfig(stage=4).check_pipeline(6, "adamw")
+    with pytest.raises(UserError, match="mesh.stage"):
+        MeshConfig(stage=2).check_pipeline(4, "onebit_adam")
+    cfg, (graphdef, params) = _model("gpt2", layers=6)
+    with pytest.raises(UserError, match="mesh.stage"):
+        _loss_and_grads(graphdef, params, _tokens(8, cfg.vocab_size), make_mesh(MeshConfig(stage=4), devices))
+    cfg, (graphdef, params) = _model("gpt2")
+    with pytest.raises(UserError, match="mesh.pipeline_microbatches"):
+        _loss_and_grads(graphdef, params, _tokens(6, cfg.vocab_size), make_mesh(MeshConfig(stage=2), devices))
