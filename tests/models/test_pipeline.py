@@ -85,3 +85,30 @@ def test_bad_pipeline_configs_name_their_key(devices):
     cfg, (graphdef, params) = _model("gpt2")
     with pytest.raises(UserError, match="mesh.pipeline_microbatches"):
         _loss_and_grads(graphdef, params, _tokens(6, cfg.vocab_size), make_mesh(MeshConfig(stage=2), devices))
+
+
+@pytest.mark.slow  # five short training runs
+def test_training_with_stages_matches_one_stage_resumes_bitwise_and_restores_onto_fewer_stages(tmp_path, devices):
+    from jaxllm import config as config_lib
+    from jaxllm.train import train
+    from tests.test_train import TINY, losses
+
+    # A constant LR after warm-up, so that shorter first runs follow the same schedule.
+    base = [*TINY, "model.layers=4", "train.log_every=1", "checkpoint.every=4", "checkpoint.async_save=false",
+            "train.min_lr_ratio=1.0"]
+    two_stages = ["mesh.stage=2", "mesh.data=2", "mesh.fsdp=2", "mesh.pipeline_schedule=circular",
+                  "mesh.pipeline_repeats=2", "mesh.pipeline_microbatches=2"]
+    four_stages = ["mesh.stage=4", "mesh.data=2", "mesh.pipeline_microbatches=4"]
+
+    def run(workdir, steps, mesh):
+        train(config_lib.load(None, [*base, f"train.steps={steps}", *mesh]), tmp_path / workdir)
+        return losses(tmp_path / workdir)
+
+    unpipelined = run("one_stage", 6, ["mesh.data=8"])
+    pipelined = run("two_stages", 6, two_stages)
+    np.testing.assert_allclose([pipelined[s] for s in range(1, 7)], [unpipelined[s] for s in range(1, 7)], rtol=1e-5)
+    run("resumed", 4, two_stages)
+    assert run("resumed", 6, two_stages) == pipelined  # bitwise: the same floats
+    run("moved", 4, four_stages)  # checkpoint 4 written with 4 stages, restored with 2
+    moved = run("moved", 6, two_stages)
+    np.testing.assert_allclose([moved[s] for s in range(1, 7)], [pipelined[s] for s in range(1, 7)], rtol=1e-5)
