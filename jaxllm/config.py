@@ -284,14 +284,13 @@ class MeshConfig:
     # and streams it through the update inside the one jitted step; checkpoints are the same either way.
     # Not for the 1-bit optimizers, whose state is laid out per device.
     offload: Literal["none", "optimizer"] = "none"
-    # Pipeline parallelism (`docs/pipeline.md`): the decoder's blocks split over `stage` devices, each
-    # batch the loss sees cut into `pipeline_microbatches` micro-batches (0: twice the stage count).
-    # gpipe: stage s holds one run of layers/stage consecutive blocks; circular: it holds
-    # `pipeline_repeats` groups of layers/(stage x repeats) blocks and each micro-batch passes every
-    # stage `pipeline_repeats` times, which shrinks the bubble by that factor.
+    # Pipeline parallelism (`docs/pipeline.md`): the decoder's blocks split over this many devices.
     stage: int = 1
+    # gpipe: each stage holds layers/stage consecutive blocks; circular: `pipeline_repeats` groups of
+    # layers/(stage x repeats) blocks, and micro-batches go round the stages that many times.
     pipeline_schedule: Literal["gpipe", "circular"] = "gpipe"
-    pipeline_repeats: int = 1
+    pipeline_repeats: int = 1  # layer groups per stage (circular only); the bubble shrinks by this factor
+    # Micro-batches the rows of each loss call are cut into (after train.grad_accum's split); 0: 2 x stage.
     pipeline_microbatches: int = 0
 
     def validate(self) -> None:
