@@ -47,16 +47,26 @@ def _assert_same(got, want):
 
 @pytest.mark.slow  # one compile with stages and one without per case
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("mesh_keys", [
-    dict(stage=2),
-    dict(stage=4, pipeline_schedule="gpipe", pipeline_microbatches=2),
-    dict(stage=2, fsdp=2, tensor=2, pipeline_schedule="circular", pipeline_repeats=2),
-], ids=["gpipe2", "gpipe4-fewer-microbatches", "circular2-fsdp-tensor"])
-def test_pipelined_equals_unpipelined(devices, family, mesh_keys):
-    cfg, (graphdef, params) = _model(family)
+@pytest.mark.parametrize("mesh_keys, model_keys", [
+    (dict(stage=2), {}),
+    (dict(stage=4, pipeline_schedule="gpipe", pipeline_microbatches=2), dict(remat="dots")),
+    (dict(stage=2, fsdp=2, tensor=2, pipeline_schedule="circular", pipeline_repeats=2), {}),
+], ids=["gpipe2", "gpipe4-remat-fewer-microbatches", "circular2-fsdp-tensor"])
+def test_pipelined_equals_unpipelined(devices, family, mesh_keys, model_keys):
+    cfg, (graphdef, params) = _model(family, **model_keys)
     tokens = _tokens(8, cfg.vocab_size)
     want = _loss_and_grads(graphdef, params, tokens, make_mesh(MeshConfig(), devices))
     _assert_same(_loss_and_grads(graphdef, params, tokens, make_mesh(MeshConfig(**mesh_keys), devices)), want)
+
+
+@pytest.mark.slow  # two compiles
+def test_pipelined_with_sequence_parallel_attention_and_remat_equals_unpipelined(devices):
+    cfg, (graphdef, params) = _model("llama", remat="full")
+    tokens = _tokens(8, cfg.vocab_size)
+    want = _loss_and_grads(graphdef, params, tokens, make_mesh(MeshConfig(), devices))
+    mesh = MeshConfig(stage=2, sequence=2, data=2, pipeline_schedule="circular", pipeline_repeats=2,
+                      pipeline_microbatches=2)
+    _assert_same(_loss_and_grads(graphdef, params, tokens, make_mesh(mesh, devices)), want)
 
 
 @pytest.mark.parametrize("stages,repeats,micro", [(2, 1, 4), (4, 1, 8), (4, 2, 4), (4, 3, 5), (2, 1, 1)])
@@ -112,3 +122,18 @@ def test_training_with_stages_matches_one_stage_resumes_bitwise_and_restores_ont
     run("moved", 4, four_stages)  # checkpoint 4 written with 4 stages, restored with 2
     moved = run("moved", 6, two_stages)
     np.testing.assert_allclose([moved[s] for s in range(1, 7)], [pipelined[s] for s in range(1, 7)], rtol=1e-5)
+
+
+@pytest.mark.slow  # one compile with the TPU compiler
+def test_aot_compiles_the_pipelined_step_for_a_tpu(devices):
+    from jaxllm import config as config_lib
+    from jaxllm.aot import Target, compile_train_step
+
+    config = config_lib.load(None, ["model.layers=4", "model.d_model=32", "model.heads=4", "model.vocab_size=128",
+                                    "model.max_len=32", "data.seq_len=16", "train.batch_size=8", "mesh.data=1",
+                                    "mesh.stage=2", "mesh.fsdp=2", "mesh.pipeline_schedule=circular",
+                                    "mesh.pipeline_repeats=2", "mesh.pipeline_microbatches=2"])
+    report = compile_train_step(config, Target.parse("tpu:v5e:2x2"))
+    assert report.error is None
+    assert report.mesh == {"stage": 2, "data": 1, "fsdp": 2, "tensor": 1, "sequence": 1}
+    assert 0 < report.arguments < report.capacity
