@@ -1,8 +1,9 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
 Modules annotate parameters with logical names only (`("embed", "mlp")`). This module is the only
-place that knows the mesh axes `data`, `fsdp`, `tensor` and `sequence`, and the pipeline's `stage` axis,
-which no logical name maps to: only `jaxllm.models.pipeline` splits work over it. ZeRO stages are sharding
+place that knows the mesh axes `data`, `fsdp`, `tensor` and `sequence`, and the pipeline's `stage` axis:
+only `jaxllm.models.pipeline` splits work over it, and parameters are sharded over it like over `fsdp`
+(so that stages split their memory). ZeRO stages are sharding
 choices over `fsdp`: stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the
 parameters; there is no separate code path for them.
 """
@@ -30,7 +31,10 @@ ALL_AXES = (STAGE_AXIS, *MESH_AXES)
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "length": ("sequence",),
-    "embed": ("fsdp",),  # parameters only; activations keep the model dimension whole
+    # Parameters only; activations keep the model dimension whole. Over `stage` too, so that pipeline
+    # stages split the memory of the weights and optimizer state (at every ZeRO stage); the step
+    # regroups the blocks' weights by stage (`jaxllm.models.pipeline`).
+    "embed": ("fsdp", STAGE_AXIS),
     "mlp": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -140,9 +144,12 @@ def logical_to_spec(
         for axis in LOGICAL_RULES[name]:
             if axis in drop or axis in used:
                 continue
-            if mesh is not None:
-                size = mesh.shape[axis]
-                if size == 1:
+            if mesh is None:
+                if axis == STAGE_AXIS:  # a spec for no particular mesh names the axes every mesh has
+                    continue
+            else:
+                size = dict(mesh.shape).get(axis, 1)  # meshes built by hand may lack `stage`
+                if size == 1 or axis in getattr(mesh, "manual_axes", ()):  # inside the pipeline's shard_map
                     continue
                 if shape is not None and shape[dim] % (size * math.prod(mesh.shape[a] for a in axes)):
                     continue
