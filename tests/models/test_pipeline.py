@@ -5,12 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.errors import UserError
-from jaxllm.mesh import PipelineSettings, make_mesh
-from jaxllm.models.decoder import Decoder
+from jaxllm.mesh import PipelineSettings, make_mesh, tree_shardings
+from jaxllm.models.definition import ModelDef, init_params
 from jaxllm.models.pipeline import bubble_fraction, schedule_table
 
 FAMILIES = {
@@ -23,14 +22,17 @@ FAMILIES = {
 def _model(family, layers=4, **extra):
     cfg = ModelConfig(**(dict(layers=layers, d_model=32, heads=4, vocab_size=61, max_len=16) | FAMILIES[family]
                          | extra))
-    return cfg, nnx.split(Decoder(cfg, rngs=nnx.Rngs(params=0)))
+    return cfg, ModelDef.from_config(cfg), init_params(cfg, 0)
 
 
-def _loss_and_grads(graphdef, params, tokens, mesh):
+def _loss_and_grads(model, params, tokens, mesh):
+    """Loss and gradients under `mesh`, the parameters placed as training places them (ZeRO-3)."""
+
     def loss(p):
-        logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+        logits = model.bind(p)(tokens[:, :-1])
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
 
+    params = jax.device_put(params, tree_shardings(mesh, model.logical_axes, model.shapes))
     with jax.set_mesh(mesh):
         return jax.jit(jax.value_and_grad(loss))(params)
 
@@ -49,24 +51,25 @@ def _assert_same(got, want):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("mesh_keys, model_keys", [
     (dict(stage=2), {}),
-    (dict(stage=4, pipeline_schedule="gpipe", pipeline_microbatches=2), dict(remat="dots")),
+    (dict(stage=4, fsdp=2, pipeline_microbatches=2), dict(remat="dots")),
     (dict(stage=2, fsdp=2, tensor=2, pipeline_schedule="circular", pipeline_repeats=2), {}),
-], ids=["gpipe2", "gpipe4-remat-fewer-microbatches", "circular2-fsdp-tensor"])
+    (dict(stage=4, pipeline_schedule="circular", pipeline_repeats=2, pipeline_microbatches=4), dict(layers=8)),
+], ids=["gpipe2", "gpipe4-fsdp-remat", "circular2-fsdp-tensor", "circular4"])
 def test_pipelined_equals_unpipelined(devices, family, mesh_keys, model_keys):
-    cfg, (graphdef, params) = _model(family, **model_keys)
+    cfg, model, params = _model(family, **model_keys)
     tokens = _tokens(8, cfg.vocab_size)
-    want = _loss_and_grads(graphdef, params, tokens, make_mesh(MeshConfig(), devices))
-    _assert_same(_loss_and_grads(graphdef, params, tokens, make_mesh(MeshConfig(**mesh_keys), devices)), want)
+    want = _loss_and_grads(model, params, tokens, make_mesh(MeshConfig(), devices))
+    _assert_same(_loss_and_grads(model, params, tokens, make_mesh(MeshConfig(**mesh_keys), devices)), want)
 
 
 @pytest.mark.slow  # two compiles
 def test_pipelined_with_sequence_parallel_attention_and_remat_equals_unpipelined(devices):
-    cfg, (graphdef, params) = _model("llama", remat="full")
+    cfg, model, params = _model("llama", remat="full")
     tokens = _tokens(8, cfg.vocab_size)
-    want = _loss_and_grads(graphdef, params, tokens, make_mesh(MeshConfig(), devices))
+    want = _loss_and_grads(model, params, tokens, make_mesh(MeshConfig(), devices))
     mesh = MeshConfig(stage=2, sequence=2, data=2, pipeline_schedule="circular", pipeline_repeats=2,
                       pipeline_microbatches=2)
-    _assert_same(_loss_and_grads(graphdef, params, tokens, make_mesh(mesh, devices)), want)
+    _assert_same(_loss_and_grads(model, params, tokens, make_mesh(mesh, devices)), want)
 
 
 @pytest.mark.parametrize("stages,repeats,micro", [(2, 1, 4), (4, 1, 8), (4, 2, 4), (4, 3, 5), (2, 1, 1)])
@@ -89,12 +92,12 @@ def test_bad_pipeline_configs_name_their_key(devices):
         MeshConfig(stage=4).check_pipeline(6, "adamw")
     with pytest.raises(UserError, match="mesh.stage"):
         MeshConfig(stage=2).check_pipeline(4, "onebit_adam")
-    cfg, (graphdef, params) = _model("gpt2", layers=6)
+    cfg, model, params = _model("gpt2", layers=6)
     with pytest.raises(UserError, match="mesh.stage"):
-        _loss_and_grads(graphdef, params, _tokens(8, cfg.vocab_size), make_mesh(MeshConfig(stage=4), devices))
-    cfg, (graphdef, params) = _model("gpt2")
+        _loss_and_grads(model, params, _tokens(8, cfg.vocab_size), make_mesh(MeshConfig(stage=4), devices))
+    cfg, model, params = _model("gpt2")
     with pytest.raises(UserError, match="mesh.pipeline_microbatches"):
-        _loss_and_grads(graphdef, params, _tokens(6, cfg.vocab_size), make_mesh(MeshConfig(stage=2), devices))
+        _loss_and_grads(model, params, _tokens(6, cfg.vocab_size), make_mesh(MeshConfig(stage=2), devices))
 
 
 @pytest.mark.slow  # five short training runs
