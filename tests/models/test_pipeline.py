@@ -140,3 +140,13 @@ def test_aot_compiles_the_pipelined_step_for_a_tpu(devices):
     assert report.error is None
     assert report.mesh == {"stage": 2, "data": 1, "fsdp": 2, "tensor": 1, "sequence": 1}
     assert 0 < report.arguments < report.capacity
+
+
+def test_random_ltd_is_refused_with_stages(devices):
+    from jaxllm.ltd import LTDPlan
+
+    cfg, model, params = _model("gpt2")
+    tokens = _tokens(8, cfg.vocab_size)
+    plan = LTDPlan((1,), jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (1, 8, 4)))
+    with jax.set_mesh(make_mesh(MeshConfig(stage=2), devices)), pytest.raises(UserError, match="mesh.stage"):
+        jax.eval_shape(lambda p: model.bind(p)(tokens, ltd=plan), params)
