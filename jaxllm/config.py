@@ -284,12 +284,44 @@ class MeshConfig:
     # and streams it through the update inside the one jitted step; checkpoints are the same either way.
     # Not for the 1-bit optimizers, whose state is laid out per device.
     offload: Literal["none", "optimizer"] = "none"
+    # Pipeline parallelism (`docs/pipeline.md`): the decoder's blocks split over this many devices.
+    stage: int = 1
+    # gpipe: each stage holds layers/stage consecutive blocks; circular: `pipeline_repeats` groups of
+    # layers/(stage x repeats) blocks, and micro-batches go round the stages that many times.
+    pipeline_schedule: Literal["gpipe", "circular"] = "gpipe"
+    pipeline_repeats: int = 1  # layer groups per stage (circular only); the bubble shrinks by this factor
+    # Micro-batches the rows of each loss call are cut into (after train.grad_accum's split); 0: 2 x stage.
+    pipeline_microbatches: int = 0
 
     def validate(self) -> None:
         sizes = {k: getattr(self, k) for k in ("data", "fsdp", "tensor", "sequence")}
         for key, size in sizes.items():
             require(size == -1 or size > 0, f"mesh.{key}", size, "a positive integer or -1")
         require(sum(size == -1 for size in sizes.values()) <= 1, "mesh", sizes, "at most one axis set to -1")
+        require(self.stage > 0, "mesh.stage", self.stage, "a positive integer")
+        require(self.pipeline_repeats > 0, "mesh.pipeline_repeats", self.pipeline_repeats, "a positive integer")
+        require(self.pipeline_schedule == "circular" or self.pipeline_repeats == 1, "mesh.pipeline_repeats",
+                 self.pipeline_repeats, "1 unless mesh.pipeline_schedule is circular")
+        require(self.pipeline_microbatches >= 0, "mesh.pipeline_microbatches", self.pipeline_microbatches,
+                 "a non-negative integer (0: twice mesh.stage)")
+        microbatches = self.microbatches()
+        require(self.pipeline_schedule == "gpipe" or microbatches >= self.stage, "mesh.pipeline_microbatches",
+                 microbatches, f"at least mesh.stage={self.stage} for the circular schedule")
+
+    def microbatches(self) -> int:
+        return self.pipeline_microbatches or 2 * self.stage
+
+    def check_pipeline(self, layers: int, optimizer: str) -> None:
+        """Cross-section checks of the pipeline: whole layer groups per stage, and the optimizers it
+        composes with."""
+        if self.stage == 1:
+            return
+        groups = self.stage * self.pipeline_repeats
+        require(layers % groups == 0, "mesh.stage", self.stage,
+                f"a stage count that, times mesh.pipeline_repeats={self.pipeline_repeats}, divides "
+                f"model.layers={layers}")
+        require(optimizer == "adamw", "mesh.stage", self.stage,
+                f"1 with optimizer.name={optimizer!r} (the 1-bit optimizers' per-device step has no stage axis)")
 
 
 @dataclasses.dataclass
@@ -559,6 +591,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
         validate_sections(self)
+        self.mesh.check_pipeline(self.model.layers, self.optimizer.name)
         self.optimizer.warn_unreached_phases(self.train.steps)
         return self
 

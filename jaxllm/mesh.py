@@ -1,7 +1,9 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
 Modules annotate parameters with logical names only (`("embed", "mlp")`). This module is the only
-place that knows the mesh axes `data`, `fsdp`, `tensor` and `sequence`. ZeRO stages are sharding
+place that knows the mesh axes `data`, `fsdp`, `tensor` and `sequence`, and the pipeline's `stage` axis:
+only `jaxllm.models.pipeline` splits work over it, and parameters are sharded over it like over `fsdp`
+(so that stages split their memory). ZeRO stages are sharding
 choices over `fsdp`: stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the
 parameters; there is no separate code path for them.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -20,12 +22,19 @@ from jaxllm.config import MeshConfig
 from jaxllm.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+# Pipeline stages: outermost in the device order (the slowest links carry only the activations that
+# pass from stage to stage). A mesh without it (built by hand) has one stage.
+STAGE_AXIS = "stage"
+ALL_AXES = (STAGE_AXIS, *MESH_AXES)
 
 # Logical axis -> mesh axes. Edit this table (not a model file) to change the parallel layout.
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "length": ("sequence",),
-    "embed": ("fsdp",),  # parameters only; activations keep the model dimension whole
+    # Parameters only; activations keep the model dimension whole. Over `stage` too, so that pipeline
+    # stages split the memory of the weights and optimizer state (at every ZeRO stage); the step
+    # regroups the blocks' weights by stage (`jaxllm.models.pipeline`).
+    "embed": ("fsdp", STAGE_AXIS),
     "mlp": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -43,7 +52,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 
 def resolve_axis_sizes(config: MeshConfig, device_count: int) -> dict[str, int]:
     """Fills in the one axis set to -1 and checks that the sizes multiply to the device count."""
-    sizes = {axis: getattr(config, axis) for axis in MESH_AXES}
+    sizes = {axis: getattr(config, axis) for axis in ALL_AXES}
     fixed = math.prod(size for size in sizes.values() if size != -1)
     free = [axis for axis, size in sizes.items() if size == -1]
     if free:
@@ -61,17 +70,47 @@ def resolve_axis_sizes(config: MeshConfig, device_count: int) -> dict[str, int]:
     return sizes
 
 
+class PipelineSettings(NamedTuple):
+    """How `jaxllm.models.pipeline` runs the blocks over the `stage` axis (`MeshConfig`'s keys)."""
+
+    stages: int
+    schedule: str = "gpipe"
+    repeats: int = 1
+    microbatches: int = 0  # 0: twice the stage count
+
+
+# The pipeline settings of each mesh `make_mesh` built, by its abstract mesh (what `jit` sees): the model
+# reads them while tracing under `jax.set_mesh`, without a config argument. Meshes of the same shape
+# share an entry; the last one made wins.
+_PIPELINES: dict[Any, PipelineSettings] = {}
+
+
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_axis_sizes(config, len(devices))
-    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    shape = tuple(sizes[axis] for axis in ALL_AXES)
     device_array = np.asarray(devices).reshape(shape)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(ALL_AXES)
+    mesh = None
     if devices == list(jax.devices()):  # let JAX order devices for the interconnect (ICI/NVLink rings)
         try:
-            return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+            mesh = jax.make_mesh(shape, ALL_AXES, axis_types=axis_types)
         except (ValueError, NotImplementedError):
             pass
-    return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    mesh = mesh or Mesh(device_array, ALL_AXES, axis_types=axis_types)
+    _PIPELINES[mesh.abstract_mesh] = PipelineSettings(config.stage, config.pipeline_schedule,
+                                                      config.pipeline_repeats, config.microbatches())
+    return mesh
+
+
+def pipeline_settings() -> PipelineSettings:
+    """The pipeline of the current mesh (one stage without a mesh or a `stage` axis)."""
+    mesh = _current_mesh()
+    stages = 1 if mesh is None else dict(mesh.shape).get(STAGE_AXIS, 1)
+    if stages == 1:
+        return PipelineSettings(1)
+    settings = _PIPELINES.get(mesh, PipelineSettings(stages))
+    return settings._replace(microbatches=settings.microbatches or 2 * stages)
 
 
 def one_replica_mesh(tensor: int = 1) -> Mesh:
@@ -105,9 +144,12 @@ def logical_to_spec(
         for axis in LOGICAL_RULES[name]:
             if axis in drop or axis in used:
                 continue
-            if mesh is not None:
-                size = mesh.shape[axis]
-                if size == 1:
+            if mesh is None:
+                if axis == STAGE_AXIS:  # a spec for no particular mesh names the axes every mesh has
+                    continue
+            else:
+                size = dict(mesh.shape).get(axis, 1)  # meshes built by hand may lack `stage`
+                if size == 1 or axis in getattr(mesh, "manual_axes", ()):  # inside the pipeline's shard_map
                     continue
                 if shape is not None and shape[dim] % (size * math.prod(mesh.shape[a] for a in axes)):
                     continue

@@ -12,7 +12,7 @@ from jaxllm.optim import build_optimizer
 
 def test_axis_sizes_fill_the_free_axis_and_reject_bad_products():
     cfg = config_lib.load(None, ["mesh.data=-1", "mesh.tensor=2"]).mesh
-    assert mesh_lib.resolve_axis_sizes(cfg, 8) == {"data": 4, "fsdp": 1, "tensor": 2, "sequence": 1}
+    assert mesh_lib.resolve_axis_sizes(cfg, 8) == {"stage": 1, "data": 4, "fsdp": 1, "tensor": 2, "sequence": 1}
     with pytest.raises(UserError, match="does not divide the 8 devices"):
         mesh_lib.resolve_axis_sizes(config_lib.load(None, ["mesh.data=-1", "mesh.tensor=3"]).mesh, 8)
     with pytest.raises(UserError, match="multiply to 4, but there are 8 devices"):

@@ -32,8 +32,10 @@ from jaxtyping import Array, Float, Int
 
 from jaxllm import mesh as mesh_lib
 from jaxllm.config import ModelConfig
+from jaxllm.errors import UserError
 from jaxllm.ltd import LTDPlan, dropped_layer
 from jaxllm.mesh import constrain
+from jaxllm.models.pipeline import pipelined_blocks
 from jaxllm.ops.attention import alibi_slopes, causal_attention
 from jaxllm.ops.barrier import gradient_barrier
 from jaxllm.ops.linear import embedding_lookup, linear
@@ -348,8 +350,14 @@ class Decoder(nnx.Module):
             raise ValueError("random-LTD layers run their own attention; an attention override cannot be combined")
         x = constrain(self._embed(tokens, positions, embeddings), ("batch", "length", None))
         alibi = alibi_slopes(cfg.heads) if cfg.family == "bloom" else None
+        pipeline = mesh_lib.pipeline_settings()
+        if pipeline.stages > 1:
+            self._check_pipelined(ltd)
+            graphdef, stacked = self._stacked()
+            return self._logits(pipelined_blocks(self._block_fn(graphdef, attention), stacked, x, positions,
+                                                 segment_ids, pipeline))
         if cfg.scan_layers and ltd is None and self._stackable():
-            return self._logits(self._scanned_blocks(x, positions, segment_ids, alibi, attention))
+            return self._logits(self._scanned_blocks(x, positions, segment_ids, attention))
         for layer, block in enumerate(self.blocks):
             x = gradient_barrier(x)  # one materialised residual gradient per layer (see jaxllm.ops.barrier)
             kept = None if ltd is None else ltd.kept(layer)
@@ -393,23 +401,41 @@ class Decoder(nnx.Module):
         first = jax.tree.structure(nnx.state(self.blocks[0]))
         return all(jax.tree.structure(nnx.state(b)) == first for b in self.blocks[1:])
 
-    def _scanned_blocks(self, x, positions, segment_ids, alibi, attention):
-        """The blocks as one `jax.lax.scan` over their weights stacked along a new leading axis.
+    def _stacked(self):
+        """The blocks' shared graph and their weights stacked along a new leading axis.
 
         The stack is built inside the step from the per-block parameters (and its gradient split back),
-        so the scanned model has the unrolled one's parameter tree; XLA compiles one block, with the
-        same remat policy, instead of `layers`. Random-LTD, whose layers differ, runs unrolled."""
+        so the scanned and pipelined models have the unrolled one's parameter tree, and a checkpoint
+        restores onto any stage count."""
         graphdef = nnx.graphdef(self.blocks[0])
-        stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(b) for b in self.blocks))
+        return graphdef, jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(b) for b in self.blocks))
 
-        def body(x, weights):
+    def _block_fn(self, graphdef, attention):
+        """`(weights, x, positions, segment_ids) -> x` of one block, with the model's remat policy."""
+        cfg = self.cfg
+
+        def run(weights, x, positions, segment_ids):
             x = gradient_barrier(x)
-            return nnx.merge(graphdef, weights)(x, positions, segment_ids, alibi, attention=attention), None
+            alibi = alibi_slopes(cfg.heads) if cfg.family == "bloom" else None
+            return nnx.merge(graphdef, weights)(x, positions, segment_ids, alibi, attention=attention)
 
-        if self.cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
-        x, _ = jax.lax.scan(body, x, stacked)
+        return run if cfg.remat == "none" else jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat])
+
+    def _scanned_blocks(self, x, positions, segment_ids, attention):
+        """The blocks as one `jax.lax.scan` over their stacked weights: XLA compiles one block, with the
+        same remat policy, instead of `layers`. Random-LTD, whose layers differ, runs unrolled."""
+        graphdef, stacked = self._stacked()
+        block = self._block_fn(graphdef, attention)
+        x, _ = jax.lax.scan(lambda x, weights: (block(weights, x, positions, segment_ids), None), x, stacked)
         return x
+
+    def _check_pipelined(self, ltd) -> None:
+        if ltd is not None:
+            raise UserError("config key 'mesh.stage': random-LTD's per-layer token subsets do not run pipelined; "
+                            "set mesh.stage=1 or disable random_ltd")
+        if not self._stackable():
+            raise UserError("config key 'mesh.stage': the blocks' weights differ in structure (per-layer "
+                            "compression), so they cannot be split into stages; set mesh.stage=1")
 
     def _kept_tokens_block(self, block, alibi, implementation):
         """`block` as a function of the gathered tokens, their positions, segments and original indices."""

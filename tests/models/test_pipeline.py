@@ -1,0 +1,152 @@
+"""Pipeline stages: the pipelined decoder against the same decoder without stages, the schedule's
+bubble against its formula, and the config checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.config import MeshConfig, ModelConfig
+from jaxllm.errors import UserError
+from jaxllm.mesh import PipelineSettings, make_mesh, tree_shardings
+from jaxllm.models.definition import ModelDef, init_params
+from jaxllm.models.pipeline import bubble_fraction, schedule_table
+
+FAMILIES = {
+    "gpt2": dict(family="gpt2"),
+    "llama": dict(family="llama", kv_heads=2),  # grouped-query attention
+    "bloom": dict(family="bloom"),  # ALiBi
+}
+
+
+def _model(family, layers=4, **extra):
+    cfg = ModelConfig(**(dict(layers=layers, d_model=32, heads=4, vocab_size=61, max_len=16) | FAMILIES[family]
+                         | extra))
+    return cfg, ModelDef.from_config(cfg), init_params(cfg, 0)
+
+
+def _loss_and_grads(model, params, tokens, mesh):
+    """Loss and gradients under `mesh`, the parameters placed as training places them (ZeRO-3)."""
+
+    def loss(p):
+        logits = model.bind(p)(tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+    params = jax.device_put(params, tree_shardings(mesh, model.logical_axes, model.shapes))
+    with jax.set_mesh(mesh):
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _tokens(rows, vocab, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (rows, 9)), jnp.int32)
+
+
+def _assert_same(got, want):
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-6)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-7), grads, ref_grads)
+
+
+@pytest.mark.slow  # one compile with stages and one without per case
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mesh_keys, model_keys", [
+    (dict(stage=2), {}),
+    (dict(stage=4, fsdp=2, pipeline_microbatches=2), dict(remat="dots")),
+    (dict(stage=2, fsdp=2, tensor=2, pipeline_schedule="circular", pipeline_repeats=2), {}),
+    (dict(stage=4, pipeline_schedule="circular", pipeline_repeats=2, pipeline_microbatches=4), dict(layers=8)),
+], ids=["gpipe2", "gpipe4-fsdp-remat", "circular2-fsdp-tensor", "circular4"])
+def test_pipelined_equals_unpipelined(devices, family, mesh_keys, model_keys):
+    cfg, model, params = _model(family, **model_keys)
+    tokens = _tokens(8, cfg.vocab_size)
+    want = _loss_and_grads(model, params, tokens, make_mesh(MeshConfig(), devices))
+    _assert_same(_loss_and_grads(model, params, tokens, make_mesh(MeshConfig(**mesh_keys), devices)), want)
+
+
+@pytest.mark.slow  # two compiles
+def test_pipelined_with_sequence_parallel_attention_and_remat_equals_unpipelined(devices):
+    cfg, model, params = _model("llama", remat="full")
+    tokens = _tokens(8, cfg.vocab_size)
+    want = _loss_and_grads(model, params, tokens, make_mesh(MeshConfig(), devices))
+    mesh = MeshConfig(stage=2, sequence=2, data=2, pipeline_schedule="circular", pipeline_repeats=2,
+                      pipeline_microbatches=2)
+    _assert_same(_loss_and_grads(model, params, tokens, make_mesh(mesh, devices)), want)
+
+
+@pytest.mark.parametrize("stages,repeats,micro", [(2, 1, 4), (4, 1, 8), (4, 2, 4), (4, 3, 5), (2, 1, 1)])
+def test_schedule_bubble_matches_formula(stages, repeats, micro):
+    settings = PipelineSettings(stages, "circular" if repeats > 1 else "gpipe", repeats, micro)
+    table = schedule_table(settings)
+    # Every (round, micro-batch) item passes every stage once, one stage after the other.
+    for stage in range(stages):
+        np.testing.assert_array_equal(np.sort(table[:, stage][table[:, stage] >= 0]), np.arange(repeats * micro))
+    np.testing.assert_array_equal(np.argmax(table == 0, axis=0), np.arange(stages))
+    assert bubble_fraction(settings) == pytest.approx((stages - 1) / (repeats * micro + stages - 1))
+
+
+def test_bad_pipeline_configs_name_their_key(devices):
+    with pytest.raises(UserError, match="mesh.pipeline_repeats"):
+        MeshConfig(stage=2, pipeline_repeats=2).validate()
+    with pytest.raises(UserError, match="mesh.pipeline_microbatches"):
+        MeshConfig(stage=4, pipeline_schedule="circular", pipeline_repeats=2, pipeline_microbatches=2).validate()
+    with pytest.raises(UserError, match="mesh.stage"):
+        MeshConfig(stage=4).check_pipeline(6, "adamw")
+    with pytest.raises(UserError, match="mesh.stage"):
+        MeshConfig(stage=2).check_pipeline(4, "onebit_adam")
+    cfg, model, params = _model("gpt2", layers=6)
+    with pytest.raises(UserError, match="mesh.stage"):
+        _loss_and_grads(model, params, _tokens(8, cfg.vocab_size), make_mesh(MeshConfig(stage=4), devices))
+    cfg, model, params = _model("gpt2")
+    with pytest.raises(UserError, match="mesh.pipeline_microbatches"):
+        _loss_and_grads(model, params, _tokens(6, cfg.vocab_size), make_mesh(MeshConfig(stage=2), devices))
+
+
+@pytest.mark.slow  # five short training runs
+def test_training_with_stages_matches_one_stage_resumes_bitwise_and_restores_onto_fewer_stages(tmp_path, devices):
+    from jaxllm import config as config_lib
+    from jaxllm.train import train
+    from tests.test_train import TINY, losses
+
+    # A constant LR after warm-up, so that shorter first runs follow the same schedule.
+    base = [*TINY, "model.layers=4", "train.log_every=1", "checkpoint.every=4", "checkpoint.async_save=false",
+            "train.min_lr_ratio=1.0"]
+    two_stages = ["mesh.stage=2", "mesh.data=2", "mesh.fsdp=2", "mesh.pipeline_schedule=circular",
+                  "mesh.pipeline_repeats=2", "mesh.pipeline_microbatches=2"]
+    four_stages = ["mesh.stage=4", "mesh.data=2", "mesh.pipeline_microbatches=4"]
+
+    def run(workdir, steps, mesh):
+        train(config_lib.load(None, [*base, f"train.steps={steps}", *mesh]), tmp_path / workdir)
+        return losses(tmp_path / workdir)
+
+    unpipelined = run("one_stage", 6, ["mesh.data=8"])
+    pipelined = run("two_stages", 6, two_stages)
+    np.testing.assert_allclose([pipelined[s] for s in range(1, 7)], [unpipelined[s] for s in range(1, 7)], rtol=1e-5)
+    run("resumed", 4, two_stages)
+    assert run("resumed", 6, two_stages) == pipelined  # bitwise: the same floats
+    run("moved", 4, four_stages)  # checkpoint 4 written with 4 stages, restored with 2
+    moved = run("moved", 6, two_stages)
+    np.testing.assert_allclose([moved[s] for s in range(1, 7)], [pipelined[s] for s in range(1, 7)], rtol=1e-5)
+
+
+@pytest.mark.slow  # one compile with the TPU compiler
+def test_aot_compiles_the_pipelined_step_for_a_tpu(devices):
+    from jaxllm import config as config_lib
+    from jaxllm.aot import Target, compile_train_step
+
+    config = config_lib.load(None, ["model.layers=4", "model.d_model=32", "model.heads=4", "model.vocab_size=128",
+                                    "model.max_len=32", "data.seq_len=16", "train.batch_size=8", "mesh.data=1",
+                                    "mesh.stage=2", "mesh.fsdp=2", "mesh.pipeline_schedule=circular",
+                                    "mesh.pipeline_repeats=2", "mesh.pipeline_microbatches=2"])
+    report = compile_train_step(config, Target.parse("tpu:v5e:2x2"))
+    assert report.error is None
+    assert report.mesh == {"stage": 2, "data": 1, "fsdp": 2, "tensor": 1, "sequence": 1}
+    assert 0 < report.arguments < report.capacity
+
+
+def test_random_ltd_is_refused_with_stages(devices):
+    from jaxllm.ltd import LTDPlan
+
+    cfg, model, params = _model("gpt2")
+    tokens = _tokens(8, cfg.vocab_size)
+    plan = LTDPlan((1,), jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (1, 8, 4)))
+    with jax.set_mesh(make_mesh(MeshConfig(stage=2), devices)), pytest.raises(UserError, match="mesh.stage"):
+        jax.eval_shape(lambda p: model.bind(p)(tokens, ltd=plan), params)
