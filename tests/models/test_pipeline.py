@@ -1,6 +1,8 @@
 """Pipeline stages: the pipelined decoder against the same decoder without stages, the schedule's
 bubble against its formula, and the config checks."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +49,12 @@ def _assert_same(got, want):
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-7), grads, ref_grads)
 
 
+# Each family and each schedule at least once (about 8 s a case from a cold compile cache);
+# JAXLLM_FULL_MATRIX=1 runs all twelve.
+COVERING = {("gpt2", "gpipe2"), ("llama", "gpipe4-fsdp-remat"), ("bloom", "circular2-fsdp-tensor"),
+            ("gpt2", "circular4")}
+
+
 @pytest.mark.slow  # one compile with stages and one without per case
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("mesh_keys, model_keys", [
@@ -55,7 +63,10 @@ def _assert_same(got, want):
     (dict(stage=2, fsdp=2, tensor=2, pipeline_schedule="circular", pipeline_repeats=2), {}),
     (dict(stage=4, pipeline_schedule="circular", pipeline_repeats=2, pipeline_microbatches=4), dict(layers=8)),
 ], ids=["gpipe2", "gpipe4-fsdp-remat", "circular2-fsdp-tensor", "circular4"])
-def test_pipelined_equals_unpipelined(devices, family, mesh_keys, model_keys):
+def test_pipelined_equals_unpipelined(devices, family, mesh_keys, model_keys, request):
+    setup = request.node.callspec.id.rsplit("-", 1)[0]
+    if (family, setup) not in COVERING and os.environ.get("JAXLLM_FULL_MATRIX") != "1":
+        pytest.skip("set JAXLLM_FULL_MATRIX=1 for every family with every schedule")
     cfg, model, params = _model(family, **model_keys)
     tokens = _tokens(8, cfg.vocab_size)
     want = _loss_and_grads(model, params, tokens, make_mesh(MeshConfig(), devices))
