@@ -97,8 +97,9 @@ ZERO_REASONS = {
 }
 # The pipeline section's keys. jaxllm's mesh (config.MeshConfig) has no pipeline axis: every device
 # runs all layers, whose weights mesh.fsdp / mesh.tensor shard instead of splitting them into stages.
-PIPELINE = "jaxllm's mesh has no pipeline axis (mesh.data, fsdp, tensor, sequence): all devices run every layer, " \
-           "sharded over mesh.fsdp; DeepSpeed's pipelined micro-batches are train.grad_accum"
+PIPELINE = ("jaxllm's pipeline is mesh.stage (GPipe or circular schedule, docs/pipeline.md); DeepSpeed's 1F1B "
+            "schedule has GPipe's bubble, and its micro-batches are jaxllm's mesh.pipeline_microbatches; the stage "
+            "count is the model's (PipelineModule num_stages) unless pipeline.stages gives it")
 
 
 def _precision(ds: Mapping[str, Any], out: Translation) -> None:
@@ -134,8 +135,15 @@ def _zero(ds: Mapping[str, Any], out: Translation) -> None:
     out.set("mesh.zero_stage", stage)
     out.set("mesh.fsdp", -1 if stage else 1)
     out.set("mesh.data", 1 if stage else -1)
+    offload = section.get("offload_optimizer")
+    if isinstance(offload, Mapping) and offload.get("device") == "cpu":
+        out.set("mesh.offload", "optimizer")  # ZeRO-Offload: the optimizer state in host memory
     for key in sorted(set(section) - {"stage"}):
-        reason = ("no CPU/NVMe offload: memory comes from sharding over more devices" if "offload" in key
+        if key == "offload_optimizer" and "offload" in out.config.get("mesh", {}):
+            out.note("zero_optimization.offload_optimizer", "the device 'cpu' gives mesh.offload: optimizer "
+                     "(the state in host memory, updated on the devices); pin_memory and the rest have no counterpart")
+            continue
+        reason = ("no NVMe offload, nor of parameters: memory comes from sharding over more devices" if "offload" in key
                   else ZERO_REASONS.get(key, "XLA schedules and buckets collectives itself"))
         if section[key] == AUTO:
             reason = f"auto (the Hugging Face Trainer sizes it from the model): {reason}"
@@ -161,9 +169,12 @@ def _tensorboard(ds: Mapping[str, Any], out: Translation) -> None:
 
 
 def _pipeline(ds: Mapping[str, Any], out: Translation) -> None:
-    """Pipeline stages have no mesh axis to go to; activation checkpointing between stages' layers is
-    jaxllm's per-block remat."""
+    """A stage count goes to `mesh.stage`; activation checkpointing between stages' layers is jaxllm's
+    per-block remat; DeepSpeed's partitioning options have no counterpart (jaxllm splits layers evenly)."""
     section = mapping(ds, "pipeline")
+    stages = section.get("stages")
+    if isinstance(stages, int) and not isinstance(stages, bool) and stages >= 1:
+        out.set("mesh.stage", stages)
     interval = section.get("activation_checkpoint_interval", 0)
     if isinstance(interval, int) and not isinstance(interval, bool) and interval > 0:
         out.set("model.remat", "full")
@@ -172,7 +183,10 @@ def _pipeline(ds: Mapping[str, Any], out: Translation) -> None:
                      "jaxllm's model.remat: full checkpoints every block")
     out.note("pipeline", PIPELINE)
     for key in sorted(set(section) - {"activation_checkpoint_interval"}):
-        out.note(f"pipeline.{key}", "no pipeline stages (see 'pipeline')")
+        if key == "stages" and "stage" in out.config.get("mesh", {}):
+            continue
+        out.note(f"pipeline.{key}", "the stage count comes from the model's PipelineModule; give mesh.stage"
+                 if key == "stages" else "jaxllm splits the layers evenly over mesh.stage; no counterpart")
 
 
 def _data_efficiency(ds: Mapping[str, Any], out: Translation) -> None:

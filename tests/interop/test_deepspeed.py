@@ -128,6 +128,7 @@ def test_zero3_offload_warmup_decay_and_checkpointing(tmp_path):
     assert config["train"]["lr"] == 3e-5 and config["train"]["min_lr_ratio"] == 0.0
     assert config["optimizer"]["b2"] == 0.95 and config["optimizer"]["weight_decay"] == 0.1
     assert config["mesh"]["zero_stage"] == 3 and config["model"]["remat"] == "full"
+    assert config["mesh"]["offload"] == "optimizer"  # ZeRO-Offload of the optimizer state to the CPU
     keys = _keys(notes)
     assert {"zero_optimization.offload_optimizer", "zero_optimization.offload_param", "zero_optimization.overlap_comm",
             "scheduler.params.last_batch_iteration", "scheduler.type", "scheduler.params.warmup_type",
@@ -135,7 +136,7 @@ def test_zero3_offload_warmup_decay_and_checkpointing(tmp_path):
             "train_micro_batch_size_per_gpu"} <= keys
     text = _dry_run(tmp_path, ZERO3_OFFLOAD)
     assert text.startswith("# Translated from DeepSpeed config")
-    assert "#   zero_optimization.offload_param: no CPU/NVMe offload" in text
+    assert "#   zero_optimization.offload_param: no NVMe offload, nor of parameters" in text
 
 
 def test_warmup_cosine_is_exact(tmp_path):

@@ -155,7 +155,10 @@ def test_bias_correction_tensorboard_and_pipeline():
     config, notes = translate("pipeline_parallelism.json")
     reasons = dict(notes)
     assert config["log"]["tensorboard"] is True and config["model"]["remat"] == "full"
-    assert "no pipeline axis" in reasons["pipeline"] and "pipeline.stages" in reasons
+    assert "mesh.stage" in reasons["pipeline"] and "mesh.stage" in reasons["pipeline.stages"]  # "auto": the model's
+    assert "mesh" not in config or "stage" not in config["mesh"]
+    staged, _ = translate({"pipeline": {"stages": 4, "partition": "uniform"}})
+    assert staged["mesh"]["stage"] == 4
     assert "--workdir" in reasons["tensorboard.output_path"]
     assert config["train"]["grad_accum"] * 8 == 256  # 8-row micro-batches on one device
     assert translate({"tensorboard": {"enabled": False}})[0]["log"]["tensorboard"] is False
