@@ -111,8 +111,8 @@ def test_dry_run_prints_exact_count_without_allocating(name, tmp_path, capsys, d
 def test_bloom_176b_is_tensor_parallel_and_fits_its_target_cluster():
     cfg = preset("bloom_176b")
     assert cfg.model.compute_dtype == "bfloat16" and cfg.model.remat == "full"
-    assert mesh_lib.resolve_axis_sizes(cfg.mesh, 8) == {"data": 1, "fsdp": 1, "tensor": 8, "sequence": 1}
-    assert mesh_lib.resolve_axis_sizes(cfg.mesh, 256) == {"data": 1, "fsdp": 32, "tensor": 8, "sequence": 1}
+    assert mesh_lib.resolve_axis_sizes(cfg.mesh, 8) == {"stage": 1, "data": 1, "fsdp": 1, "tensor": 8, "sequence": 1}
+    assert mesh_lib.resolve_axis_sizes(cfg.mesh, 256) == {"stage": 1, "data": 1, "fsdp": 32, "tensor": 8, "sequence": 1}
     # 16 bytes per parameter (f32 weights, gradients, two Adam moments) over 256 devices: under 11 GiB each.
     assert 16 * 176_247_271_424 / 256 < 11 * 2**30
     micro = cfg.train.batch_size // cfg.train.grad_accum
@@ -126,7 +126,7 @@ def test_fsdp_presets_run_on_one_or_eight_devices(name):
     cfg = preset(name)
     for count in (1, 8):
         sizes = mesh_lib.resolve_axis_sizes(cfg.mesh, count)
-        assert sizes == {"data": 1, "fsdp": count, "tensor": 1, "sequence": 1}
+        assert sizes == {"stage": 1, "data": 1, "fsdp": count, "tensor": 1, "sequence": 1}
         assert (cfg.train.batch_size // cfg.train.grad_accum) % count == 0
     # bf16 matmuls everywhere; every preset from 560M up recomputes activations in the backward pass.
     assert cfg.model.compute_dtype == "bfloat16"
