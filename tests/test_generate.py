@@ -1,6 +1,7 @@
 """KV-cache generation against full-sequence recomputation, numpy sampling references and the CLI."""
 
 import json
+import math
 import re
 import shutil
 
@@ -339,8 +340,9 @@ def test_cli_generates_from_a_hugging_face_directory(tmp_path, capsys, devices):
 
 
 def test_compressed_workdir_generates_as_docs_compression_prints(workdir, tmp_path, monkeypatch, capsys, devices):
-    """docs/compression.md's ptq and generate lines, run as printed from a directory of their own (the
-    teacher is the module's trained run, copied to runs/qs; outputs shrunk by appended flags)."""
+    """docs/compression.md's command lines (ptq, lkd, xtc, eval, generate), run as printed from a directory
+    of their own (the teacher is the module's trained run, copied to runs/qs; the recipe and appended flags
+    shrink the work)."""
     import shlex
 
     import yaml
@@ -351,6 +353,10 @@ def test_compressed_workdir_generates_as_docs_compression_prints(workdir, tmp_pa
 
     text = (REPO / "docs" / "compression.md").read_text()
     block = text[text.index("## Commands"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    every = [shlex.split(line, comments=True) for line in block.splitlines() if "jaxllm.compress" in line]
+    distilling = [argv for argv in every if argv[3] in ("lkd", "xtc")]
+    evaluating = next(argv for argv in every if argv[3] == "eval")
+    assert [argv[3] for argv in distilling] == ["lkd", "xtc"]
     lines = [shlex.split(line, comments=True) for line in block.splitlines() if "runs/qs-w8a8" in line]
     ptq = next(argv for argv in lines if argv[2:4] == ["jaxllm.compress", "ptq"])
     generating = [argv for argv in lines if argv[2] == "jaxllm.generate" or argv[3] == "generate"]
@@ -358,14 +364,20 @@ def test_compressed_workdir_generates_as_docs_compression_prints(workdir, tmp_pa
 
     shutil.copytree(workdir, tmp_path / "runs" / "qs")
     corpus = workdir.parent / "corpus.txt"  # the teacher's data, so its tokenized shards are reused
-    recipe = {"data": {"source": "text", "path": str(corpus), "seq_len": 16}, "train": {"batch_size": 8},
+    recipe = {"data": {"source": "text", "path": str(corpus), "seq_len": 16}, "train": {"batch_size": 8, "steps": 2},
               "eval": {"batches": 1}, "log": {"progress_bar": False, "tensorboard": False},
               "compression": {"rules": {"all": {"modules": [r"attn\.w[qkvo]", "mlp"], "weight_bits": 8,
-                                                "act_bits": 8}}}}
+                                                "act_bits": 8}},
+                              "lkd": {"steps": 2, "batches": 1}}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     monkeypatch.chdir(tmp_path)
     assert compress_main(ptq[3:]) == 0
-    capsys.readouterr()
+    for argv in [*distilling, evaluating]:
+        assert compress_main(argv[3:]) == 0, capsys.readouterr().err
+    assert (tmp_path / "runs" / "qs-w48a8-lkd" / "checkpoints").is_dir() and (tmp_path / "runs" / "qs-xtc").is_dir()
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["eval_loss"] > 0
+    assert evaluated["eval_perplexity"] == pytest.approx(math.exp(evaluated["eval_loss"]), rel=1e-5)
     records = []
     for argv in generating:
         run = compress_main if argv[2] == "jaxllm.compress" else main
