@@ -152,12 +152,14 @@ def _blocks(tree: Any) -> Any:
     return tree.get("blocks", {}) if isinstance(tree, dict) else {}
 
 
-def estimate(config: Config, layout_abstract: Any, grads_bytes: int, mesh_shape: dict[str, int]) -> dict[str, int]:
+def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[str, int]:
     """Per-device bytes of one training step by term (module docstring), and their `total`.
 
-    `layout_abstract`: the state's ShapeDtypeStructs with their shardings (their devices say which
-    compiler's rules apply); `grads_bytes`: one device's share of the f32 gradients in their layout
-    (`StateLayout.grads`)."""
+    `layout`: the task's `StateLayout`: the state's ShapeDtypeStructs with their shardings (their devices
+    say which compiler's rules apply) and the f32 gradients' shardings (`grads`)."""
+    layout_abstract = layout.abstract
+    grads_bytes = sharded_bytes(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                             layout_abstract["params"], layout.grads))
     m, accum = config.model, config.train.grad_accum
     mb = MicroBatch.of(config, mesh_shape)
     platform = platform_of(layout_abstract["params"])

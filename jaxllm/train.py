@@ -50,13 +50,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parse_run_args(parser, argv)
 
 
-def dry_run(config: Config, mesh, layout) -> None:
+def dry_run(config: Config, mesh, task: LanguageModelTraining) -> None:
     """Sizes, the per-device memory estimate by term (`jaxllm.memory`), and on a TPU or GPU the
     compiler's own figure for the step on these devices."""
     counts = count_params(config.model)
-    grads = memory.sharded_bytes(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                              layout.abstract["params"], layout.grads))
-    est = memory.estimate(config, layout.abstract, grads, dict(mesh.shape))
+    layout = task.layout
+    est = memory.estimate(config, layout, dict(mesh.shape))
     print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
     print(f"parameters: {counts['total']:,} ({counts['non_embedding']:,} non-embedding)")
     # Terms that this config does not have (no scan, no accumulation, ...) are left out; the total takes
@@ -69,7 +68,6 @@ def dry_run(config: Config, mesh, layout) -> None:
         from jaxllm.aot import abstract_batch
 
         with jax.set_mesh(mesh):
-            task = LanguageModelTraining.build(config, mesh)
             step = task.train_step()
             if hasattr(step, "lower"):  # a 1-bit optimizer runs one program per phase: estimate only
                 batch = abstract_batch(config, mesh, config.train.batch_size, config.data.seq_len)
@@ -94,7 +92,7 @@ def train(config: Config, workdir: Path, dry: bool = False, summary: bool = Fals
     with jax.set_mesh(mesh):
         task = LanguageModelTraining.build(config, mesh, efficiency.lr_schedule() if efficiency else None)
     if dry:
-        dry_run(config, mesh, task.layout)
+        dry_run(config, mesh, task)
         return {}
     with runtime.workdir_lock(workdir):
         return _train(config, workdir, mesh, efficiency, task, summary, eval_only)

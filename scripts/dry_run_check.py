@@ -38,9 +38,7 @@ def estimate_terms(config_path: str, target: str, overrides: list[str]) -> dict[
     mesh = mesh_lib.make_mesh(config.mesh, Target.parse(target).devices())
     with jax.set_mesh(mesh):
         layout = LanguageModelTraining.build(config, mesh).layout
-    grads = memory.sharded_bytes(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                              layout.abstract["params"], layout.grads))
-    return memory.estimate(config, layout.abstract, grads, dict(mesh.shape))
+    return memory.estimate(config, layout, dict(mesh.shape))
 
 
 def main() -> None:

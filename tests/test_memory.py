@@ -26,9 +26,7 @@ def _estimate(overrides, devices):
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     with jax.set_mesh(mesh):
         layout = LanguageModelTraining.build(config, mesh).layout
-    grads = memory.sharded_bytes(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                              layout.abstract["params"], layout.grads))
-    return config, memory.estimate(config, layout.abstract, grads, dict(mesh.shape))
+    return config, memory.estimate(config, layout, dict(mesh.shape))
 
 
 @pytest.mark.parametrize("remat", ["none", "dots", "full"])

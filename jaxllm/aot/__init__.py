@@ -188,20 +188,12 @@ def compile_train_step(config: Any, target: Target) -> CompileReport:
             lowerings = [(step, kept)]
         compiled, error, seconds = [], None, 0.0
         for program, static in lowerings:
-            start = time.perf_counter()
-            try:
-                compiled.append(program.lower(task.layout.abstract, batch, *static).compile())
-            except jax.errors.JaxRuntimeError as err:
-                if "RESOURCE_EXHAUSTED" not in str(err):
-                    raise
-                error = str(err).splitlines()[0]
-            seconds += time.perf_counter() - start
-    grads = memory.sharded_bytes(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                              task.layout.abstract["params"], task.layout.grads))
-    estimate = memory.estimate(config, task.layout.abstract, grads, dict(mesh.shape))["total"]
+            done, refused, spent = compile_or_refusal(program.lower(task.layout.abstract, batch, *static))
+            compiled += [done] if done is not None else []
+            error, seconds = refused or error, seconds + spent
+    estimate = memory.estimate(config, task.layout, dict(mesh.shape))["total"]
     stats = [c.memory_analysis() for c in compiled]
-    peak = max(stats, key=lambda s: s.argument_size_in_bytes + s.output_size_in_bytes - s.alias_size_in_bytes
-               + s.temp_size_in_bytes, default=None)
+    peak = max(stats, key=memory.compiled_total, default=None)
     flops = [compiled_flops_of(c, target) for c in compiled]
     return CompileReport(
         target=str(target), devices=len(devices), mesh=dict(mesh.shape),
@@ -227,6 +219,18 @@ def _offloaded_bytes(abstract_state: Any) -> int:
     """Per-device bytes of the state leaves the layout places in host memory."""
     placed = [a for a in jax.tree.leaves(abstract_state) if a.sharding.memory_kind == mesh_lib.HOST_MEMORY]
     return memory.sharded_bytes(placed)
+
+
+def compile_or_refusal(lowering: Any) -> tuple[Any | None, str | None, float]:
+    """(the compiled program, or None and the compiler's out-of-memory line; compile seconds). Any other
+    compiler error propagates."""
+    start = time.perf_counter()
+    try:
+        return lowering.compile(), None, time.perf_counter() - start
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        return None, str(err).splitlines()[0], time.perf_counter() - start
 
 
 def compiled_flops_of(compiled: Any, target: Target) -> float | None:
