@@ -136,6 +136,11 @@ class TrainConfig:
     # A run stops with an error (and saves no more checkpoints) once this many steps in a row had a
     # non-finite loss or gradient and were skipped: it has diverged. 0 never stops.
     max_skipped_steps: int = 10
+    # Loss-spike guard (jaxllm.engine.loss_spike): skip a step whose loss is more than this many times
+    # the running mean of the accepted steps' losses, as a non-finite step is skipped. 0 turns it off.
+    loss_spike_factor: float = 0.0
+    # The running mean covers about this many accepted steps, and the guard acts once that many have passed.
+    loss_spike_window: int = 100
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -143,6 +148,9 @@ class TrainConfig:
         for key in ("warmup_steps", "max_skipped_steps"):
             require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "an integer >= 0")
         require(0 < self.lr < math.inf, "train.lr", self.lr, "a positive finite number")
+        require(self.loss_spike_factor == 0 or 1 < self.loss_spike_factor < math.inf, "train.loss_spike_factor",
+                self.loss_spike_factor, "0 (off) or a finite number > 1")
+        require(self.loss_spike_window > 0, "train.loss_spike_window", self.loss_spike_window, "a positive integer")
         require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "a value in [0, 1]")
         require(self.batch_size % self.grad_accum == 0, "train.batch_size", self.batch_size,
                  f"a multiple of train.grad_accum={self.grad_accum}")

@@ -45,6 +45,10 @@ def test_yaml_file_and_scientific_notation(tmp_path):
         (["seed=-1"], "config key 'seed': got -1; expected an integer in [0, 2**32)"),
         (["seed=99999999999999999999999"], "config key 'seed': got 99999999999999999999999"),
         (["train.max_skipped_steps=-1"], "config key 'train.max_skipped_steps'"),
+        (["train.loss_spike_factor=0.5"], "config key 'train.loss_spike_factor': got 0.5; expected 0 (off) or a "
+                                          "finite number > 1"),
+        (["train.loss_spike_factor=nan"], "config key 'train.loss_spike_factor': got nan"),
+        (["train.loss_spike_window=0"], "config key 'train.loss_spike_window': got 0; expected a positive integer"),
         (["model.init_std=nan"], "config key 'model.init_std': got nan"),
         (["model.norm_eps=-1"], "config key 'model.norm_eps': got -1.0; expected a positive finite number"),
         (["model.rope_theta=0"], "config key 'model.rope_theta'"),

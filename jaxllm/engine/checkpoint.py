@@ -21,6 +21,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 import jaxllm
@@ -28,11 +29,17 @@ from jaxllm import runtime
 from jaxllm.config import ModelConfig
 from jaxllm.data.jsonl import write_atomic
 from jaxllm.data.shards import file_sha256
+from jaxllm.engine import loss_spike
 from jaxllm.errors import UserError
 
 # Model keys whose change makes a checkpoint unusable; the rest (dtype, remat) may change on resume.
 SHAPE_KEYS = ("family", "layers", "d_model", "heads", "kv_heads", "d_ff", "vocab_size", "max_len",
               "tie_embeddings")
+
+# Top-level state entries that a checkpoint may lack or hold without the run's layout asking for them:
+# switched on and off by config (the loss-spike guard's running mean). A missing one starts from zeros,
+# as in a fresh run; an unused one is read and dropped.
+OPTIONAL_STATE = (loss_spike.KEY,)
 
 
 def model_meta(cfg: ModelConfig) -> dict[str, Any]:
@@ -146,10 +153,33 @@ class Checkpointer:
             )
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-        """Restores the state onto the shardings carried by `abstract_state` and rewinds the iterator."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+        """Restores the state onto the shardings carried by `abstract_state` and rewinds the iterator
+        (`OPTIONAL_STATE` entries the checkpoint lacks start from zeros)."""
+        target, missing = self._restore_target(step, abstract_state)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                   data=grain.checkpoint.CheckpointRestore(data_iterator))
-        return self.manager.restore(step, args=args)["state"]
+        state = self.manager.restore(step, args=args)["state"]
+        if target is abstract_state:
+            return state
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
+                             {k: abstract_state[k] for k in missing})
+        return {k: state[k] if k in state else zeros[k] for k in abstract_state}
+
+    def _restore_target(self, step: int, abstract_state: Any) -> tuple[Any, tuple[str, ...]]:
+        """(what to read, optional entries the checkpoint lacks): `abstract_state` less those, plus any
+        optional entry the checkpoint holds that the run does not use (read replicated, then dropped)."""
+        if not isinstance(abstract_state, dict):
+            return abstract_state, ()
+        saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state").item_metadata
+        missing = tuple(k for k in OPTIONAL_STATE if k in abstract_state and k not in saved)
+        unused = [k for k in OPTIONAL_STATE if k in saved and k not in abstract_state]
+        if not missing and not unused:
+            return abstract_state, ()
+        target = {k: v for k, v in abstract_state.items() if k not in missing}
+        replicated = abstract_state["step"].sharding
+        for k in unused:
+            target[k] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved[k])
+        return target, missing
 
     def resume_or_init(self, abstract_state: Any, data_iterator: Any, meta: dict[str, Any],
                        init: Callable[[], Any], check: Callable[[int], None] | None = None) -> tuple[Any, int]:

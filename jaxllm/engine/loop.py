@@ -8,10 +8,10 @@ metrics into a logged row, and an `evaluate`. The loop owns the cadence: a row a
 and at the end. Rows go to `metrics.jsonl`, TensorBoard and the progress bar (process 0 only); rows
 logged after the step a run resumes from are dropped first, so they are never written twice.
 
-A run whose steps keep being skipped (non-finite loss or gradient, see `jaxllm.engine.step`) has
-diverged: after `train.max_skipped_steps` such steps in a row the loop stops with an error naming the
-steps, before any further checkpoint. The check reads each step's counter one step late, so the host
-never waits for the step it has just queued.
+A run whose steps keep being skipped (non-finite loss or gradient, or a loss spike, see
+`jaxllm.engine.step`) has diverged: after `train.max_skipped_steps` such steps in a row the loop stops
+with an error naming the steps, before any further checkpoint. The check reads each step's counter one
+step late, so the host never waits for the step it has just queued.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import jax
 
 from jaxllm import runtime
 from jaxllm.engine.checkpoint import Checkpointer, fault_point
+from jaxllm.engine.loss_spike import KEY as LOSS_GUARD
 from jaxllm.errors import UserError
 from jaxllm.metrics import MetricsWriter, truncate_after
 
@@ -71,7 +72,8 @@ class DivergenceGuard:
             if self.streak >= self.limit:
                 raise UserError(
                     f"training diverged: steps {done - self.streak + 1}..{done} all had a non-finite loss or "
-                    f"gradient and were skipped (train.max_skipped_steps={self.limit}); the state was last changed "
+                    f"gradient (or a loss spike, with train.loss_spike_factor on) and were skipped "
+                    f"(train.max_skipped_steps={self.limit}); the state was last changed "
                     "before them and no later checkpoint is written. Lower train.lr, check the data, or resume "
                     "from an earlier checkpoint")
         self._pending = (step, state["skipped_steps"] + 0)  # a copy: the state itself is donated next step
@@ -127,6 +129,8 @@ def run(config: Any, workdir: Path, cadence: Cadence, state: Any, start: int, st
                 host = jax.device_get(metrics)
                 row = {"step": step, **row_fn(step, host, work, time.perf_counter() - timer, timed),
                        "skipped_steps": int(jax.device_get(state["skipped_steps"]))}
+                if LOSS_GUARD in state:
+                    row["loss_spikes"] = int(jax.device_get(state[LOSS_GUARD]["spikes"]))
             final = step == total and cadence.eval_at_end
             if evaluate is not None and ((cadence.eval_every and step % cadence.eval_every == 0) or final):
                 row = {"step": step, **row, **evaluate(state, step)}

@@ -53,6 +53,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import mesh as mesh_lib
+from jaxllm.engine import loss_spike
+from jaxllm.engine.loss_spike import LossSpikeGuard
 from jaxllm.engine.state import ParamTree, StateLayout, is_axes
 from jaxllm.engine.step import BUFFERS, gradient_sums, with_ltd_indices
 from jaxllm.ltd import LTDSetup
@@ -226,16 +228,18 @@ class OneBitTraining:
     # -- step -----------------------------------------------------------------------------------
 
     def train_step(self, loss_fn: Callable, layout: StateLayout, grad_accum: int = 1, ltd: LTDSetup | None = None,
-                   summarize: Callable[[int], bool] | None = None) -> OneBitStep:
+                   summarize: Callable[[int], bool] | None = None, spike_guard: LossSpikeGuard | None = None
+                   ) -> OneBitStep:
         """The step callable for a task's `loss_fn` (`jaxllm.engine.step.LossFn`); `summarize(step)` says
         after which (1-based) steps to reduce the per-device metrics to the usual scalars (`loss`,
-        `grad_norm`, `lr`, `tokens`, `skipped` and the loss's aux metrics)."""
+        `grad_norm`, `lr`, `tokens`, `skipped` and the loss's aux metrics); `spike_guard` skips a step
+        whose loss over all slices spikes (`jaxllm.engine.loss_spike`)."""
         if BUFFERS in layout.state:  # each data slice would update its own copy
             raise ValueError("the 1-bit optimizers' train step does not carry buffers (state updated by the loss)")
-        return OneBitStep(self, loss_fn, layout, grad_accum, ltd, summarize or (lambda step: True))
+        return OneBitStep(self, loss_fn, layout, grad_accum, ltd, summarize or (lambda step: True), spike_guard)
 
     def _step_fn(self, phase: int, loss_fn: Callable, grad_accum: int, ltd: LTDSetup | None,
-                 kept: int | None) -> Callable:
+                 kept: int | None, guard: LossSpikeGuard | None = None) -> Callable:
         clip = self.config.optimizer.grad_clip
         model_axes = tuple(a for a in MODEL_AXES if self.mesh.shape[a] > 1)
         opt_specs = self.opt_specs
@@ -257,14 +261,14 @@ class OneBitTraining:
             return (jax.tree.map(lambda g: g[None], grads), loss_sum[None], count[None], norm[None],
                     jax.tree.map(lambda a: a[None], aux))
 
-        def optimizer(params, grads, opt_state, skipped_steps, loss_sum):
+        def optimizer(params, grads, opt_state, skipped_steps, loss_sum, spike):
             grads = jax.tree.map(lambda g: g[0], grads)
             opt_state = self._squeeze(opt_state)
             updates, new_opt = self.tx.update(grads, opt_state, params, phase=phase)
             new_params = optax.apply_updates(params, updates)
             total = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves((grads, updates, new_opt))
                         if jnp.issubdtype(x.dtype, jnp.floating))
-            finite = jnp.isfinite(total) & jnp.isfinite(loss_sum[0])
+            finite = jnp.isfinite(total) & jnp.isfinite(loss_sum[0]) & ~spike
             if model_axes:  # the shards of one slice decide together
                 finite = jax.lax.pmin(finite.astype(jnp.int32), model_axes).astype(bool)
             # One conditional instead of a select per leaf: XLA would copy the finiteness reduction into
@@ -285,14 +289,20 @@ class OneBitTraining:
                           None if offset is None else per_slice, slices),
                 out_specs=(per_slice, slices, slices, slices, slices))
             grads, loss_sum, count, norm, aux = grad_part(state["params"], frozen, offset, batch)
+            # The guard judges the loss of all slices together, so every slice skips a spike alike.
+            loss = jnp.sum(loss_sum) / jnp.maximum(jnp.sum(count), 1.0)
+            spike = guard.is_spike(state[loss_spike.KEY], loss) if guard else jnp.bool_(False)
             opt_part = jax.shard_map(
                 optimizer, mesh=self.inner, check_vma=False,
-                in_specs=(opt_specs, per_slice_full, opt_in, PartitionSpec(), PartitionSpec(DEVICE_AXIS)),
+                in_specs=(opt_specs, per_slice_full, opt_in, PartitionSpec(), PartitionSpec(DEVICE_AXIS),
+                          PartitionSpec()),
                 out_specs=(opt_specs, opt_in, PartitionSpec(), PartitionSpec(DEVICE_AXIS)))
             params, opt_state, skipped_steps, skipped = opt_part(state["params"], grads, state["opt_state"],
-                                                                 state["skipped_steps"], loss_sum)
+                                                                 state["skipped_steps"], loss_sum, spike)
             new_state = dict(state, step=state["step"] + 1, skipped_steps=skipped_steps, params=params,
                              opt_state=opt_state)
+            if guard:
+                new_state[loss_spike.KEY] = guard.update(state[loss_spike.KEY], loss, jnp.max(skipped) == 0, spike)
             return new_state, {"loss_sum": loss_sum, "tokens": count, "grad_norm": norm, "skipped": skipped,
                                "aux": aux}
 
@@ -326,8 +336,9 @@ class OneBitStep:
     """
 
     def __init__(self, training: OneBitTraining, loss_fn: Callable, layout: StateLayout, grad_accum: int,
-                 ltd: LTDSetup | None, summarize: Callable[[int], bool]):
+                 ltd: LTDSetup | None, summarize: Callable[[int], bool], spike_guard: LossSpikeGuard | None = None):
         self.training = training
+        self.spike_guard = spike_guard
         self.loss_fn = loss_fn
         self.grad_accum = grad_accum
         self.ltd = ltd
@@ -341,7 +352,7 @@ class OneBitStep:
     def program(self, phase: int, kept: int | None = None) -> Callable:
         """The jitted step of one phase and random-LTD kept length (compiled on first use)."""
         if (phase, kept) not in self._compiled:
-            fn = self.training._step_fn(phase, self.loss_fn, self.grad_accum, self.ltd, kept)
+            fn = self.training._step_fn(phase, self.loss_fn, self.grad_accum, self.ltd, kept, self.spike_guard)
             self._compiled[phase, kept] = jax.jit(fn, in_shardings=(self._state_shardings, None),
                                                   out_shardings=(self._state_shardings, None), donate_argnums=0)
         return self._compiled[phase, kept]

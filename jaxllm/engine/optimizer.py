@@ -1,5 +1,6 @@
 """The optimizer of a run as the engine sees it: an Optax transform and its schedule, or a compressed
-optimizer whose state and step are laid out per device. Tasks build it here and never branch on it."""
+optimizer whose state and step are laid out per device, and the loss-spike guard that may skip its
+steps. Tasks build it here and never branch on it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import optax
 from jax.sharding import Mesh
 
+from jaxllm.engine.loss_spike import LossSpikeGuard
 from jaxllm.engine.onebit import OneBitTraining, is_onebit
 from jaxllm.engine.state import ParamTree, StateLayout, state_layout
 from jaxllm.errors import UserError
@@ -18,18 +20,21 @@ from jaxllm.optim import build_optimizer
 @dataclasses.dataclass(frozen=True)
 class TrainOptimizer:
     """`tx` initialises the optimizer state (for a 1-bit optimizer, every device's); `schedule` is
-    the learning rate by step; `onebit` is set for 1-bit Adam, 0/1 Adam and 1-bit LAMB."""
+    the learning rate by step; `onebit` is set for 1-bit Adam, 0/1 Adam and 1-bit LAMB; `loss_spike`
+    when `train.loss_spike_factor` is on."""
 
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     onebit: OneBitTraining | None = None
     offload: str = "none"  # mesh.offload
+    loss_spike: LossSpikeGuard | None = None
 
     def layout(self, mesh: Mesh, model: Any, zero_stage: int, frozen: tuple[str, ...] = (),
                buffers: Any = None) -> StateLayout:
         """The state layout of `model` (a `ModelDef` or `ParamTree`) trained with this optimizer."""
         opt_state = self.onebit.opt_state_layout() if self.onebit else None
-        return state_layout(mesh, model, self.tx, zero_stage, frozen, opt_state, buffers, self.offload)
+        return state_layout(mesh, model, self.tx, zero_stage, frozen, opt_state, buffers, self.offload,
+                            self.loss_spike is not None)
 
     def signature(self) -> dict[str, Any] | None:
         """What the saved optimizer state is bound to (None: it restores onto any mesh)."""
@@ -42,6 +47,7 @@ def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
     `frozen`). `schedule` replaces the config's warm-up + cosine learning rate (random-LTD's LayerToken
     schedule, PPO's per-model rates)."""
     offload = config.mesh.offload
+    loss_spike = LossSpikeGuard.from_config(config)
     if is_onebit(config):
         if offload != "none":
             raise UserError(f"config key 'mesh.offload': got {offload!r}; expected 'none' with "
@@ -51,6 +57,6 @@ def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
         if frozen:
             params = params.subset(tuple(k for k in params.shapes if k not in frozen))
         onebit = OneBitTraining(config, mesh, params, schedule)
-        return TrainOptimizer(onebit.state_tx, onebit.schedule, onebit)
+        return TrainOptimizer(onebit.state_tx, onebit.schedule, onebit, loss_spike=loss_spike)
     tx, schedule = build_optimizer(config, schedule)
-    return TrainOptimizer(tx, schedule, offload=offload)
+    return TrainOptimizer(tx, schedule, offload=offload, loss_spike=loss_spike)

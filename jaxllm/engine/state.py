@@ -3,7 +3,8 @@
 A state is `{"step", "skipped_steps", "params", "opt_state"}`, plus `"frozen"` when some top-level
 parameter groups do not train (VisualChat's vision tower): `params` holds the trainable groups, the
 only ones with gradients and optimizer state, and `frozen` the rest, carried unchanged in every
-checkpoint. Parameters are pure dicts of f32 arrays (what Orbax saves).
+checkpoint; `"loss_guard"` holds the loss-spike guard's running mean when it is on
+(`jaxllm.engine.loss_spike`). Parameters are pure dicts of f32 arrays (what Orbax saves).
 
 Shardings come from the parameters' logical axes through `jaxllm.mesh`; ZeRO stages are sharding
 choices (`param_drop`, `grad_drop`, `opt_drop`). Every optimizer-state leaf that mirrors a parameter
@@ -24,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import mesh as mesh_lib
+from jaxllm.engine import loss_spike
 
 
 def is_shape(x: Any) -> bool:
@@ -98,12 +100,13 @@ class StateLayout:
 
 def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_stage: int,
                  frozen: tuple[str, ...] = (), opt_state: tuple[Any, Any] | None = None,
-                 buffers: Any = None, offload: str = "none") -> StateLayout:
+                 buffers: Any = None, offload: str = "none", loss_guard: bool = False) -> StateLayout:
     """The layout of a task's state. `model`: a `ModelDef` or `ParamTree`; `frozen`: top-level groups
     without gradients; `opt_state`: (abstract, shardings) of an optimizer that lays out its own state
     (a 1-bit optimizer's per-device buffers), else they follow `tx.init` and the parameters;
     `buffers`: a tree of arrays the loss updates (`jaxllm.engine.step`), replicated; `offload`:
-    `mesh.offload` ("optimizer": the optimizer state in host memory)."""
+    `mesh.offload` ("optimizer": the optimizer state in host memory); `loss_guard`: carry the loss-spike
+    guard's scalars."""
     whole = ParamTree(model.logical_axes, model.shapes)
     trainable = whole.subset(tuple(k for k in whole.shapes if k not in frozen)) if frozen else whole
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -127,6 +130,9 @@ def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_
     if buffers is not None:
         tree["buffers"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), buffers)
         shardings["buffers"] = jax.tree.map(lambda _: replicated, buffers)
+    if loss_guard:
+        tree[loss_spike.KEY] = loss_spike.LossSpikeGuard.abstract()
+        shardings[loss_spike.KEY] = jax.tree.map(lambda _: replicated, tree[loss_spike.KEY])
     grads = trainable.shardings(mesh, mesh_lib.grad_drop(zero_stage))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
     return StateLayout(shardings, grads, abstract, tuple(frozen), offload)
@@ -153,6 +159,8 @@ def initial_state(layout: StateLayout, tx: optax.GradientTransformation, params:
             state["frozen"] = {k: values[k] for k in layout.frozen}
         if buffers is not None:
             state["buffers"] = buffers
+        if loss_spike.KEY in layout.state:
+            state[loss_spike.KEY] = loss_spike.LossSpikeGuard.init()
         return mesh_lib.to_host(state, layout.state)  # an offloaded optimizer state starts in host memory
 
     if callable(params):

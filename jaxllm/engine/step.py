@@ -7,8 +7,9 @@ in the state's `buffers`: the loss reads it as `params["buffers"]` and returns i
 `aux_sums["buffers"]`; micro-batches see it in turn, and a skipped step keeps the old value.
 
 The step adds everything else: gradient accumulation over `grad_accum` micro-batches,
-the mean over the global count, the skip of a step whose loss or gradient is not finite (parameters
-and optimizer state unchanged, `skipped_steps` + 1), random-LTD's kept positions, and for a
+the mean over the global count, the skip of a step whose loss or gradient is not finite or whose loss
+spikes (`jaxllm.engine.loss_spike`; parameters and optimizer state unchanged, `skipped_steps` + 1),
+random-LTD's kept positions, and for a
 1-bit optimizer its per-device path (`jaxllm.engine.onebit`) behind the same call. With host
 offload (`mesh.offload=optimizer`) the optimizer state comes in from host memory, is copied to the
 devices for the update and goes back, all inside the one jitted program (ZeRO-Offload's streaming,
@@ -29,6 +30,7 @@ import optax
 
 from jaxllm import ltd as ltd_lib
 from jaxllm import mesh as mesh_lib
+from jaxllm.engine import loss_spike
 from jaxllm.engine.state import StateLayout
 
 LossFn = Callable[[Any, dict[str, jax.Array], "ltd_lib.LTDPlan | None"],
@@ -102,8 +104,8 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
     `optimizer`: a `jaxllm.engine.optimizer.TrainOptimizer`. Its 1-bit path returns per-device
     metrics except after the steps `summarize(step)` names (by default every step)."""
     if optimizer.onebit is not None:
-        return optimizer.onebit.train_step(loss_fn, layout, grad_accum, ltd, summarize)
-    tx, schedule = optimizer.tx, optimizer.schedule
+        return optimizer.onebit.train_step(loss_fn, layout, grad_accum, ltd, summarize, optimizer.loss_spike)
+    tx, schedule, guard = optimizer.tx, optimizer.schedule, optimizer.loss_spike
 
     def step(state, batch, kept=None):
         params = state["params"]
@@ -115,21 +117,24 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
         loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        spike = guard.is_spike(state[loss_spike.KEY], loss) if guard else jnp.bool_(False)
+        accept = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~spike
 
         opt_shardings = layout.state["opt_state"]
         opt_state = mesh_lib.to_device(state["opt_state"], opt_shardings)  # from host memory when offloaded
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)  # noqa: E731
         new_state = dict(state, step=state["step"] + 1,
-                         skipped_steps=state["skipped_steps"] + (~finite).astype(jnp.int32),
+                         skipped_steps=state["skipped_steps"] + (~accept).astype(jnp.int32),
                          params=keep(new_params, params),
                          opt_state=mesh_lib.to_host(keep(new_opt, opt_state), opt_shardings))
         if buffers is not None:
             new_state[BUFFERS] = keep(buffers, state[BUFFERS])
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,
-                   "skipped": (~finite).astype(jnp.int32), **{k: v / denom for k, v in aux.items()}}
+                   "skipped": (~accept).astype(jnp.int32), **{k: v / denom for k, v in aux.items()}}
+        if guard:
+            new_state[loss_spike.KEY] = guard.update(state[loss_spike.KEY], loss, accept, spike)
         return new_state, metrics
 
     static = {"static_argnums": 2} if ltd is not None else {}

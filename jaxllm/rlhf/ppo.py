@@ -105,6 +105,9 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
         if is_onebit(config) and getattr(p, key):
             raise UserError(f"config key 'ppo.{key}': {config.optimizer.name} trains a model with one learning "
                             "rate, and LoRA gives its factors their own; set it to 0 or use optimizer.name=adamw")
+    if train_cfg.loss_spike_factor:
+        raise UserError("config key 'train.loss_spike_factor': PPO's policy loss changes sign from step to step, so "
+                        "no multiple of its mean marks a spike; set it to 0 for step 3 (ppo)")
     mesh = runtime.start(config)
     runtime.make_directory(workdir)
     runtime.check_rows_divide(p.generation_batch_size, mesh, "ppo.generation_batch_size")

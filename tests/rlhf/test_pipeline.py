@@ -160,6 +160,12 @@ def test_onebit_optimizer_with_lora_is_refused(tmp_path):
         run_stage("ppo", cfg, tmp_path / "ppo")
 
 
+def test_loss_spike_guard_is_refused(tmp_path):
+    cfg = stage_config("ppo", tmp_path, "train.loss_spike_factor=3")
+    with pytest.raises(UserError, match="train.loss_spike_factor': PPO's policy loss changes sign"):
+        run_stage("ppo", cfg, tmp_path / "ppo")
+
+
 def test_resume_with_another_structure_is_refused(pipeline):
     root, _ = pipeline
     with pytest.raises(UserError, match="was trained with .*'enable_ema': True"):
