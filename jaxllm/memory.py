@@ -4,8 +4,12 @@ The state (parameters, optimizer state, gradients) is exact: shard shapes times 
 what the TPU and GPU compilers keep at the step's peak, in the backward pass of one micro-batch, as
 their buffer assignments show (`scripts/dry_run_check.py` compares the total with theirs):
 
-    total = params + optimizer + gradients + micro_gradients + scanned_weights + scanned_gradients
-            + embedding_table + head_gradient + saved_activations + max(loss_backward, block_backward)
+    peak = params + optimizer + gradients + micro_gradients + scanned_weights + scanned_gradients
+           + embedding_table + head_gradient + saved_activations + max(loss_backward, block_backward)
+
+The state terms the layout places in host memory (`optimizer` with `mesh.offload=optimizer`: the
+`pinned_host` memory kind on its shardings) make up `host_total`; the rest of the peak is `total`, the
+device's figure, which is what the device memory and the compiler's device total are compared with.
 
 Per device, with b rows of a micro-batch (`batch_size / grad_accum / (data * fsdp)`), l tokens of each
 row (`seq_len / sequence`) out of s, t = b l, d = d_model, f' the MLP hidden width (twice the MLP width
@@ -38,8 +42,10 @@ from typing import Any
 import jax
 
 from jaxllm.config import Config
+from jaxllm.mesh import HOST_MEMORY
 
 F32 = 4
+TOTALS = ("total", "host_total")
 
 
 def sharded_bytes(abstract: Any) -> int:
@@ -152,8 +158,17 @@ def _blocks(tree: Any) -> Any:
     return tree.get("blocks", {}) if isinstance(tree, dict) else {}
 
 
+def host_terms(layout: Any) -> dict[str, int]:
+    """Bytes per device of each state term that the layout places in host memory (`mesh.offload`)."""
+    parts = {"params": layout.abstract["params"], "optimizer": layout.abstract["opt_state"]}
+    placed = {name: [leaf for leaf in jax.tree.leaves(tree) if leaf.sharding.memory_kind == HOST_MEMORY]
+              for name, tree in parts.items()}
+    return {name: sharded_bytes(leaves) for name, leaves in placed.items() if leaves}
+
+
 def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[str, int]:
-    """Per-device bytes of one training step by term (module docstring), and their `total`.
+    """Per-device bytes of one training step by term (module docstring), their device `total` and their
+    `host_total` (0 without offload).
 
     `layout`: the task's `StateLayout`: the state's ShapeDtypeStructs with their shardings (their devices
     say which compiler's rules apply) and the f32 gradients' shardings (`grads`)."""
@@ -186,8 +201,26 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
         "loss_backward": logits_bytes(mb),
         "block_backward": block_backward_bytes(mb, m.remat),
     }
-    terms["total"] = sum(terms.values()) - min(terms["loss_backward"], terms["block_backward"])
+    peak = sum(terms.values()) - min(terms["loss_backward"], terms["block_backward"])
+    host = sum(host_terms(layout).values())
+    terms["total"] = peak - host
+    terms["host_total"] = host
     return terms
+
+
+def describe(terms: dict[str, int], layout: Any) -> list[str]:
+    """`--dry-run`'s memory lines: the terms (those this config does not have left out), each host term
+    marked, then the device and host totals."""
+    on_host = host_terms(layout)
+    shown = [f"{name} {value / 2**30:.3f} GiB" + (" (host)" if name in on_host else "")
+             for name, value in terms.items() if value and name not in TOTALS]
+    lines = ["per-device memory estimate: " + ", ".join(shown)]
+    lines.append(f"  device total {terms['total'] / 2**30:.3f} GiB (the larger of loss_backward and block_backward "
+                 "counts)")
+    if on_host:
+        lines.append(f"  host total {terms['host_total'] / 2**30:.3f} GiB ({', '.join(on_host)} in host memory, "
+                     "mesh.offload; not in the device total)")
+    return lines
 
 
 def device_memory(device: Any) -> tuple[int, str]:

@@ -1,4 +1,4 @@
-"""`python -m jaxllm.train --config=PATH [--workdir=DIR] [--dry-run] [section.key=value ...]`
+"""`python -m jaxllm.train --config=PATH [--workdir=DIR] [--dry-run [--json FILE]] [section.key=value ...]`
 
 The pretraining task on the training engine: its loss is next-token cross-entropy
 (`jaxllm.losses.lm_loss_sums`), its data the token shards of `data:` (with curriculum learning and
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jaxllm import config as config_lib
-from jaxllm import memory, runtime
+from jaxllm import memory, pipeline_plan, runtime
 from jaxllm import mesh as mesh_lib
 from jaxllm.command_line import parse_run_args, run_parser
 from jaxllm.config import Config
@@ -47,21 +47,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate the workdir's latest checkpoint on the config's held-out rows, print the "
                              "eval loss as JSON, then exit (nothing is trained or written)")
-    return parse_run_args(parser, argv)
+    parser.add_argument("--json", metavar="FILE", help="with --dry-run: also write its figures to this file")
+    args = parse_run_args(parser, argv)
+    if args.json and not args.dry_run:
+        parser.error("--json applies to --dry-run")
+    return args
 
 
-def dry_run(config: Config, mesh, task: LanguageModelTraining) -> None:
-    """Sizes, the per-device memory estimate by term (`jaxllm.memory`), and on a TPU or GPU the
-    compiler's own figure for the step on these devices."""
+def dry_run(config: Config, mesh, task: LanguageModelTraining, json_path: Path | None = None) -> dict[str, Any]:
+    """Sizes, the stage split and bubble of a pipelined run (`jaxllm.pipeline_plan`), the per-device
+    memory estimate by term with its device and host totals (`jaxllm.memory`), and on a TPU or GPU the
+    compiler's own figure for the step on these devices; the same figures go to `json_path` as JSON."""
     counts = count_params(config.model)
     layout = task.layout
-    est = memory.estimate(config, layout, dict(mesh.shape))
-    print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
+    shape = dict(mesh.shape)
+    plan = pipeline_plan.stage_plan(config, shape)
+    est = memory.estimate(config, layout, shape)
+    print(f"mesh: {shape} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
     print(f"parameters: {counts['total']:,} ({counts['non_embedding']:,} non-embedding)")
-    # Terms that this config does not have (no scan, no accumulation, ...) are left out; the total takes
-    # the larger of loss_backward and block_backward (jaxllm.memory).
-    print("per-device memory estimate: " + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in est.items()
-                                                     if v or k == "total"))
+    if plan:
+        print("\n".join(pipeline_plan.describe(plan)))
+    print("\n".join(memory.describe(est, layout)))
     capacity, what = memory.device_memory(mesh.devices.flat[0])
     compiled = None
     if jax.default_backend() in ("tpu", "gpu"):  # a CPU compile's figures say nothing about an accelerator
@@ -73,14 +79,24 @@ def dry_run(config: Config, mesh, task: LanguageModelTraining) -> None:
                 batch = abstract_batch(config, mesh, config.train.batch_size, config.data.seq_len)
                 compiled = memory.compiled_total(step.lower(layout.abstract, batch).compile().memory_analysis())
     print(memory.verdict(est["total"], capacity, what, compiled))
-    print(f"model FLOPs per token (training): {flops_per_token(config.model, config.data.seq_len):.4g}")
+    flops = flops_per_token(config.model, config.data.seq_len)
+    print(f"model FLOPs per token (training): {flops:.4g}")
+    report = {"mesh": shape, "parameters": counts["total"], "pipeline": plan,
+              "memory": {"terms": {k: v for k, v in est.items() if k not in memory.TOTALS},
+                         "host_terms": sorted(memory.host_terms(layout)), "device_total": est["total"],
+                         "host_total": est["host_total"], "device_capacity": capacity, "compiled_total": compiled},
+              "flops_per_token": flops}
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def train(config: Config, workdir: Path, dry: bool = False, summary: bool = False,
-          eval_only: bool = False) -> dict[str, Any]:
+          eval_only: bool = False, dry_json: Path | None = None) -> dict[str, Any]:
     """Runs (or resumes) pretraining; returns the last logged metrics row. With `summary` (the command
     line's), ends with a short sample from the trained model and where everything went. With
-    `eval_only`, returns the held-out metrics of the latest checkpoint instead of training."""
+    `eval_only`, returns the held-out metrics of the latest checkpoint instead of training. With `dry`,
+    prints the dry run's report and returns it (also written to `dry_json`)."""
     if config.model.init_from:
         from jaxllm.interop import hf
 
@@ -92,8 +108,7 @@ def train(config: Config, workdir: Path, dry: bool = False, summary: bool = Fals
     with jax.set_mesh(mesh):
         task = LanguageModelTraining.build(config, mesh, efficiency.lr_schedule() if efficiency else None)
     if dry:
-        dry_run(config, mesh, task)
-        return {}
+        return dry_run(config, mesh, task, dry_json)
     with runtime.workdir_lock(workdir):
         return _train(config, workdir, mesh, efficiency, task, summary, eval_only)
 
@@ -256,7 +271,8 @@ def _compilations(jitted) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     return exit_status(lambda: train(config_lib.load(args.config, args.overrides), Path(args.workdir),
-                                     dry=args.dry_run, summary=True, eval_only=args.eval_only))
+                                     dry=args.dry_run, summary=True, eval_only=args.eval_only,
+                                     dry_json=Path(args.json) if args.json else None))
 
 
 if __name__ == "__main__":

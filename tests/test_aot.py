@@ -69,3 +69,27 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_refused_as_train_refus
 def test_bad_targets_are_named(text, message):
     with pytest.raises(UserError, match=message):
         Target.parse(text)
+
+
+def test_cli_prints_the_stage_split_bubble_and_host_memory_of_a_staged_offloaded_step(tmp_path, capsys):
+    from jaxllm.aot.__main__ import main
+
+    out = tmp_path / "report.json"
+    staged = [o for o in TINY if not o.startswith(("model.layers", "mesh.fsdp"))]
+    assert main(["--target=tpu:v5e:2x2", f"--json={out}", *staged, "model.layers=2", "mesh.stage=2", "mesh.fsdp=2",
+                 "mesh.offload=optimizer"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    s, r, m = 2, 1, 4  # gpipe; mesh.pipeline_microbatches defaults to twice the stages
+    bubble = (s - 1) / (r * m + s - 1)
+    plan = report["pipeline"]
+    assert (plan["stages"], plan["schedule"], plan["pipeline_microbatches"]) == (s, "gpipe", m)
+    assert plan["ticks"] == r * m + s - 1 and plan["bubble"] == pytest.approx(bubble, abs=1e-12)
+    assert plan["stage_blocks"] == [[[0, 0]], [[1, 1]]] and plan["rows_per_pipeline_microbatch"] == 8 // m
+    assert f"bubble (S-1)/(R M + S-1) = 1/5 = {bubble:.4f}" in text and "stage 0: blocks 0; stage 1: blocks 1" in text
+    # The optimizer state is on the host: the layout's bytes, the estimate's host total and the compiler's
+    # host arguments; the device's arguments hold no more than the parameters and the batch beside it.
+    assert report["offloaded"] == report["optimizer_state"] == report["estimate_host"] > 0
+    assert report["host_arguments"] >= report["optimizer_state"]
+    assert report["arguments"] < report["parameters"] + report["optimizer_state"]
+    assert "host memory" in text and f"host {report['estimate_host'] / 2**30:.3f} GiB" in text

@@ -2,6 +2,7 @@
 figure read from a compiled program, and (slow, with the TPU compiler) the estimate's total against
 the XLA TPU compiler's for a step laid out like the Llama and LLM-jp presets."""
 
+import json
 import os
 
 import jax
@@ -45,7 +46,8 @@ def test_activation_terms_follow_their_formulas(remat, devices):
     else:
         block = b * h * s * s * (12 + w) + t * (w * (2 * d + f2) + (4 * (4 * d + 2 * f2) if remat == "full" else 0))
     assert est["block_backward"] == block
-    assert est["total"] == sum(v for k, v in est.items() if k != "total") - min(est["loss_backward"], block)
+    assert est["host_total"] == 0  # nothing offloaded
+    assert est["total"] == sum(v for k, v in est.items() if k not in memory.TOTALS) - min(est["loss_backward"], block)
 
 
 def test_sequence_axis_splits_tokens_and_heads_but_attention_sees_whole_rows(devices):
@@ -134,3 +136,84 @@ def test_dry_run_on_an_accelerator_prints_the_compilers_figure(tmp_path, capsys,
     assert "verdict: compiled for these devices" in out and "off" in out
     assert "python -m jaxllm.aot" not in out
     assert not (tmp_path / "w").exists()
+
+
+# A pipelined, offloaded tiny model: 4 blocks on 2 stages (circular, 2 layer groups per stage), 2
+# accumulation micro-batches of 8 rows, each cut into 4 pipeline micro-batches of 2 rows.
+STAGED = ["model.layers=4", "model.d_model=32", "model.heads=2", "model.vocab_size=128", "model.max_len=16",
+          "data.seq_len=16", "train.batch_size=16", "train.grad_accum=2", "mesh.stage=2", "mesh.data=4",
+          "mesh.fsdp=1", "mesh.pipeline_schedule=circular", "mesh.pipeline_repeats=2",
+          "mesh.pipeline_microbatches=4", "mesh.offload=optimizer"]
+
+
+def _dry_run(tmp_path, overrides):
+    from jaxllm.train import main
+
+    out = tmp_path / "dry.json"
+    assert main([f"--workdir={tmp_path / 'w'}", "--dry-run", f"--json={out}", *overrides]) == 0
+    assert not (tmp_path / "w").exists()
+    return json.loads(out.read_text())
+
+
+def test_dry_run_prints_the_stage_split_and_the_bubble_of_the_formula(tmp_path, capsys, devices):
+    report = _dry_run(tmp_path, STAGED)
+    text = capsys.readouterr().out
+    s, r, m, layers = 2, 2, 4, 4
+    ticks = r * m + s - 1
+    bubble = (s - 1) / (r * m + s - 1)
+    plan = report["pipeline"]
+    assert (plan["stages"], plan["schedule"], plan["layer_groups_per_stage"]) == (s, "circular", r)
+    assert plan["blocks_per_stage"] == layers // s and plan["blocks_per_group"] == layers // (s * r)
+    assert (plan["accumulation_microbatches"], plan["rows_per_accumulation_microbatch"]) == (2, 8)
+    assert (plan["pipeline_microbatches"], plan["rows_per_pipeline_microbatch"]) == (m, 2)
+    assert plan["ticks"] == ticks and plan["bubble"] == pytest.approx(bubble, abs=1e-12)
+    # Block l sits on stage (l // K) mod S (K blocks per layer group): stage 0 holds 0 and 2, stage 1 holds 1 and 3.
+    k = layers // (s * r)
+    for stage, groups in enumerate(plan["stage_blocks"]):
+        held = [b for first, last in groups for b in range(first, last + 1)]
+        assert held == [b for b in range(layers) if (b // k) % s == stage]
+    assert "pipeline: 2 stages, circular schedule, 2 layer groups of 1 block per stage" in text
+    assert "stage 0: blocks 0, 2; stage 1: blocks 1, 3" in text
+    assert "2 for accumulation (train.grad_accum) of 8 rows, each cut into 4 pipeline micro-batches" in text
+    assert f"ticks T = R M + S - 1 = 2*4 + 2 - 1 = {ticks}" in text
+    assert f"bubble (S-1)/(R M + S-1) = 1/{ticks} = {bubble:.4f}" in text
+
+
+def test_dry_run_without_stages_has_no_pipeline(tmp_path, capsys, devices):
+    overrides = [o for o in STAGED if not o.startswith("mesh.")] + ["mesh.data=8"]
+    assert _dry_run(tmp_path, overrides)["pipeline"] is None
+    assert "pipeline:" not in capsys.readouterr().out
+
+
+def test_dry_run_refuses_rows_that_the_pipeline_micro_batches_do_not_divide(tmp_path, capsys, devices):
+    from jaxllm.train import main
+
+    assert main([f"--workdir={tmp_path / 'w'}", "--dry-run", *STAGED, "mesh.pipeline_microbatches=3"]) == 2
+    assert "config key 'mesh.pipeline_microbatches'" in capsys.readouterr().err
+
+
+def test_offloaded_optimizer_state_is_the_host_total(tmp_path, capsys, devices):
+    """With data parallelism only, every device holds the whole state: the host total is AdamW's two f32
+    moments of every parameter and its two int32 step counts (Adam's and the learning-rate schedule's)."""
+    from jaxllm.models.decoder import count_params
+
+    plain = [o for o in STAGED if not o.startswith("mesh.")] + ["mesh.data=8"]
+    offloaded = _dry_run(tmp_path, [*plain, "mesh.offload=optimizer"])["memory"]
+    kept = _dry_run(tmp_path, plain)["memory"]
+    n = count_params(config_lib.load(None, plain).model)["total"]
+    assert offloaded["host_terms"] == ["optimizer"] and kept["host_terms"] == []
+    assert offloaded["host_total"] == 2 * 4 * n + 2 * 4
+    assert kept["host_total"] == 0
+    assert offloaded["device_total"] == kept["device_total"] - offloaded["host_total"]
+    assert offloaded["terms"] == kept["terms"]  # the same terms, placed differently
+    text = capsys.readouterr().out
+    assert f"optimizer {offloaded['host_total'] / GIB:.3f} GiB (host)" in text
+    assert f"host total {offloaded['host_total'] / GIB:.3f} GiB (optimizer in host memory" in text
+
+
+def test_offload_with_stages_moves_the_optimizer_term_to_the_host(tmp_path, capsys, devices):
+    memory_split = _dry_run(tmp_path, STAGED)["memory"]
+    terms = memory_split["terms"]
+    assert memory_split["host_total"] == terms["optimizer"] > 0
+    peak = sum(terms.values()) - min(terms["loss_backward"], terms["block_backward"])
+    assert memory_split["device_total"] == peak - terms["optimizer"]

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxllm import memory, runtime
+from jaxllm import memory, pipeline_plan, runtime
 from jaxllm import mesh as mesh_lib
 from jaxllm.data_efficiency import DataEfficiency
 from jaxllm.errors import UserError
@@ -133,6 +133,8 @@ class CompileReport:
     host_temporaries: int = 0
     host_aliased: int = 0
     offloaded: int = 0
+    estimate_host: int = 0  # the dry-run estimate's host total (the offloaded state terms)
+    pipeline: dict[str, Any] | None = None  # the stage split and bubble (`jaxllm.pipeline_plan`), with stages
 
     @property
     def total(self) -> int:
@@ -191,7 +193,7 @@ def compile_train_step(config: Any, target: Target) -> CompileReport:
             done, refused, spent = compile_or_refusal(program.lower(task.layout.abstract, batch, *static))
             compiled += [done] if done is not None else []
             error, seconds = refused or error, seconds + spent
-    estimate = memory.estimate(config, task.layout, dict(mesh.shape))["total"]
+    estimated = memory.estimate(config, task.layout, dict(mesh.shape))
     stats = [c.memory_analysis() for c in compiled]
     peak = max(stats, key=memory.compiled_total, default=None)
     flops = [compiled_flops_of(c, target) for c in compiled]
@@ -206,7 +208,8 @@ def compile_train_step(config: Any, target: Target) -> CompileReport:
         model_flops=flops_per_token(config.model, length) * rows * length,
         compiled_flops=max(flops) * len(devices) if flops and None not in flops else None,
         micro_batches=config.train.grad_accum, scanned_layers=config.model.scan_layers, compile_seconds=seconds,
-        estimate=estimate, error=error, **_host_figures(peak), offloaded=_offloaded_bytes(task.layout.abstract))
+        estimate=estimated["total"], estimate_host=estimated["host_total"], error=error, **_host_figures(peak),
+        offloaded=_offloaded_bytes(task.layout.abstract), pipeline=pipeline_plan.stage_plan(config, dict(mesh.shape)))
 
 
 def _host_figures(stats: Any) -> dict[str, int]:

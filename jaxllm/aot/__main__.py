@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 
 from jaxllm import config as config_lib
+from jaxllm import pipeline_plan
 from jaxllm.aot import CompileReport, Target, compile_train_step
 from jaxllm.errors import UserError, exit_status
 
@@ -33,6 +34,8 @@ GIB = 2**30
 def describe(report: CompileReport) -> str:
     mesh = " x ".join(f"{axis} {size}" for axis, size in report.mesh.items() if size > 1) or "one device"
     lines = [f"target {report.target}: {report.devices} devices, mesh {mesh}"]
+    if report.pipeline:
+        lines += pipeline_plan.describe(report.pipeline)
     if report.error:
         lines.append(f"the compiler refused the step: {report.error}")
     else:
@@ -45,7 +48,8 @@ def describe(report: CompileReport) -> str:
             f"  temporaries   {report.temporaries / GIB:9.3f} GiB",
             f"  total         {report.total / GIB:9.3f} GiB of {report.capacity / GIB:.2f} GiB "
             f"({'fits, ' + format(report.headroom, '.0%') + ' headroom' if report.fits else 'does NOT fit'})",
-            f"  --dry-run's estimate {report.estimate / GIB:.3f} GiB ({report.estimate / report.total - 1:+.0%})",
+            f"  --dry-run's estimate {report.estimate / GIB:.3f} GiB ({report.estimate / report.total - 1:+.0%})"
+            + (f", host {report.estimate_host / GIB:.3f} GiB" if report.estimate_host else ""),
         ]
         if report.offloaded or report.host_total:
             lines.append(host_line(report))
@@ -71,6 +75,9 @@ def flops_line(report: CompileReport) -> str:
     if report.scanned_layers:
         return (f"FLOPs per step: model {report.model_flops:.4g}; compiled {report.compiled_flops:.4g} counts the "
                 "scanned block once, not once per layer")
+    if report.pipeline:
+        return (f"FLOPs per step: model {report.model_flops:.4g}; compiled {report.compiled_flops:.4g} counts the "
+                "pipeline's loop body once (one block of one tick), not once per tick and block")
     model, what = report.model_flops / report.micro_batches, "per step"
     if report.micro_batches > 1:
         what = f"per micro-batch (1 of {report.micro_batches}; XLA counts the accumulation loop's body once)"

@@ -1,0 +1,75 @@
+"""The stage split of a pipelined run (`mesh.stage` > 1), as `--dry-run` and `python -m jaxllm.aot` print it.
+
+From the config alone: which blocks each stage holds, how a batch is cut (the engine's accumulation
+micro-batches, then the pipeline's micro-batches inside each loss call), and the schedule's ticks and
+bubble, taken from `jaxllm.models.pipeline` (`ticks`, `bubble_fraction`), the functions the pipelined
+step itself follows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxllm.mesh import STAGE_AXIS, PipelineSettings
+from jaxllm.models import pipeline
+
+BUBBLE_FORMULA = "(S-1)/(R M + S-1)"
+# Past this many stages the per-stage block lists would swamp the report: the first and last stage show the rule.
+LISTED_STAGES = 8
+
+
+def stage_plan(config: Any, mesh_shape: dict[str, int]) -> dict[str, Any] | None:
+    """The stage split and bubble of `config` on a mesh of `mesh_shape`, or None without stages. Raises
+    the pipelined step's own `UserError` (naming the config key) when the layers or rows do not split."""
+    stages = mesh_shape.get(STAGE_AXIS, 1)
+    if stages == 1:
+        return None
+    mesh = config.mesh
+    settings = PipelineSettings(stages, mesh.pipeline_schedule, mesh.pipeline_repeats, mesh.microbatches())
+    layers, accum = config.model.layers, config.train.grad_accum
+    rows = config.train.batch_size // accum  # what each loss call is given
+    pipeline.check_settings(settings, layers, rows)
+    repeats, micro = settings.repeats, settings.microbatches
+    per_group = layers // (stages * repeats)
+    blocks = [[[(r * stages + s) * per_group, (r * stages + s + 1) * per_group - 1] for r in range(repeats)]
+              for s in range(stages)]
+    return {
+        "stages": stages,
+        "schedule": settings.schedule,
+        "layer_groups_per_stage": repeats,  # R
+        "blocks_per_group": per_group,  # K = layers / (S R)
+        "blocks_per_stage": repeats * per_group,
+        "layers": layers,
+        "stage_blocks": blocks,  # [stage][group] = [first, last] block index
+        "accumulation_microbatches": accum,  # train.grad_accum: loss calls per step
+        "rows_per_accumulation_microbatch": rows,
+        "pipeline_microbatches": micro,  # M, per loss call
+        "rows_per_pipeline_microbatch": rows // micro,
+        "ticks": pipeline.ticks(settings),  # T = R M + S - 1
+        "busy_ticks": repeats * micro,
+        "bubble_formula": BUBBLE_FORMULA,
+        "bubble": pipeline.bubble_fraction(settings),
+    }
+
+
+def _blocks_text(groups: list[list[int]]) -> str:
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in groups)
+
+
+def describe(plan: dict[str, Any], indent: str = "") -> list[str]:
+    """The report's lines for a stage plan."""
+    s, r, m = plan["stages"], plan["layer_groups_per_stage"], plan["pipeline_microbatches"]
+    k = plan["blocks_per_group"]
+    shown = range(s) if s <= LISTED_STAGES else (0, s - 1)
+    per_stage = "; ".join(f"stage {i}: blocks {_blocks_text(plan['stage_blocks'][i])}" for i in shown)
+    lines = [
+        f"pipeline: {s} stages, {plan['schedule']} schedule, {r} layer group{'s' * (r > 1)} of {k} "
+        f"block{'s' * (k > 1)} per stage ({plan['blocks_per_stage']} of {plan['layers']} blocks per stage)",
+        f"  {per_stage}" + ("" if s <= LISTED_STAGES else f"; block (r S + s) {k} + k for stage s"),
+        f"  micro-batches: {plan['accumulation_microbatches']} for accumulation (train.grad_accum) of "
+        f"{plan['rows_per_accumulation_microbatch']} rows, each cut into {m} pipeline micro-batches "
+        f"(mesh.pipeline_microbatches) of {plan['rows_per_pipeline_microbatch']} rows",
+        f"  ticks T = R M + S - 1 = {r}*{m} + {s} - 1 = {plan['ticks']}, each stage busy {plan['busy_ticks']}; "
+        f"bubble {BUBBLE_FORMULA} = {s - 1}/{plan['ticks']} = {plan['bubble']:.4f}",
+    ]
+    return [indent + line for line in lines]
