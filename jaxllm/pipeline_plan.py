@@ -33,6 +33,7 @@ def stage_plan(config: Any, mesh_shape: dict[str, int]) -> dict[str, Any] | None
     per_group = layers // (stages * repeats)
     blocks = [[[(r * stages + s) * per_group, (r * stages + s + 1) * per_group - 1] for r in range(repeats)]
               for s in range(stages)]
+    data_parallel = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     return {
         "stages": stages,
         "schedule": settings.schedule,
@@ -45,6 +46,7 @@ def stage_plan(config: Any, mesh_shape: dict[str, int]) -> dict[str, Any] | None
         "rows_per_accumulation_microbatch": rows,
         "pipeline_microbatches": micro,  # M, per loss call
         "rows_per_pipeline_microbatch": rows // micro,
+        "data_parallel": data_parallel,  # data x fsdp: the devices a pipeline micro-batch's rows split over
         "ticks": pipeline.ticks(settings),  # T = R M + S - 1
         "busy_ticks": repeats * micro,
         "bubble_formula": BUBBLE_FORMULA,
@@ -54,6 +56,10 @@ def stage_plan(config: Any, mesh_shape: dict[str, int]) -> dict[str, Any] | None
 
 def _blocks_text(groups: list[list[int]]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in groups)
+
+
+def _rows(n: int) -> str:
+    return f"{n} row{'s' * (n != 1)}"
 
 
 def describe(plan: dict[str, Any], indent: str = "") -> list[str]:
@@ -67,9 +73,13 @@ def describe(plan: dict[str, Any], indent: str = "") -> list[str]:
         f"block{'s' * (k > 1)} per stage ({plan['blocks_per_stage']} of {plan['layers']} blocks per stage)",
         f"  {per_stage}" + ("" if s <= LISTED_STAGES else f"; block (r S + s) {k} + k for stage s"),
         f"  micro-batches: {plan['accumulation_microbatches']} for accumulation (train.grad_accum) of "
-        f"{plan['rows_per_accumulation_microbatch']} rows, each cut into {m} pipeline micro-batches "
-        f"(mesh.pipeline_microbatches) of {plan['rows_per_pipeline_microbatch']} rows",
+        f"{_rows(plan['rows_per_accumulation_microbatch'])}, each cut into {m} pipeline micro-batches "
+        f"(mesh.pipeline_microbatches) of {_rows(plan['rows_per_pipeline_microbatch'])}",
         f"  ticks T = R M + S - 1 = {r}*{m} + {s} - 1 = {plan['ticks']}, each stage busy {plan['busy_ticks']}; "
         f"bubble {BUBBLE_FORMULA} = {s - 1}/{plan['ticks']} = {plan['bubble']:.4f}",
     ]
+    rows, split = plan["rows_per_pipeline_microbatch"], plan["data_parallel"]
+    if rows % split:
+        lines.append(f"  note: a pipeline micro-batch of {_rows(rows)} cannot be split evenly over data x fsdp = "
+                     f"{split} devices (lower mesh.pipeline_microbatches or raise train.batch_size)")
     return [indent + line for line in lines]

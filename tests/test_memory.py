@@ -139,9 +139,9 @@ def test_dry_run_on_an_accelerator_prints_the_compilers_figure(tmp_path, capsys,
 
 
 # A pipelined, offloaded tiny model: 4 blocks on 2 stages (circular, 2 layer groups per stage), 2
-# accumulation micro-batches of 8 rows, each cut into 4 pipeline micro-batches of 2 rows.
+# accumulation micro-batches of 16 rows, each cut into 4 pipeline micro-batches of 4 rows (one per data shard).
 STAGED = ["model.layers=4", "model.d_model=32", "model.heads=2", "model.vocab_size=128", "model.max_len=16",
-          "data.seq_len=16", "train.batch_size=16", "train.grad_accum=2", "mesh.stage=2", "mesh.data=4",
+          "data.seq_len=16", "train.batch_size=32", "train.grad_accum=2", "mesh.stage=2", "mesh.data=4",
           "mesh.fsdp=1", "mesh.pipeline_schedule=circular", "mesh.pipeline_repeats=2",
           "mesh.pipeline_microbatches=4", "mesh.offload=optimizer"]
 
@@ -164,8 +164,8 @@ def test_dry_run_prints_the_stage_split_and_the_bubble_of_the_formula(tmp_path, 
     plan = report["pipeline"]
     assert (plan["stages"], plan["schedule"], plan["layer_groups_per_stage"]) == (s, "circular", r)
     assert plan["blocks_per_stage"] == layers // s and plan["blocks_per_group"] == layers // (s * r)
-    assert (plan["accumulation_microbatches"], plan["rows_per_accumulation_microbatch"]) == (2, 8)
-    assert (plan["pipeline_microbatches"], plan["rows_per_pipeline_microbatch"]) == (m, 2)
+    assert (plan["accumulation_microbatches"], plan["rows_per_accumulation_microbatch"]) == (2, 16)
+    assert (plan["pipeline_microbatches"], plan["rows_per_pipeline_microbatch"]) == (m, 4)
     assert plan["ticks"] == ticks and plan["bubble"] == pytest.approx(bubble, abs=1e-12)
     # Block l sits on stage (l // K) mod S (K blocks per layer group): stage 0 holds 0 and 2, stage 1 holds 1 and 3.
     k = layers // (s * r)
@@ -174,7 +174,11 @@ def test_dry_run_prints_the_stage_split_and_the_bubble_of_the_formula(tmp_path, 
         assert held == [b for b in range(layers) if (b // k) % s == stage]
     assert "pipeline: 2 stages, circular schedule, 2 layer groups of 1 block per stage" in text
     assert "stage 0: blocks 0, 2; stage 1: blocks 1, 3" in text
-    assert "2 for accumulation (train.grad_accum) of 8 rows, each cut into 4 pipeline micro-batches" in text
+    assert "2 for accumulation (train.grad_accum) of 16 rows, each cut into 4 pipeline micro-batches" in text
+    assert "note:" not in text
+    _dry_run(tmp_path, [*STAGED, "train.batch_size=16"])  # 2 rows per pipeline micro-batch over data 4
+    uneven = capsys.readouterr().out
+    assert "note: a pipeline micro-batch of 2 rows cannot be split evenly over data x fsdp = 4" in uneven
     assert f"ticks T = R M + S - 1 = 2*4 + 2 - 1 = {ticks}" in text
     assert f"bubble (S-1)/(R M + S-1) = 1/{ticks} = {bubble:.4f}" in text
 

@@ -42,7 +42,8 @@ def describe(report: CompileReport) -> str:
         lines += [
             "per device, as compiled:",
             f"  arguments     {report.arguments / GIB:9.3f} GiB  (parameters {report.parameters / GIB:.3f}, "
-            f"optimizer state {report.optimizer_state / GIB:.3f}, batch {report.batch / GIB:.3f})",
+            f"optimizer state {report.optimizer_state / GIB:.3f}{' on the host' if report.offloaded else ''}, "
+            f"batch {report.batch / GIB:.3f})",
             f"  outputs       {report.outputs / GIB:9.3f} GiB  ({report.aliased / GIB:.3f} GiB of them written over "
             "donated arguments)",
             f"  temporaries   {report.temporaries / GIB:9.3f} GiB",
