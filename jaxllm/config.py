@@ -319,17 +319,14 @@ class MeshConfig:
     def microbatches(self) -> int:
         return self.pipeline_microbatches or 2 * self.stage
 
-    def check_pipeline(self, layers: int, optimizer: str) -> None:
-        """Cross-section checks of the pipeline: whole layer groups per stage, and the optimizers it
-        composes with."""
+    def check_pipeline(self, layers: int) -> None:
+        """Cross-section check of the pipeline: whole layer groups per stage."""
         if self.stage == 1:
             return
         groups = self.stage * self.pipeline_repeats
         require(layers % groups == 0, "mesh.stage", self.stage,
                 f"a stage count that, times mesh.pipeline_repeats={self.pipeline_repeats}, divides "
                 f"model.layers={layers}")
-        require(optimizer == "adamw", "mesh.stage", self.stage,
-                f"1 with optimizer.name={optimizer!r} (the 1-bit optimizers' per-device step has no stage axis)")
 
 
 @dataclasses.dataclass
@@ -599,7 +596,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
         validate_sections(self)
-        self.mesh.check_pipeline(self.model.layers, self.optimizer.name)
+        self.mesh.check_pipeline(self.model.layers)
         self.optimizer.warn_unreached_phases(self.train.steps)
         return self
 

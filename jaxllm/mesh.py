@@ -79,10 +79,21 @@ class PipelineSettings(NamedTuple):
     microbatches: int = 0  # 0: twice the stage count
 
 
-# The pipeline settings of each mesh `make_mesh` built, by its abstract mesh (what `jit` sees): the model
-# reads them while tracing under `jax.set_mesh`, without a config argument. Meshes of the same shape
-# share an entry; the last one made wins.
+# The pipeline settings of each mesh `make_mesh` built, by its axis names and sizes (what `jit` and
+# `shard_map` see, whatever the axis types): the model reads them while tracing under `jax.set_mesh`,
+# without a config argument. Meshes of the same shape share an entry; the last one made wins.
 _PIPELINES: dict[Any, PipelineSettings] = {}
+
+
+def _pipeline_key(mesh: Any) -> tuple[tuple[str, int], ...]:
+    return tuple(dict(mesh.shape).items())
+
+
+def share_pipeline(mesh: Mesh, view: Mesh) -> None:
+    """Gives `view`, another arrangement of `mesh`'s devices (the 1-bit step's, with its data axis
+    renamed), `mesh`'s pipeline settings."""
+    if _pipeline_key(mesh) in _PIPELINES:
+        _PIPELINES[_pipeline_key(view)] = _PIPELINES[_pipeline_key(mesh)]
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -98,7 +109,7 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
         except (ValueError, NotImplementedError):
             pass
     mesh = mesh or Mesh(device_array, ALL_AXES, axis_types=axis_types)
-    _PIPELINES[mesh.abstract_mesh] = PipelineSettings(config.stage, config.pipeline_schedule,
+    _PIPELINES[_pipeline_key(mesh)] = PipelineSettings(config.stage, config.pipeline_schedule,
                                                       config.pipeline_repeats, config.microbatches())
     return mesh
 
@@ -109,7 +120,7 @@ def pipeline_settings() -> PipelineSettings:
     stages = 1 if mesh is None else dict(mesh.shape).get(STAGE_AXIS, 1)
     if stages == 1:
         return PipelineSettings(1)
-    settings = _PIPELINES.get(mesh, PipelineSettings(stages))
+    settings = _PIPELINES.get(_pipeline_key(mesh), PipelineSettings(stages))
     return settings._replace(microbatches=settings.microbatches or 2 * stages)
 
 

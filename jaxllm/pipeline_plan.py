@@ -12,6 +12,7 @@ from typing import Any
 
 from jaxllm.mesh import STAGE_AXIS, PipelineSettings
 from jaxllm.models import pipeline
+from jaxllm.optim import ONEBIT_OPTIMIZERS
 
 BUBBLE_FORMULA = "(S-1)/(R M + S-1)"
 # Past this many stages the per-stage block lists would swamp the report: the first and last stage show the rule.
@@ -27,13 +28,16 @@ def stage_plan(config: Any, mesh_shape: dict[str, int]) -> dict[str, Any] | None
     mesh = config.mesh
     settings = PipelineSettings(stages, mesh.pipeline_schedule, mesh.pipeline_repeats, mesh.microbatches())
     layers, accum = config.model.layers, config.train.grad_accum
-    rows = config.train.batch_size // accum  # what each loss call is given
+    # What each loss call is given: a 1-bit optimizer's step computes every data slice's gradient on
+    # its own rows (`jaxllm.engine.onebit`), so there the pipeline sees one slice's share.
+    slices = mesh_shape.get("data", 1) if config.optimizer.name in ONEBIT_OPTIMIZERS else 1
+    rows = config.train.batch_size // accum // slices
     pipeline.check_settings(settings, layers, rows)
     repeats, micro = settings.repeats, settings.microbatches
     per_group = layers // (stages * repeats)
     blocks = [[[(r * stages + s) * per_group, (r * stages + s + 1) * per_group - 1] for r in range(repeats)]
               for s in range(stages)]
-    data_parallel = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    data_parallel = mesh_shape.get("data", 1) // slices * mesh_shape.get("fsdp", 1)
     return {
         "stages": stages,
         "schedule": settings.schedule,
@@ -43,7 +47,8 @@ def stage_plan(config: Any, mesh_shape: dict[str, int]) -> dict[str, Any] | None
         "layers": layers,
         "stage_blocks": blocks,  # [stage][group] = [first, last] block index
         "accumulation_microbatches": accum,  # train.grad_accum: loss calls per step
-        "rows_per_accumulation_microbatch": rows,
+        "rows_per_accumulation_microbatch": rows,  # per data slice with a 1-bit optimizer
+        "per_data_slice": slices > 1,
         "pipeline_microbatches": micro,  # M, per loss call
         "rows_per_pipeline_microbatch": rows // micro,
         "data_parallel": data_parallel,  # data x fsdp: the devices a pipeline micro-batch's rows split over
@@ -73,7 +78,8 @@ def describe(plan: dict[str, Any], indent: str = "") -> list[str]:
         f"block{'s' * (k > 1)} per stage ({plan['blocks_per_stage']} of {plan['layers']} blocks per stage)",
         f"  {per_stage}" + ("" if s <= LISTED_STAGES else f"; block (r S + s) {k} + k for stage s"),
         f"  micro-batches: {plan['accumulation_microbatches']} for accumulation (train.grad_accum) of "
-        f"{_rows(plan['rows_per_accumulation_microbatch'])}, each cut into {m} pipeline micro-batches "
+        f"{_rows(plan['rows_per_accumulation_microbatch'])}{' per data slice' if plan['per_data_slice'] else ''}, "
+        f"each cut into {m} pipeline micro-batches "
         f"(mesh.pipeline_microbatches) of {_rows(plan['rows_per_pipeline_microbatch'])}",
         f"  ticks T = R M + S - 1 = {r}*{m} + {s} - 1 = {plan['ticks']}, each stage busy {plan['busy_ticks']}; "
         f"bubble {BUBBLE_FORMULA} = {s - 1}/{plan['ticks']} = {plan['bubble']:.4f}",

@@ -221,3 +221,13 @@ def test_offload_with_stages_moves_the_optimizer_term_to_the_host(tmp_path, caps
     assert memory_split["host_total"] == terms["optimizer"] > 0
     peak = sum(terms.values()) - min(terms["loss_backward"], terms["block_backward"])
     assert memory_split["device_total"] == peak - terms["optimizer"]
+
+
+def test_with_a_onebit_optimizer_the_pipeline_cuts_each_data_slices_rows(tmp_path, capsys, devices):
+    """The 1-bit step runs the loss on each data slice's rows, so the pipeline's micro-batches are cut
+    from 32 / 2 / 4 = 4 rows of a slice, not from the 16 rows of a loss call."""
+    onebit = [*STAGED, "mesh.offload=none", "optimizer.name=onebit_adam", "optimizer.freeze_step=2",
+              "train.steps=4"]
+    plan = _dry_run(tmp_path, onebit)["pipeline"]
+    assert (plan["rows_per_accumulation_microbatch"], plan["rows_per_pipeline_microbatch"]) == (4, 1)
+    assert "of 4 rows per data slice, each cut into 4 pipeline micro-batches" in capsys.readouterr().out

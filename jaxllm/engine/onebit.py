@@ -18,6 +18,10 @@ inside, so the model's sharding hints still apply to `fsdp`, `tensor` and `seque
    except the exact phases (warm-up, 0/1 Adam's variance refreshes), which average it on purpose (in
    f32, or as bf16 words with `optimizer.exact_allreduce_dtype: bfloat16`).
 
+Pipeline stages (`mesh.stage` > 1) keep an axis of their own in the view: the pipeline's shard_map,
+manual over `stage`, runs inside each slice's gradient, and parameters and optimizer state are sharded
+over `stage` as over `fsdp`, so the compressed exchanges still cross `dp` only.
+
 Each optimizer phase compiles to its own program, chosen on the host from the step number (the
 phase schedules are pure functions of the step), so a phase without communication has no collective
 over the data axis in its program at all; `hlo_collectives` reads them from the compiled HLO.
@@ -64,8 +68,9 @@ from jaxllm.optim.onebit_allreduce import DEVICE_AXIS
 from jaxllm.optim.zero_one_adam import ZeroOneAdamState
 
 DATA = mesh_lib.MESH_AXES[0]  # the data-parallel axis of the run's mesh
-MODEL_AXES = mesh_lib.MESH_AXES[1:]  # fsdp, tensor, sequence
-INNER_AXES = (DEVICE_AXIS, *mesh_lib.MESH_AXES)  # dp, data (size 1), fsdp, tensor, sequence
+STAGE = mesh_lib.STAGE_AXIS
+MODEL_AXES = (STAGE, *mesh_lib.MESH_AXES[1:])  # stage, fsdp, tensor, sequence
+INNER_AXES = (STAGE, DEVICE_AXIS, *mesh_lib.MESH_AXES)  # stage, dp, data (size 1), fsdp, tensor, sequence
 
 
 def is_onebit(config: Any) -> bool:
@@ -73,21 +78,27 @@ def is_onebit(config: Any) -> bool:
 
 
 def inner_mesh(mesh: Mesh) -> Mesh:
-    """The same devices with the data axis renamed `dp` and a `data` axis of size 1 inserted."""
-    shape = [mesh.shape[a] for a in mesh_lib.MESH_AXES]
-    devices = mesh.devices.reshape(shape[0], 1, *shape[1:])
-    return Mesh(devices, INNER_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(INNER_AXES))
+    """The same devices with the data axis renamed `dp` and a `data` axis of size 1 inserted (and a
+    `stage` axis of size 1 for a mesh built without one). Pipeline stages stay an axis of their own, so
+    the pipeline runs inside each data slice's gradient and the compressed exchanges never cross it."""
+    sizes = dict(mesh.shape)
+    shape = [sizes.get(STAGE, 1), sizes[DATA], 1, *(sizes[a] for a in mesh_lib.MESH_AXES[1:])]
+    inner = Mesh(mesh.devices.reshape(shape), INNER_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(INNER_AXES))
+    mesh_lib.share_pipeline(mesh, inner)
+    return inner
 
 
-def _to_outer(spec: PartitionSpec) -> PartitionSpec:
-    """An inner-mesh spec in the run's mesh names (`dp` is `data`; the inner `data` has size 1)."""
+def _to_outer(spec: PartitionSpec, outer_axes: tuple[str, ...] = mesh_lib.ALL_AXES) -> PartitionSpec:
+    """An inner-mesh spec in the run's mesh names (`dp` is `data`; the inner `data` has size 1; the
+    inner `stage` of a mesh built without one has size 1 too)."""
 
     def rename(entry):
         if entry is None:
             return None
         names = entry if isinstance(entry, tuple) else (entry,)
         names = tuple(DATA if n == DEVICE_AXIS else n for n in names if n != DATA or DEVICE_AXIS not in names)
-        return names if len(names) > 1 else names[0]
+        names = tuple(n for n in names if n in outer_axes)
+        return names if len(names) > 1 else (names[0] if names else None)
 
     return PartitionSpec(*(rename(e) for e in spec))
 
@@ -149,9 +160,12 @@ class OneBitTraining:
         self.state_tx = optax.GradientTransformation(self._global_init, _no_global_update)
 
     def signature(self) -> dict[str, Any]:
-        """What a checkpoint's optimizer state is bound to: the optimizer and the mesh shape."""
-        return {"optimizer": self.config.optimizer.name, "mesh": {a: int(self.mesh.shape[a]) for a in
-                                                                  mesh_lib.MESH_AXES}}
+        """What a checkpoint's optimizer state is bound to: the optimizer and the mesh shape (`stage` only
+        when there are stages, so that checkpoints written before the axis existed still match)."""
+        sizes = dict(self.mesh.shape)
+        stages = {STAGE: int(sizes[STAGE])} if sizes.get(STAGE, 1) > 1 else {}
+        return {"optimizer": self.config.optimizer.name,
+                "mesh": stages | {a: int(sizes[a]) for a in mesh_lib.MESH_AXES}}
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -199,7 +213,8 @@ class OneBitTraining:
     def opt_state_layout(self) -> tuple[Any, Any]:
         """(abstract tree, shardings) of the global optimizer state, per-device leaves included."""
         is_leaf = lambda x: isinstance(x, _LeafLayout)  # noqa: E731
-        shardings = jax.tree.map(lambda lf: NamedSharding(self.mesh, _to_outer(lf.inner_spec)), self._leaves,
+        outer = self.mesh.axis_names
+        shardings = jax.tree.map(lambda lf: NamedSharding(self.mesh, _to_outer(lf.inner_spec, outer)), self._leaves,
                                  is_leaf=is_leaf)
         local_leaves = jax.tree.leaves(self._local_abstract)
         abstract = jax.tree.unflatten(
@@ -241,7 +256,7 @@ class OneBitTraining:
     def _step_fn(self, phase: int, loss_fn: Callable, grad_accum: int, ltd: LTDSetup | None,
                  kept: int | None, guard: LossSpikeGuard | None = None) -> Callable:
         clip = self.config.optimizer.grad_clip
-        model_axes = tuple(a for a in MODEL_AXES if self.mesh.shape[a] > 1)
+        model_axes = tuple(a for a in MODEL_AXES if dict(self.mesh.shape).get(a, 1) > 1)
         opt_specs = self.opt_specs
         is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
         replicated_params = jax.tree.map(lambda _: PartitionSpec(), opt_specs, is_leaf=is_spec)
@@ -353,8 +368,11 @@ class OneBitStep:
         """The jitted step of one phase and random-LTD kept length (compiled on first use)."""
         if (phase, kept) not in self._compiled:
             fn = self.training._step_fn(phase, self.loss_fn, self.grad_accum, self.ltd, kept, self.spike_guard)
-            self._compiled[phase, kept] = jax.jit(fn, in_shardings=(self._state_shardings, None),
-                                                  out_shardings=(self._state_shardings, None), donate_argnums=0)
+            jitted = jax.jit(fn, in_shardings=(self._state_shardings, None),
+                             out_shardings=(self._state_shardings, None), donate_argnums=0)
+            if dict(self.training.mesh.shape).get(STAGE, 1) > 1:
+                jitted = _UnderMesh(jitted, self.training.inner)
+            self._compiled[phase, kept] = jitted
         return self._compiled[phase, kept]
 
     def _cache_size(self) -> int:
@@ -372,6 +390,29 @@ class OneBitStep:
             summary = self._summary(metrics)
             metrics = {**summary, "lr": jnp.float32(self.training.schedule(step - 1)), "phase": phase}
         return new_state, metrics
+
+
+class _UnderMesh:
+    """A jitted step traced and lowered with `mesh` (the 1-bit view) as the context mesh.
+
+    The pipeline's `jax.lax.axis_index(stage)`, in a shard_map nested inside the data-manual one, is
+    lowered (jax 0.10) through one more shard_map over the context mesh; under the run's own mesh, whose
+    axis names differ from the view's, that lowering never finds every axis manual and recurses until
+    Python's recursion limit. With the view as the context mesh it lowers once."""
+
+    def __init__(self, jitted: Any, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()
 
 
 def _summarize(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
