@@ -231,3 +231,11 @@ def test_with_a_onebit_optimizer_the_pipeline_cuts_each_data_slices_rows(tmp_pat
     plan = _dry_run(tmp_path, onebit)["pipeline"]
     assert (plan["rows_per_accumulation_microbatch"], plan["rows_per_pipeline_microbatch"]) == (4, 1)
     assert "of 4 rows per data slice, each cut into 4 pipeline micro-batches" in capsys.readouterr().out
+
+
+def test_json_without_dry_run_is_a_usage_error(tmp_path):
+    from jaxllm.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"--workdir={tmp_path / 'w'}", f"--json={tmp_path / 'dry.json'}"])
+    assert exit_info.value.code == 2 and not (tmp_path / "dry.json").exists()
