@@ -19,6 +19,17 @@ Ticks: `T = R M + S - 1`; each stage is busy for `R M` of them, so the idle frac
 `(S - 1) / (R M + S - 1)`: `(S - 1) / (M + S - 1)` for GPipe, R times fewer idle ticks per unit of
 work for the circular schedule. Gradients are autodiff's: the transposed loop is the backward
 pipeline, with the ppermutes reversed.
+
+Uneven splits: when `stages * repeats` (the layer groups) does not divide the layer count, every
+group gets `per_group = ceil(layers / groups)` slots and the last `groups * per_group - layers` groups
+end with one padded slot, a block of zero weights whose output is discarded (the slot passes its input
+on), so each group holds `per_group` or `per_group - 1` real blocks (with one slot per group, a padded
+group is all padding: BLOOM's 70 layers on 12 stages x 6 groups). Every stage holds at least one
+real block as long as there are no more stages than layers. The padding exists only inside
+the step: the parameters, the optimizer state and checkpoints hold the real blocks alone, and their
+gradients are those of the unpipelined model. Its price is compute: a padded slot runs like a real
+block, so a stage's tick costs `per_group` blocks whichever it holds (BLOOM's 70 layers on 12 stages:
+72 slots, 2/72 of the block compute wasted).
 """
 
 from __future__ import annotations
@@ -56,11 +67,27 @@ def bubble_fraction(settings: PipelineSettings) -> float:
     return float((table < 0).mean())
 
 
+def slots(layers: int, groups: int) -> tuple[int, int]:
+    """`(per_group, padded)`: the block slots of each layer group and how many of all slots are padding
+    (one at the end of each of the last `padded` groups)."""
+    per_group = -(-layers // groups)
+    return per_group, groups * per_group - layers
+
+
+def active_slots(layers: int, settings: PipelineSettings) -> np.ndarray:
+    """`[repeats, stages, per_group]` bool: which slots hold a real block (False: padding)."""
+    groups = settings.stages * settings.repeats
+    per_group, padded = slots(layers, groups)
+    active = np.ones((groups, per_group), bool)
+    active[groups - padded:, -1] = False
+    return active.reshape(settings.repeats, settings.stages, per_group)
+
+
 def check_settings(settings: PipelineSettings, layers: int, rows: int) -> None:
     stages, repeats, micro = settings.stages, settings.repeats, settings.microbatches
-    if layers % (stages * repeats):
-        raise UserError(f"config key 'mesh.stage': {layers} layers do not split into mesh.stage={stages} x "
-                        f"mesh.pipeline_repeats={repeats} equal layer groups")
+    if layers < stages:
+        raise UserError(f"config key 'mesh.stage': {layers} layers leave a stage without a block; use at most "
+                        f"{layers} stages")
     if rows % micro:
         raise UserError(f"config key 'mesh.pipeline_microbatches': {micro} micro-batches do not divide the "
                         f"{rows} rows the model is given")
@@ -79,6 +106,22 @@ def _join_rows(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
+def _padded(stacked: Any, layers: int, groups: int) -> Any:
+    """`[layers, ...]` leaves -> `[groups * per_group, ...]`: the last `padded` groups' real blocks each
+    followed by a zero block (see the module's docstring)."""
+    per_group, padded = slots(layers, groups)
+    if not padded:
+        return stacked
+    full = (groups - padded) * per_group  # the blocks of the groups without padding
+
+    def pad(w):
+        short = w[full:].reshape(padded, per_group - 1, *w.shape[1:])
+        short = jnp.concatenate([short, jnp.zeros((padded, 1, *w.shape[1:]), w.dtype)], axis=1)
+        return jnp.concatenate([w[:full], short.reshape(padded * per_group, *w.shape[1:])])
+
+    return jax.tree.map(pad, stacked)
+
+
 def pipelined_blocks(
     block_fn: BlockFn,
     stacked: Any,
@@ -92,12 +135,21 @@ def pipelined_blocks(
     stages, repeats, micro = settings.stages, settings.repeats, settings.microbatches
     layers = jax.tree.leaves(stacked)[0].shape[0]
     check_settings(settings, layers, x.shape[0])
-    per_group = layers // (stages * repeats)
-    grouped = jax.tree.map(lambda w: w.reshape(repeats, stages, per_group, *w.shape[1:]), stacked)
+    per_group, padded = slots(layers, stages * repeats)
+    grouped = jax.tree.map(lambda w: w.reshape(repeats, stages, per_group, *w.shape[1:]),
+                           _padded(stacked, layers, stages * repeats))
+    active = jnp.asarray(active_slots(layers, settings))
     items = repeats * micro
 
-    def stage_loop(weights, xs, pos, seg):
+    def run_block(h, slot_weights, slot_active, pos, seg):
+        out = block_fn(slot_weights, h, pos, seg)
+        # A padded slot passes its input on; `where` gives it the identity's gradient, and its zero
+        # weights are no parameter's. An even split keeps the step free of the select.
+        return jnp.where(slot_active, out, h) if padded else out
+
+    def stage_loop(weights, active, xs, pos, seg):
         weights = jax.tree.map(lambda w: w[:, 0], weights)  # this stage's [repeats, per_group, ...]
+        active = active[:, 0]
         stage = jax.lax.axis_index(STAGE_AXIS)
         ring = [(s, (s + 1) % stages) for s in range(stages)]
 
@@ -108,7 +160,8 @@ def pipelined_blocks(
             group = jnp.clip(item // micro, 0, repeats - 1)
             h = jnp.where(stage == 0, queue[jnp.mod(t, micro)], received)
             group_weights = jax.tree.map(lambda w: w[group], weights)
-            h, _ = jax.lax.scan(lambda h, w: (block_fn(w, h, pos[slot], seg[slot]), None), h, group_weights)
+            h, _ = jax.lax.scan(lambda h, wa: (run_block(h, *wa, pos[slot], seg[slot]), None), h,
+                                (group_weights, active[group]))
             received = jax.lax.ppermute(h, STAGE_AXIS, ring)
             # Stage 0 files what the last stage finished (item t - S + 1) under its micro-batch.
             done = t - (stages - 1)
@@ -122,7 +175,8 @@ def pipelined_blocks(
         return queue[None]
 
     stage_spec = jax.tree.map(lambda _: PartitionSpec(None, STAGE_AXIS), grouped)
-    run = jax.shard_map(stage_loop, in_specs=(stage_spec, PartitionSpec(), PartitionSpec(), PartitionSpec()),
+    run = jax.shard_map(stage_loop, in_specs=(stage_spec, PartitionSpec(None, STAGE_AXIS), PartitionSpec(),
+                                              PartitionSpec(), PartitionSpec()),
                         out_specs=PartitionSpec(STAGE_AXIS), axis_names=frozenset({STAGE_AXIS}))
-    queues = run(grouped, _split_rows(x, micro), _split_rows(positions, micro), _split_rows(segment_ids, micro))
+    queues = run(grouped, active, _split_rows(x, micro), _split_rows(positions, micro), _split_rows(segment_ids, micro))
     return _join_rows(queues[0])  # stage 0's queue holds every micro-batch's output
