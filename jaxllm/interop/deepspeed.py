@@ -95,11 +95,14 @@ ZERO_REASONS = {
                                                  "jaxllm.interop.convert to-hf writes whole (bfloat16) weights",
     "elastic_checkpoint": "Orbax checkpoints restore onto any mesh",
 }
-# The pipeline section's keys. jaxllm's mesh (config.MeshConfig) has no pipeline axis: every device
-# runs all layers, whose weights mesh.fsdp / mesh.tensor shard instead of splitting them into stages.
+# The pipeline section's keys. DeepSpeed runs all gradient_accumulation_steps micro-batches through one
+# 1F1B schedule, which bounds activation memory by the stage count; jaxllm's GPipe keeps every pipeline
+# micro-batch's activations for the backward pass, so its train.grad_accum loop is what bounds them.
 PIPELINE = ("jaxllm's pipeline is mesh.stage (GPipe or circular schedule, docs/pipeline.md); DeepSpeed's 1F1B "
-            "schedule has GPipe's bubble, and its micro-batches are jaxllm's mesh.pipeline_microbatches; the stage "
-            "count is the model's (PipelineModule num_stages) unless pipeline.stages gives it")
+            "schedule has GPipe's bubble; its gradient_accumulation_steps micro-batches are jaxllm's "
+            "train.grad_accum loss calls times mesh.pipeline_microbatches each (the memory of one loss call's "
+            "pipeline against the bubble); the stage count is the model's (PipelineModule num_stages) unless "
+            "pipeline.stages gives it")
 
 
 def _precision(ds: Mapping[str, Any], out: Translation) -> None:
@@ -170,7 +173,8 @@ def _tensorboard(ds: Mapping[str, Any], out: Translation) -> None:
 
 def _pipeline(ds: Mapping[str, Any], out: Translation) -> None:
     """A stage count goes to `mesh.stage`; activation checkpointing between stages' layers is jaxllm's
-    per-block remat; DeepSpeed's partitioning options have no counterpart (jaxllm splits layers evenly)."""
+    per-block remat; DeepSpeed's partitioning options have no counterpart (jaxllm gives every stage the
+    same number of block slots, padding the last layer groups when the layers do not divide)."""
     section = mapping(ds, "pipeline")
     stages = section.get("stages")
     if isinstance(stages, int) and not isinstance(stages, bool) and stages >= 1:
@@ -186,7 +190,9 @@ def _pipeline(ds: Mapping[str, Any], out: Translation) -> None:
         if key == "stages" and "stage" in out.config.get("mesh", {}):
             continue
         out.note(f"pipeline.{key}", "the stage count comes from the model's PipelineModule; give mesh.stage"
-                 if key == "stages" else "jaxllm splits the layers evenly over mesh.stage; no counterpart")
+                 if key == "stages" else "jaxllm gives every layer group (mesh.stage x mesh.pipeline_repeats of "
+                 "them) the same number of block slots, padding the last groups with skipped blocks when the "
+                 "layers do not divide; no counterpart")
 
 
 def _data_efficiency(ds: Mapping[str, Any], out: Translation) -> None:
