@@ -354,8 +354,11 @@ class Decoder(nnx.Module):
         if pipeline.stages > 1:
             self._check_pipelined(ltd)
             graphdef, stacked = self._stacked()
-            return self._logits(pipelined_blocks(self._block_fn(graphdef, attention), stacked, x, positions,
-                                                 segment_ids, pipeline))
+            # The pipeline applies the remat policy itself, around the cutting of each slot's weights.
+            policy = (jax.checkpoint_policies.everything_saveable if cfg.remat == "none"
+                      else _REMAT_POLICIES[cfg.remat])
+            return self._logits(pipelined_blocks(self._block_fn(graphdef, attention, remat=False), stacked, x,
+                                                 positions, segment_ids, pipeline, policy))
         if cfg.scan_layers and ltd is None and self._stackable():
             return self._logits(self._scanned_blocks(x, positions, segment_ids, attention))
         for layer, block in enumerate(self.blocks):
@@ -410,8 +413,9 @@ class Decoder(nnx.Module):
         graphdef = nnx.graphdef(self.blocks[0])
         return graphdef, jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(b) for b in self.blocks))
 
-    def _block_fn(self, graphdef, attention):
-        """`(weights, x, positions, segment_ids) -> x` of one block, with the model's remat policy."""
+    def _block_fn(self, graphdef, attention, remat: bool = True):
+        """`(weights, x, positions, segment_ids) -> x` of one block, with the model's remat policy
+        (`remat=False`: without)."""
         cfg = self.cfg
 
         def run(weights, x, positions, segment_ids):
@@ -419,7 +423,7 @@ class Decoder(nnx.Module):
             alibi = alibi_slopes(cfg.heads) if cfg.family == "bloom" else None
             return nnx.merge(graphdef, weights)(x, positions, segment_ids, alibi, attention=attention)
 
-        return run if cfg.remat == "none" else jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat])
+        return run if cfg.remat == "none" or not remat else jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat])
 
     def _scanned_blocks(self, x, positions, segment_ids, attention):
         """The blocks as one `jax.lax.scan` over their stacked weights: XLA compiles one block, with the

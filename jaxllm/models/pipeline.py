@@ -40,12 +40,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.ad_checkpoint import name_p
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int
 
 from jaxllm.errors import UserError
 from jaxllm.mesh import STAGE_AXIS, PipelineSettings
 
+# The name of a slot's weights, cut from its stage's inside the tick loop (see `pipelined_blocks`).
+_SLOT_WEIGHTS = "pipeline_slot_weights"
+_CUTS = (jax.lax.dynamic_slice_p, jax.lax.squeeze_p, jax.lax.gather_p)
 BlockFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]  # (weights, x, positions, segments)
 
 
@@ -129,9 +134,13 @@ def pipelined_blocks(
     positions: Int[Array, "b l"],
     segment_ids: Int[Array, "b l"],
     settings: PipelineSettings,
+    policy: Callable[..., bool] | None = jax.checkpoint_policies.everything_saveable,
 ) -> Float[Array, "b l d"]:
     """The blocks (weights `stacked`, leaves `[layers, ...]`) applied in order to `x`, pipelined over
-    the `stage` axis of the current mesh. `block_fn(weights, x, positions, segment_ids)` runs one block."""
+    the `stage` axis of the current mesh. `block_fn(weights, x, positions, segment_ids)` runs one block;
+    `policy` is its remat policy (`jax.checkpoint`'s; None saves nothing inside a block): the pipeline
+    applies it itself, because each slot's weights must be cut from the stage's inside the remat (a
+    block remat'd on its own keeps its weights, one copy per tick, for the backward pass)."""
     stages, repeats, micro = settings.stages, settings.repeats, settings.microbatches
     layers = jax.tree.leaves(stacked)[0].shape[0]
     check_settings(settings, layers, x.shape[0])
@@ -141,11 +150,26 @@ def pipelined_blocks(
     active = jnp.asarray(active_slots(layers, settings))
     items = repeats * micro
 
-    def run_block(h, slot_weights, slot_active, pos, seg):
-        out = block_fn(slot_weights, h, pos, seg)
+    def run_block(weights, group, k, h, pos, seg):
+        # The slot's weights are cut from the stage's inside the remat, so that the backward pass
+        # cuts them again instead of keeping one copy per tick (the stage's weights are loop-invariant
+        # and kept once); the block's own remat policy decides the rest.
+        slot_weights = jax.tree.map(lambda w: checkpoint_name(w[group, k], _SLOT_WEIGHTS), weights)
+        return block_fn(slot_weights, h, pos, seg)
+
+    def saveable(prim, *avals, **params):
+        # Nor the cut that makes them, which a policy saving everything would keep.
+        if prim in _CUTS or (prim is name_p and params["name"] == _SLOT_WEIGHTS):
+            return False
+        return policy is not None and policy(prim, *avals, **params)
+
+    run_block = jax.checkpoint(run_block, policy=saveable)
+
+    def run_slot(weights, active, group, k, h, pos, seg):
+        out = run_block(weights, group, k, h, pos, seg)
         # A padded slot passes its input on; `where` gives it the identity's gradient, and its zero
         # weights are no parameter's. An even split keeps the step free of the select.
-        return jnp.where(slot_active, out, h) if padded else out
+        return jnp.where(active[group, k], out, h) if padded else out
 
     def stage_loop(weights, active, xs, pos, seg):
         weights = jax.tree.map(lambda w: w[:, 0], weights)  # this stage's [repeats, per_group, ...]
@@ -159,9 +183,8 @@ def pipelined_blocks(
             slot = jnp.mod(item, micro)
             group = jnp.clip(item // micro, 0, repeats - 1)
             h = jnp.where(stage == 0, queue[jnp.mod(t, micro)], received)
-            group_weights = jax.tree.map(lambda w: w[group], weights)
-            h, _ = jax.lax.scan(lambda h, wa: (run_block(h, *wa, pos[slot], seg[slot]), None), h,
-                                (group_weights, active[group]))
+            h, _ = jax.lax.scan(lambda h, k: (run_slot(weights, active, group, k, h, pos[slot], seg[slot]), None),
+                                h, jnp.arange(per_group))
             received = jax.lax.ppermute(h, STAGE_AXIS, ring)
             # Stage 0 files what the last stage finished (item t - S + 1) under its micro-batch.
             done = t - (stages - 1)
