@@ -1,11 +1,13 @@
 """Compiles each recipe of `RECIPES` with `python -m jaxllm.aot` and prints the table of docs/aot.md.
 
-    python scripts/aot_table.py [--only NAME ...] [--json runs/aot_table.json]
+    python scripts/aot_table.py [--only NAME ...] [--json runs/aot_table.json] [--stages]
 
 Each recipe is a config file in configs/recipes/ (a preset with the mesh and batch that place it on
 the target's devices) and its target; each is compiled in a process of its own (the compilers come with
 the aot and aot-gpu extras). The table gives per device the compiler's total memory and `--dry-run`'s
 estimate, the headroom, the compiled FLOPs against the model's, and the compile seconds on this machine.
+`--stages` prints docs/pipeline.md's table instead: the mesh, the pipeline schedule, its padded block
+slots and bubble (`jaxllm.models.pipeline`) beside the compiler's device and host memory.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ RECIPES = {
     "LLM-jp 13B ": ("configs/recipes/llmjp_13b.gpu_h100_8x8.yaml", "gpu:h100:8x8", []),
     "BLOOM-176B": ("configs/recipes/bloom_176b.tpu_v5p_8x8x4.yaml", "tpu:v5p:8x8x4", []),
     "BLOOM-176B ": ("configs/recipes/bloom_176b.gpu_h100_32x8.yaml", "gpu:h100:32x8", []),
+    # Pipeline stages (docs/pipeline.md). Two overrides rows show steps that do not fit: BLOOM-176B at
+    # its published layout (12 stages cannot split its weights) and with ZeRO-1 on only 8 stages.
+    "BLOOM-176B, 12 stages, ZeRO-1": ("configs/recipes/bloom_176b.gpu_a100_64x8.yaml", "gpu:a100-80g:48x8",
+                                      ["mesh.stage=12", "mesh.pipeline_repeats=6"]),
+    "BLOOM-176B, 16 stages, ZeRO-1": ("configs/recipes/bloom_176b.gpu_a100_64x8.yaml", "gpu:a100-80g:64x8", []),
+    "BLOOM-176B, 8 stages, ZeRO-1": ("configs/recipes/bloom_176b.gpu_a100_32x8.yaml", "gpu:a100-80g:32x8",
+                                     ["mesh.zero_stage=1", "mesh.pipeline_microbatches=8", "train.grad_accum=32"]),
+    "BLOOM-176B, 8 stages, ZeRO-3": ("configs/recipes/bloom_176b.gpu_a100_32x8.yaml", "gpu:a100-80g:32x8", []),
+    "LLM-jp 13B, 4 stages": ("configs/recipes/llmjp_13b.gpu_h100_8x8_stage4.yaml", "gpu:h100:8x8", []),
 }
 
 
@@ -59,19 +70,47 @@ def row(name: str, r: dict) -> str:
             f"{r['capacity'] / GIB:.2f} | {headroom} | {flops} | {r['compile_seconds']:.0f} |")
 
 
+def stages_row(name: str, config: str, overrides: list[str], r: dict) -> str:
+    """docs/pipeline.md's columns: the mesh, the schedule and its bubble beside the memory."""
+    sys.path.insert(0, str(REPO))
+    from jaxllm import config as config_lib
+    from jaxllm.mesh import PipelineSettings
+    from jaxllm.models.pipeline import bubble_fraction, slots
+
+    cfg = config_lib.load(REPO / config, overrides)
+    mesh = cfg.mesh
+    settings = PipelineSettings(mesh.stage, mesh.pipeline_schedule, mesh.pipeline_repeats, mesh.microbatches())
+    per_group, padded = slots(cfg.model.layers, mesh.stage * mesh.pipeline_repeats)
+    total_slots = per_group * mesh.stage * mesh.pipeline_repeats
+    axes = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items() if size > 1)
+    schedule = f"{mesh.pipeline_schedule} R={mesh.pipeline_repeats}, M={mesh.microbatches()}, " \
+               f"G={cfg.train.grad_accum}, ZeRO-{mesh.zero_stage}"
+    memory = f"{r['total'] / GIB:.2f}" + ("" if r["fits"] else " (does not fit)")
+    return (f"| {name.strip()} | {r['target']} | {axes} | {schedule} | {padded}/{total_slots} "
+            f"| {memory} | {r['capacity'] / GIB:.0f} | {r['host_total'] / GIB:.2f} | {bubble_fraction(settings):.3f} "
+            f"| {r['compile_seconds']:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="recipe names (default: all)")
     parser.add_argument("--json", help="also write every report here")
+    parser.add_argument("--stages", action="store_true", help="docs/pipeline.md's table (mesh, schedule, bubble)")
     args = parser.parse_args()
     names = args.only or list(RECIPES)
-    print("| recipe | target | devices | compiler GiB/device | estimate GiB | device GiB | headroom | "
-          "compiled / model FLOPs per micro-batch | compile s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    if args.stages:
+        print("| recipe | target | mesh | schedule | padded slots | compiler GiB/device | device GiB | host GiB | "
+              "bubble | compile s |")
+        print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    else:
+        print("| recipe | target | devices | compiler GiB/device | estimate GiB | device GiB | headroom | "
+              "compiled / model FLOPs per micro-batch | compile s |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     reports = {}
     for name in names:
         reports[name] = compile_recipe(*RECIPES[name])
-        print(row(name, reports[name]), flush=True)
+        print(stages_row(name, *RECIPES[name][::2], reports[name]) if args.stages else row(name, reports[name]),
+              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
 

@@ -157,9 +157,13 @@ def test_every_recipe_is_its_preset_on_all_of_its_targets_devices():
         preset = config_lib.load(REPO / "configs" / f"{path.split('/')[-1].split('.')[0]}.yaml")
         assert config.model == preset.model and config.data == preset.data, path
         devices = math.prod(int(n) for n in target.split(":")[-1].split("x"))  # chips, or nodes x GPUs
-        axes = [config.mesh.fsdp, config.mesh.tensor, config.mesh.sequence]
+        axes = [config.mesh.stage, config.mesh.fsdp, config.mesh.tensor, config.mesh.sequence]
         data = config.mesh.data if config.mesh.data != -1 else devices // math.prod(axes)
         assert data * math.prod(axes) == devices, (path, target)
         rows_per_step = config.train.batch_size // config.train.grad_accum
         assert rows_per_step * config.train.grad_accum == config.train.batch_size, path
-        assert rows_per_step % (data * config.mesh.fsdp) == 0, path
+        # With stages each loss call's rows are cut into pipeline micro-batches, each split over the
+        # data-parallel devices.
+        micro = config.mesh.microbatches() if config.mesh.stage > 1 else 1
+        assert rows_per_step % (micro * data * config.mesh.fsdp) == 0, path
+        config.mesh.check_pipeline(config.model.layers, config.optimizer.name)
