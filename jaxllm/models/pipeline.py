@@ -40,7 +40,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.ad_checkpoint import name_p
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int
@@ -158,8 +157,10 @@ def pipelined_blocks(
         return block_fn(slot_weights, h, pos, seg)
 
     def saveable(prim, *avals, **params):
-        # Nor the cut that makes them, which a policy saving everything would keep.
-        if prim in _CUTS or (prim is name_p and params["name"] == _SLOT_WEIGHTS):
+        # Nor the cut that makes them, which a policy saving everything would keep. (The name is
+        # matched here: jax.checkpoint_policies.save_anything_except_these_names saves every value
+        # in jax 0.10.)
+        if prim in _CUTS or (prim.name == "name" and params.get("name") == _SLOT_WEIGHTS):
             return False
         return policy is not None and policy(prim, *avals, **params)
 
