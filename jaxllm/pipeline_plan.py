@@ -34,18 +34,18 @@ def stage_plan(config: Any, mesh_shape: dict[str, int]) -> dict[str, Any] | None
     rows = config.train.batch_size // accum // slices
     pipeline.check_settings(settings, layers, rows)
     repeats, micro = settings.repeats, settings.microbatches
-    per_group = layers // (stages * repeats)
-    blocks = [[[(r * stages + s) * per_group, (r * stages + s + 1) * per_group - 1] for r in range(repeats)]
-              for s in range(stages)]
+    per_group, padded = pipeline.slots(layers, stages * repeats)
+    blocks = pipeline.group_blocks(layers, settings)
     data_parallel = mesh_shape.get("data", 1) // slices * mesh_shape.get("fsdp", 1)
     return {
         "stages": stages,
         "schedule": settings.schedule,
         "layer_groups_per_stage": repeats,  # R
-        "blocks_per_group": per_group,  # K = layers / (S R)
+        "blocks_per_group": per_group,  # K = ceil(layers / (S R)) block slots
         "blocks_per_stage": repeats * per_group,
         "layers": layers,
-        "stage_blocks": blocks,  # [stage][group] = [first, last] block index
+        "padded_slots": padded,  # S R K - layers: one at the end of each of the last groups
+        "stage_blocks": blocks,  # [stage][group] = [first, last] block index, None for padding only
         "accumulation_microbatches": accum,  # train.grad_accum: loss calls per step
         "rows_per_accumulation_microbatch": rows,  # per data slice with a 1-bit optimizer
         "per_data_slice": slices > 1,
@@ -59,8 +59,8 @@ def stage_plan(config: Any, mesh_shape: dict[str, int]) -> dict[str, Any] | None
     }
 
 
-def _blocks_text(groups: list[list[int]]) -> str:
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in groups)
+def _blocks_text(groups: list[list[int] | None]) -> str:
+    return ", ".join("padding" if g is None else f"{g[0]}" if g[0] == g[1] else f"{g[0]}-{g[1]}" for g in groups)
 
 
 def _rows(n: int) -> str:
@@ -75,8 +75,11 @@ def describe(plan: dict[str, Any], indent: str = "") -> list[str]:
     per_stage = "; ".join(f"stage {i}: blocks {_blocks_text(plan['stage_blocks'][i])}" for i in shown)
     lines = [
         f"pipeline: {s} stages, {plan['schedule']} schedule, {r} layer group{'s' * (r > 1)} of {k} "
-        f"block{'s' * (k > 1)} per stage ({plan['blocks_per_stage']} of {plan['layers']} blocks per stage)",
-        f"  {per_stage}" + ("" if s <= LISTED_STAGES else f"; block (r S + s) {k} + k for stage s"),
+        f"block{'s' * (k > 1)} per stage " + (f"({plan['blocks_per_stage']} block slots per stage for "
+                                              f"{plan['layers']} blocks)" if plan["padded_slots"] else
+                                              f"({plan['blocks_per_stage']} of {plan['layers']} blocks per stage)"),
+        f"  {per_stage}" + ("" if s <= LISTED_STAGES or plan["padded_slots"] else
+                            f"; block (r S + s) {k} + k for stage s"),
         f"  micro-batches: {plan['accumulation_microbatches']} for accumulation (train.grad_accum) of "
         f"{_rows(plan['rows_per_accumulation_microbatch'])}{' per data slice' if plan['per_data_slice'] else ''}, "
         f"each cut into {m} pipeline micro-batches "
@@ -84,6 +87,11 @@ def describe(plan: dict[str, Any], indent: str = "") -> list[str]:
         f"  ticks T = R M + S - 1 = {r}*{m} + {s} - 1 = {plan['ticks']}, each stage busy {plan['busy_ticks']}; "
         f"bubble {BUBBLE_FORMULA} = {s - 1}/{plan['ticks']} = {plan['bubble']:.4f}",
     ]
+    if plan["padded_slots"]:
+        slots = s * r * k
+        lines.append(f"  padded: {plan['padded_slots']} of {slots} block slots (the last of each of the last "
+                     f"{plan['padded_slots']} layer groups) run on zeros and are skipped, "
+                     f"{plan['padded_slots']}/{slots} of the block compute")
     rows, split = plan["rows_per_pipeline_microbatch"], plan["data_parallel"]
     if rows % split:
         lines.append(f"  note: a pipeline micro-batch of {_rows(rows)} cannot be split evenly over data x fsdp = "

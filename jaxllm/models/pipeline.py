@@ -87,6 +87,24 @@ def active_slots(layers: int, settings: PipelineSettings) -> np.ndarray:
     return active.reshape(settings.repeats, settings.stages, per_group)
 
 
+def group_blocks(layers: int, settings: PipelineSettings) -> list[list[list[int] | None]]:
+    """`[stage][round]`: the `[first, last]` real block of each layer group, None for a group of
+    padding only (the layout `pipelined_blocks` runs)."""
+    active = active_slots(layers, settings)
+    first = np.cumsum(np.concatenate([[0], active.reshape(-1).astype(int)]))  # blocks before each slot
+    per_group = active.shape[-1]
+    out = []
+    for stage in range(settings.stages):
+        groups = []
+        for r in range(settings.repeats):
+            g = r * settings.stages + stage
+            count = int(active[r, stage].sum())
+            start = int(first[g * per_group])
+            groups.append([start, start + count - 1] if count else None)
+        out.append(groups)
+    return out
+
+
 def check_settings(settings: PipelineSettings, layers: int, rows: int) -> None:
     stages, repeats, micro = settings.stages, settings.repeats, settings.microbatches
     if layers < stages:

@@ -12,7 +12,15 @@ from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.errors import UserError
 from jaxllm.mesh import PipelineSettings, make_mesh, tree_shardings
 from jaxllm.models.definition import ModelDef, init_params
-from jaxllm.models.pipeline import active_slots, bubble_fraction, pipelined_blocks, schedule_table
+from jaxllm.models.pipeline import (
+    _padded,
+    active_slots,
+    bubble_fraction,
+    group_blocks,
+    pipelined_blocks,
+    schedule_table,
+    slots,
+)
 
 FAMILIES = {
     "gpt2": dict(family="gpt2"),
@@ -140,6 +148,19 @@ def test_padded_slots_sit_one_at_the_end_of_the_last_groups():
     assert active[0, :10].all() and active[0, 10:, :5].all() and not active[0, 10:, 5].any()
     active = active_slots(5, PipelineSettings(2, "circular", 2, 2))  # groups r * S + s: 0 full, 1-3 padded
     np.testing.assert_array_equal(active.reshape(4, 2), [[True, True], [True, False], [True, False], [True, False]])
+
+
+@pytest.mark.parametrize("layers, stages, repeats", [(70, 12, 1), (70, 12, 6), (70, 8, 3), (5, 2, 2), (8, 2, 2)])
+def test_stage_plan_lists_the_blocks_the_padded_weights_hold(layers, stages, repeats):
+    """`group_blocks` (what --dry-run prints) against the padded stack the step builds: block l + 1 in
+    slot order, zeros for padding."""
+    settings = PipelineSettings(stages, "circular" if repeats > 1 else "gpipe", repeats, 2 * stages)
+    per_group, _ = slots(layers, stages * repeats)
+    held = np.asarray(_padded(jnp.arange(1, layers + 1), layers, stages * repeats)).reshape(repeats, stages, per_group)
+    for stage, groups in enumerate(group_blocks(layers, settings)):
+        for r, blocks in enumerate(groups):
+            want = [] if blocks is None else list(range(blocks[0] + 1, blocks[1] + 2))
+            assert [b for b in held[r, stage] if b] == want
 
 
 @pytest.mark.parametrize("stages,repeats,micro", [(2, 1, 4), (4, 1, 8), (4, 2, 4), (4, 3, 5), (2, 1, 1)])
