@@ -166,4 +166,4 @@ def test_every_recipe_is_its_preset_on_all_of_its_targets_devices():
         # data-parallel devices.
         micro = config.mesh.microbatches() if config.mesh.stage > 1 else 1
         assert rows_per_step % (micro * data * config.mesh.fsdp) == 0, path
-        config.mesh.check_pipeline(config.model.layers, config.optimizer.name)
+        config.mesh.check_pipeline(config.model.layers)
