@@ -26,6 +26,11 @@ compute dtype, and h, g, f', V split over the `tensor` axis (h and g also over `
 - `saved_activations`: `L` times what one block keeps for the backward pass (`block_saved_bytes`).
 - `loss_backward`: the f32 logits, `4 t V` (`logits_bytes`).
 - `block_backward`: one block's backward pass, recomputed first under remat (`block_backward_bytes`).
+- With pipeline stages (`mesh.stage` S > 1; R layer groups of K block slots per stage, M pipeline
+  micro-batches, T = R M + S - 1 ticks, `jaxllm.models.pipeline`): the tick loop keeps what a block
+  saves for every tick and slot of its stage, idle ticks included, so `saved_activations` is
+  `T K` times one block's share of a pipeline micro-batch (b / M rows), and `block_backward` works on
+  one pipeline micro-batch; the blocks' weights and gradients are stacked as with `model.scan_layers`.
 
 The platform is that of the devices the layout is on (a target's, for `python -m jaxllm.aot`); on CPU
 the GPU compiler's rules apply. Not modelled: a TPU keeps buffers of a few MiB in on-chip memory, so for
@@ -42,7 +47,8 @@ from typing import Any
 import jax
 
 from jaxllm.config import Config
-from jaxllm.mesh import HOST_MEMORY
+from jaxllm.mesh import HOST_MEMORY, STAGE_AXIS, PipelineSettings
+from jaxllm.models import pipeline
 
 F32 = 4
 TOTALS = ("total", "host_total")
@@ -181,7 +187,15 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
     params = sharded_bytes(layout_abstract["params"])
     block_params = sharded_bytes(_blocks(layout_abstract["params"]))
     block_grads = round(grads_bytes * block_params / params) if params else 0  # same layout ratio
-    scanned = m.scan_layers
+    stages = mesh_shape.get(STAGE_AXIS, 1)
+    scanned = m.scan_layers or stages > 1
+    saved_blocks, block_mb = m.layers, mb  # block inputs kept for the backward pass, and on how many rows
+    if stages > 1:
+        settings = PipelineSettings(stages, config.mesh.pipeline_schedule, config.mesh.pipeline_repeats,
+                                    config.mesh.microbatches())
+        per_group, _ = pipeline.slots(m.layers, stages * settings.repeats)
+        saved_blocks = pipeline.ticks(settings) * per_group
+        block_mb = dataclasses.replace(mb, rows=max(mb.rows // settings.microbatches, 1))
     sharded_weights = config.mesh.zero_stage >= 3 and mesh_shape.get("fsdp", 1) > 1
     sharded_grads = config.mesh.zero_stage >= 2 and mesh_shape.get("fsdp", 1) > 1
     table = m.vocab_size * m.d_model * F32
@@ -197,9 +211,9 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
         "embedding_table": table if sharded_weights or mesh_shape.get("tensor", 1) > 1 else 0,
         # The output head's weight gradient, whole over fsdp until it is reduce-scattered.
         "head_gradient": F32 * mb.vocab * m.d_model if sharded_grads else 0,
-        "saved_activations": m.layers * block_saved_bytes(mb, m.remat, platform),
+        "saved_activations": saved_blocks * block_saved_bytes(block_mb, m.remat, platform),
         "loss_backward": logits_bytes(mb),
-        "block_backward": block_backward_bytes(mb, m.remat),
+        "block_backward": block_backward_bytes(block_mb, m.remat),
     }
     peak = sum(terms.values()) - min(terms["loss_backward"], terms["block_backward"])
     host = sum(host_terms(layout).values())

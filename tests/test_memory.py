@@ -3,6 +3,7 @@ figure read from a compiled program, and (slow, with the TPU compiler) the estim
 the XLA TPU compiler's for a step laid out like the Llama and LLM-jp presets."""
 
 import json
+import math
 import os
 
 import jax
@@ -48,6 +49,31 @@ def test_activation_terms_follow_their_formulas(remat, devices):
     assert est["block_backward"] == block
     assert est["host_total"] == 0  # nothing offloaded
     assert est["total"] == sum(v for k, v in est.items() if k not in memory.TOTALS) - min(est["loss_backward"], block)
+
+
+@pytest.mark.parametrize("schedule, repeats, micro, layers", [("gpipe", 1, 2, 3), ("circular", 2, 2, 5)])
+def test_with_stages_every_tick_keeps_each_slots_share_of_a_pipeline_micro_batch(devices, schedule, repeats, micro,
+                                                                                  layers):
+    staged = [*LLAMA, f"model.layers={layers}", "model.remat=full", "mesh.tensor=1", "mesh.fsdp=2", "mesh.stage=2",
+              "mesh.data=2", f"mesh.pipeline_schedule={schedule}", f"mesh.pipeline_repeats={repeats}",
+              f"mesh.pipeline_microbatches={micro}"]
+    _, est = _estimate(staged, devices)
+    _, plain = _estimate([*staged[:-4], "mesh.stage=1"], devices[:4])  # the same rows per device
+    stages, b, s, d = 2, 16 // 2 // (2 * 2), 64, 64  # rows per device of one loss call: data 2 x fsdp 2
+    slots = -(-layers // (stages * repeats))  # K, padded
+    ticks = repeats * micro + stages - 1  # T
+    assert est["saved_activations"] == ticks * slots * 4 * (b // micro) * s * d  # remat full: the f32 block input
+    assert plain["saved_activations"] == layers * 4 * b * s * d
+    assert est["loss_backward"] == plain["loss_backward"]  # the logits run outside the pipeline, on all rows
+    blocks = jax.tree.leaves(_layout(staged, devices).abstract["params"]["blocks"])
+    assert est["scanned_weights"] == sum(4 * math.prod(x.sharding.shard_shape(x.shape)) for x in blocks)  # stacked
+
+
+def _layout(overrides, devices):
+    config = config_lib.load(None, overrides)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    with jax.set_mesh(mesh):
+        return LanguageModelTraining.build(config, mesh).layout
 
 
 def test_sequence_axis_splits_tokens_and_heads_but_attention_sees_whole_rows(devices):
