@@ -191,8 +191,7 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
     scanned = m.scan_layers or stages > 1
     saved_blocks, block_mb = m.layers, mb  # block inputs kept for the backward pass, and on how many rows
     if stages > 1:
-        settings = PipelineSettings(stages, config.mesh.pipeline_schedule, config.mesh.pipeline_repeats,
-                                    config.mesh.microbatches())
+        settings = PipelineSettings.of(config.mesh, stages)
         per_group, _ = pipeline.slots(m.layers, stages * settings.repeats)
         saved_blocks = pipeline.ticks(settings) * per_group
         block_mb = dataclasses.replace(mb, rows=max(mb.rows // settings.microbatches, 1))

@@ -78,6 +78,12 @@ class PipelineSettings(NamedTuple):
     repeats: int = 1
     microbatches: int = 0  # 0: twice the stage count
 
+    @classmethod
+    def of(cls, config: MeshConfig, stages: int | None = None) -> PipelineSettings:
+        """The settings `config`'s keys ask for (`stages`: the mesh's resolved stage count, when known)."""
+        return cls(config.stage if stages is None else stages, config.pipeline_schedule, config.pipeline_repeats,
+                   config.microbatches())
+
 
 # The pipeline settings of each mesh `make_mesh` built, by its axis names and sizes (what `jit` and
 # `shard_map` see, whatever the axis types): the model reads them while tracing under `jax.set_mesh`,
@@ -109,8 +115,7 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
         except (ValueError, NotImplementedError):
             pass
     mesh = mesh or Mesh(device_array, ALL_AXES, axis_types=axis_types)
-    _PIPELINES[_pipeline_key(mesh)] = PipelineSettings(config.stage, config.pipeline_schedule,
-                                                      config.pipeline_repeats, config.microbatches())
+    _PIPELINES[_pipeline_key(mesh)] = PipelineSettings.of(config)
     return mesh
 
 

@@ -25,8 +25,7 @@ def stage_plan(config: Any, mesh_shape: dict[str, int]) -> dict[str, Any] | None
     stages = mesh_shape.get(STAGE_AXIS, 1)
     if stages == 1:
         return None
-    mesh = config.mesh
-    settings = PipelineSettings(stages, mesh.pipeline_schedule, mesh.pipeline_repeats, mesh.microbatches())
+    settings = PipelineSettings.of(config.mesh, stages)
     layers, accum = config.model.layers, config.train.grad_accum
     # What each loss call is given: a 1-bit optimizer's step computes every data slice's gradient on
     # its own rows (`jaxllm.engine.onebit`), so there the pipeline sees one slice's share.

@@ -79,7 +79,7 @@ def stages_row(name: str, config: str, overrides: list[str], r: dict) -> str:
 
     cfg = config_lib.load(REPO / config, overrides)
     mesh = cfg.mesh
-    settings = PipelineSettings(mesh.stage, mesh.pipeline_schedule, mesh.pipeline_repeats, mesh.microbatches())
+    settings = PipelineSettings.of(mesh)
     per_group, padded = slots(cfg.model.layers, mesh.stage * mesh.pipeline_repeats)
     total_slots = per_group * mesh.stage * mesh.pipeline_repeats
     axes = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items() if size > 1)

@@ -57,11 +57,14 @@ class LossSpikeGuard(NamedTuple):
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         return {"ema": jax.ShapeDtypeStruct((), jnp.float32), "accepted": scalar, "spikes": scalar}
 
+    @property
+    def decay(self) -> float:
+        return 1.0 - 1.0 / self.window
+
     def mean(self, state: dict[str, jax.Array]) -> jax.Array:
         """The bias-corrected running mean of the accepted losses (0 before the first one)."""
-        decay = 1.0 - 1.0 / self.window
         accepted = state["accepted"]
-        return jnp.where(accepted > 0, state["ema"] / (1.0 - decay ** accepted.astype(jnp.float32)), 0.0)
+        return jnp.where(accepted > 0, state["ema"] / (1.0 - self.decay ** accepted.astype(jnp.float32)), 0.0)
 
     def is_spike(self, state: dict[str, jax.Array], loss: jax.Array) -> jax.Array:
         return (state["accepted"] >= self.window) & (loss > self.factor * self.mean(state))
@@ -70,8 +73,7 @@ class LossSpikeGuard(NamedTuple):
                ) -> dict[str, jax.Array]:
         """The state after a step: an accepted step's loss enters the mean, a skipped one leaves it as
         is; a spike is counted."""
-        decay = 1.0 - 1.0 / self.window
-        ema = decay * state["ema"] + (1.0 - decay) * loss.astype(jnp.float32)
+        ema = self.decay * state["ema"] + (1.0 - self.decay) * loss.astype(jnp.float32)
         return {"ema": jnp.where(accepted, ema, state["ema"]),
                 "accepted": state["accepted"] + accepted.astype(jnp.int32),
                 "spikes": state["spikes"] + spike.astype(jnp.int32)}

@@ -305,7 +305,7 @@ class OneBitTraining:
                 out_specs=(per_slice, slices, slices, slices, slices))
             grads, loss_sum, count, norm, aux = grad_part(state["params"], frozen, offset, batch)
             # The guard judges the loss of all slices together, so every slice skips a spike alike.
-            loss = jnp.sum(loss_sum) / jnp.maximum(jnp.sum(count), 1.0)
+            loss = jnp.sum(loss_sum) / jnp.maximum(jnp.sum(count), 1.0) if guard else None
             spike = guard.is_spike(state[loss_spike.KEY], loss) if guard else jnp.bool_(False)
             opt_part = jax.shard_map(
                 optimizer, mesh=self.inner, check_vma=False,
