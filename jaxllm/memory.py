@@ -18,8 +18,10 @@ compute dtype, and h, g, f', V split over the `tensor` axis (h and g also over `
 
 - `gradients`: the f32 gradient (the sum over micro-batches) in its layout; `micro_gradients`: with
   `grad_accum` > 1, one micro-batch's gradient beside the sum.
-- `scanned_weights`, `scanned_gradients`: with `model.scan_layers`, the block weights stacked inside the
-  step (laid out like the parameters) and the stacked gradients the backward scan builds.
+- `scanned_weights`, `scanned_gradients`: with `model.scan_layers` or stages, when the state holds one
+  entry per block (random-LTD, the 1-bit optimizers, tasks other than pretraining and SFT), the block
+  weights stacked inside the step (laid out like the parameters) and the stacked gradients the
+  backward scan builds; a state that keeps the blocks stacked (`jaxllm.models.stacking`) has neither.
 - `embedding_table`: the token lookup gathers the whole f32 table, `4 V d` (every shard), when the table
   is sharded; `head_gradient`: the tied or untied output head's f32 weight gradient, `4 V d`, whole over
   fsdp until it is reduce-scattered (ZeRO-2/3).
@@ -30,7 +32,7 @@ compute dtype, and h, g, f', V split over the `tensor` axis (h and g also over `
   micro-batches, T = R M + S - 1 ticks, `jaxllm.models.pipeline`): the tick loop keeps what a block
   saves for every tick and slot of its stage, idle ticks included, so `saved_activations` is
   `T K` times one block's share of a pipeline micro-batch (b / M rows), and `block_backward` works on
-  one pipeline micro-batch; the blocks' weights and gradients are stacked as with `model.scan_layers`.
+  one pipeline micro-batch.
 
 The platform is that of the devices the layout is on (a target's, for `python -m jaxllm.aot`); on CPU
 the GPU compiler's rules apply. Not modelled: a TPU keeps buffers of a few MiB in on-chip memory, so for
@@ -49,6 +51,7 @@ import jax
 from jaxllm.config import Config
 from jaxllm.mesh import HOST_MEMORY, STAGE_AXIS, PipelineSettings
 from jaxllm.models import pipeline
+from jaxllm.models.stacking import is_stacked
 
 F32 = 4
 TOTALS = ("total", "host_total")
@@ -189,6 +192,9 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
     block_grads = round(grads_bytes * block_params / params) if params else 0  # same layout ratio
     stages = mesh_shape.get(STAGE_AXIS, 1)
     scanned = m.scan_layers or stages > 1
+    # Blocks the state holds one entry each of are stacked inside the step: a copy of their weights and
+    # of their gradients. A state that keeps them stacked (`jaxllm.models.stacking`) has neither.
+    copied = scanned and not is_stacked(_blocks(layout_abstract["params"]))
     saved_blocks, block_mb = m.layers, mb  # block inputs kept for the backward pass, and on how many rows
     if stages > 1:
         settings = PipelineSettings.of(config.mesh, stages)
@@ -202,10 +208,10 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
         "params": params,
         "optimizer": sharded_bytes(layout_abstract["opt_state"]),
         "gradients": grads_bytes,  # the f32 sum over micro-batches (or the one micro-batch's gradient)
-        # A micro-batch's gradient beside the sum; with scanned layers its blocks' part is the stack.
-        "micro_gradients": (grads_bytes - (block_grads if scanned else 0)) if accum > 1 else 0,
-        "scanned_weights": block_params if scanned else 0,  # the blocks' weights stacked inside the step
-        "scanned_gradients": block_grads if scanned else 0,  # and their gradients, stacked by the backward scan
+        # A micro-batch's gradient beside the sum; with a stacked copy its blocks' part is that copy.
+        "micro_gradients": (grads_bytes - (block_grads if copied else 0)) if accum > 1 else 0,
+        "scanned_weights": block_params if copied else 0,  # the blocks' weights stacked inside the step
+        "scanned_gradients": block_grads if copied else 0,  # and their gradients, stacked by the backward scan
         # The token lookup gathers the whole f32 table (over fsdp and tensor) when it is sharded.
         "embedding_table": table if sharded_weights or mesh_shape.get("tensor", 1) > 1 else 0,
         # The output head's weight gradient, whole over fsdp until it is reduce-scattered.

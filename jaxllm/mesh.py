@@ -35,6 +35,8 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     # stages split the memory of the weights and optimizer state (at every ZeRO stage); the step
     # regroups the blocks' weights by stage (`jaxllm.models.pipeline`).
     "embed": ("fsdp", STAGE_AXIS),
+    # The slot axis of stacked block weights (`jaxllm.models.stacking`): each stage holds its blocks.
+    "layers": (STAGE_AXIS,),
     "mlp": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),

@@ -31,7 +31,7 @@ from jaxllm.data.sources import build_sources, token_directory
 from jaxllm.data_efficiency import DataEfficiency
 from jaxllm.engine import loop
 from jaxllm.engine.background_compile import BackgroundCompiledStep
-from jaxllm.engine.checkpoint import Checkpointer, run_meta, saved_steps
+from jaxllm.engine.checkpoint import Checkpointer, saved_steps
 from jaxllm.engine.step import evaluate
 from jaxllm.errors import UserError, exit_status
 from jaxllm.ltd import LTDSetup
@@ -137,12 +137,12 @@ def _train(config: Config, workdir: Path, mesh: jax.sharding.Mesh, efficiency: D
         if config.model.init_from:  # streamed from the Hugging Face files into their shards
             from jaxllm.interop import hf
 
-            return task.init_state(hf.load_params(config.model.init_from, config.model, task.layout.state["params"]))
+            return task.init_state(hf.load_params(config.model.init_from, config.model, task.load_shardings()))
         return task.init_state()
 
     ckpt = Checkpointer.for_run(workdir, config)
     data = fingerprint(shard_dir) if shard_dir is not None else None
-    meta = run_meta(config.model, task.optimizer.signature(), data=data)
+    meta = task.meta(data=data)
     total_steps = efficiency.total_steps if efficiency else config.train.steps
     ltd = None
     if efficiency and efficiency.ltd_layers:

@@ -3,7 +3,6 @@ figure read from a compiled program, and (slow, with the TPU compiler) the estim
 the XLA TPU compiler's for a step laid out like the Llama and LLM-jp presets."""
 
 import json
-import math
 import os
 
 import jax
@@ -65,8 +64,10 @@ def test_with_stages_every_tick_keeps_each_slots_share_of_a_pipeline_micro_batch
     assert est["saved_activations"] == ticks * slots * 4 * (b // micro) * s * d  # remat full: the f32 block input
     assert plain["saved_activations"] == layers * 4 * b * s * d
     assert est["loss_backward"] == plain["loss_backward"]  # the logits run outside the pipeline, on all rows
+    # The state keeps the blocks stacked, each stage holding its slots: no copy inside the step.
     blocks = jax.tree.leaves(_layout(staged, devices).abstract["params"]["blocks"])
-    assert est["scanned_weights"] == sum(4 * math.prod(x.sharding.shard_shape(x.shape)) for x in blocks)  # stacked
+    assert all(x.shape[0] == stages * repeats * slots and x.sharding.spec[0] == "stage" for x in blocks)
+    assert est["scanned_weights"] == est["scanned_gradients"] == 0
 
 
 def _layout(overrides, devices):
@@ -96,9 +97,17 @@ def test_state_terms_are_the_shards_of_the_layout(devices):
     table = 4 * 512 * 64
     assert est["embedding_table"] == table  # whole, gathered for the lookup
     assert est["head_gradient"] == table // 2  # whole over fsdp, split over tensor
-    # Scanned: the stacked block weights and their gradients; the micro-batch gradient's blocks are the stack.
-    assert est["scanned_weights"] == est["scanned_gradients"] > 0
-    assert est["micro_gradients"] == est["gradients"] - est["scanned_gradients"]
+    # Scanned with the blocks stacked in the state: no copy of them; one micro-batch's gradient beside the sum.
+    assert est["scanned_weights"] == est["scanned_gradients"] == 0
+    assert est["micro_gradients"] == est["gradients"]
+    # A state with one entry per block (random-LTD keeps it) is stacked inside the step: a copy of the
+    # block weights and of their gradients, and the micro-batch gradient's blocks are that copy.
+    schedule = "random_ltd.random_ltd_schedule."
+    _, copied = _estimate([*LLAMA, "model.scan_layers=true", "random_ltd.enabled=true", f"{schedule}min_value=16",
+                           f"{schedule}max_value=32", f"{schedule}schedule_config.require_steps=4",
+                           f"{schedule}schedule_config.seq_per_step=16"], devices)
+    assert copied["scanned_weights"] == copied["scanned_gradients"] > 0
+    assert copied["micro_gradients"] == copied["gradients"] - copied["scanned_gradients"]
     _, unscanned = _estimate([*LLAMA, "train.grad_accum=1", "mesh.zero_stage=1"], devices)
     assert unscanned["micro_gradients"] == unscanned["scanned_weights"] == 0
     assert unscanned["head_gradient"] == 0  # ZeRO-1: the gradient itself is whole

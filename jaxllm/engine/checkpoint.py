@@ -31,6 +31,7 @@ from jaxllm.data.jsonl import write_atomic
 from jaxllm.data.shards import file_sha256
 from jaxllm.engine import loss_spike
 from jaxllm.errors import UserError
+from jaxllm.models.stacking import BlockSlots, abstract_in_layout, convert_blocks
 
 # Model keys whose change makes a checkpoint unusable; the rest (dtype, remat) may change on resume.
 SHAPE_KEYS = ("family", "layers", "d_model", "heads", "kv_heads", "d_ff", "vocab_size", "max_len",
@@ -152,13 +153,15 @@ class Checkpointer:
                 "use another --workdir or the checkpoint's model settings"
             )
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any, slots: BlockSlots | None = None) -> Any:
         """Restores the state onto the shardings carried by `abstract_state` and rewinds the iterator
-        (`OPTIONAL_STATE` entries the checkpoint lacks start from zeros)."""
+        (`OPTIONAL_STATE` entries the checkpoint lacks start from zeros). `slots`: the layout of the
+        state's stacked decoder blocks; a checkpoint saved in another one is converted."""
         target, missing = self._restore_target(step, abstract_state)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target),
+        saved, layers = self._saved_slots(step)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_in_layout(target, saved, slots, layers)),
                                   data=grain.checkpoint.CheckpointRestore(data_iterator))
-        state = self.manager.restore(step, args=args)["state"]
+        state = _converted(self.manager.restore(step, args=args)["state"], saved, slots, layers, target)
         if target is abstract_state:
             return state
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
@@ -199,7 +202,7 @@ class Checkpointer:
                                           meta.get("optimizer_state"), self.directory / str(step))
                     if check is not None:
                         check(step)
-                    state = self.restore(step, abstract_state, data_iterator)
+                    state = self.restore(step, abstract_state, data_iterator, meta_slots(meta))
                 except UserError:
                     raise
                 except Exception as err:  # noqa: BLE001 -- any failure to read a checkpoint is damage
@@ -266,17 +269,40 @@ class Checkpointer:
         _say(f"checkpoint {source} is damaged ({type(err).__name__}: {reason}); set aside as {target.name}")
         return str(step)
 
-    def restore_part(self, step: int, abstract: Any) -> Any:
+    def restore_part(self, step: int, abstract: Any, slots: BlockSlots | None = None) -> Any:
         """Only the part of the saved state that `abstract` names (a sub-tree of `ShapeDtypeStruct`s with
-        shardings, e.g. `{"params": ...}`), each array read straight into its shards."""
-        args = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        shardings, e.g. `{"params": ...}`), each array read straight into its shards; decoder blocks
+        saved in another layout than `slots` (None: one entry per block) are converted."""
+        saved, layers = self._saved_slots(step)
+        read = abstract_in_layout(abstract, saved, slots, layers)
+        args = ocp.args.PyTreeRestore(item=read, restore_args=ocp.checkpoint_utils.construct_restore_args(read),
                                       partial_restore=True)
-        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        return _converted(self.manager.restore(step, args=ocp.args.Composite(state=args))["state"], saved, slots,
+                          layers, abstract)
+
+    def _saved_slots(self, step: int) -> tuple[BlockSlots | None, int]:
+        """(the layout checkpoint `step` holds its stacked decoder blocks in, or None; its layer count)."""
+        meta = self.read_meta(step)
+        return meta_slots(meta), meta.get("model", {}).get("layers", 0)
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self._seal()
         self.manager.close()
+
+
+def meta_slots(meta: dict[str, Any]) -> BlockSlots | None:
+    """The stacked layout a checkpoint meta names (`ModelDef.slots_meta`), or None."""
+    layer = meta.get("block_slots")
+    return None if layer is None else BlockSlots(tuple(layer))
+
+
+def _converted(state: Any, saved: BlockSlots | None, slots: BlockSlots | None, layers: int, target: Any) -> Any:
+    """`state`, read in layout `saved`, moved to layout `slots` onto `target`'s shardings."""
+    if saved == slots:
+        return state
+    shardings = jax.tree.map(lambda a: a.sharding, target)
+    return jax.jit(lambda s: convert_blocks(s, saved, slots, layers), out_shardings=shardings)(state)
 
 
 class DamagedCheckpoint(Exception):

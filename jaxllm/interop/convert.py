@@ -39,8 +39,9 @@ from typing import Any
 import yaml
 
 from jaxllm.config import ModelConfig
-from jaxllm.engine.checkpoint import int_keys, model_config
+from jaxllm.engine.checkpoint import int_keys, meta_slots, model_config
 from jaxllm.errors import UserError, exit_status
+from jaxllm.models.stacking import convert_blocks
 
 
 def _step_dir(run: Path, step: int | None) -> Path:
@@ -78,7 +79,8 @@ def read_checkpoint_params(step_dir: Path) -> tuple[dict, ModelConfig]:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    cfg = _model_config(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir.absolute() / "meta"), step_dir)
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir.absolute() / "meta")
+    cfg = _model_config(meta, step_dir)
     step_dir = step_dir.absolute()  # Orbax reads absolute paths only; users type relative ones
     checkpointer = ocp.PyTreeCheckpointer()
     tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
@@ -87,7 +89,8 @@ def read_checkpoint_params(step_dir: Path) -> tuple[dict, ModelConfig]:
     item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])
     restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
     args = ocp.args.PyTreeRestore(item={"params": item}, restore_args={"params": restore}, partial_restore=True)
-    return int_keys(checkpointer.restore(step_dir / "state", args=args)["params"]), cfg
+    params = int_keys(checkpointer.restore(step_dir / "state", args=args)["params"])
+    return convert_blocks(params, meta_slots(meta), None, cfg.layers), cfg  # one entry per block
 
 
 def to_hf(run: Path, out: Path, step: int | None = None, dtype: str = "float32",
@@ -120,7 +123,7 @@ def from_hf(hf_dir: Path, workdir: Path, config_path: str | None, overrides: lis
     from jaxllm import mesh as mesh_lib
     from jaxllm import runtime
     from jaxllm.data.pipeline import SyntheticRows, make_train_iterator
-    from jaxllm.engine.checkpoint import Checkpointer, run_meta
+    from jaxllm.engine.checkpoint import Checkpointer
     from jaxllm.interop import hf
     from jaxllm.pretraining import LanguageModelTraining
 
@@ -138,7 +141,7 @@ def from_hf(hf_dir: Path, workdir: Path, config_path: str | None, overrides: lis
     try:
         with jax.set_mesh(mesh):
             task = LanguageModelTraining.build(config, mesh)
-            state = task.init_state(hf.load_params(config.model.init_from, config.model, task.layout.state["params"]))
+            state = task.init_state(hf.load_params(config.model.init_from, config.model, task.load_shardings()))
         # The saved data item is the iterator's position, which is 0 before the first step for any
         # source; an iterator of the same pipeline over placeholder rows records it without
         # tokenizing the corpus here (the training run prepares its data as usual).
@@ -147,7 +150,7 @@ def from_hf(hf_dir: Path, workdir: Path, config_path: str | None, overrides: lis
         iterator = make_train_iterator(SyntheticRows(config.model.vocab_size, seq_len, batch), batch, config.seed,
                                        slot, slots)
         ckpt = Checkpointer(tmp / "checkpoints", config.checkpoint.keep, async_save=False)
-        ckpt.save(0, state, iterator, run_meta(config.model, task.optimizer.signature()))
+        ckpt.save(0, state, iterator, task.meta())
         ckpt.close()
         tokenizer = _copy_tokenizer(hf_dir, tmp / "data", config.data.source)
         saved = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None)).to_dict()

@@ -36,6 +36,7 @@ from jaxllm.errors import UserError
 from jaxllm.ltd import LTDPlan, dropped_layer
 from jaxllm.mesh import constrain
 from jaxllm.models.pipeline import pipelined_blocks
+from jaxllm.models.stacking import BlockSlots
 from jaxllm.ops.attention import alibi_slopes, causal_attention
 from jaxllm.ops.barrier import gradient_barrier
 from jaxllm.ops.linear import embedding_lookup, linear
@@ -309,17 +310,23 @@ _REMAT_POLICIES = {
 
 
 class Decoder(nnx.Module):
-    """Token ids `[batch, length]` -> next-token logits `[batch, length, vocab]` (f32)."""
+    """Token ids `[batch, length]` -> next-token logits `[batch, length, vocab]` (f32).
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    `slots` holds the blocks' weights stacked in that layout (`jaxllm.models.stacking`; what the
+    engine trains with scanned layers or pipeline stages) instead of one module per block; the
+    initial values are the same either way."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, slots: BlockSlots | None = None):
         self.cfg = cfg
+        self.slots = slots
         self.embed = init_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         self.pos_embed = (
             init_param(rngs, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.init_std / 2)
             if cfg.family == "gpt2" else None
         )
         self.embed_norm = Norm(cfg.d_model, False, cfg.norm_eps, rngs) if cfg.family == "bloom" else None
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
+        blocks = [Block(cfg, rngs) for _ in range(cfg.layers)]
+        self.blocks = nnx.List(blocks) if slots is None else _stacked_module(blocks, slots)
         self.final_norm = Norm(cfg.d_model, cfg.family == "llama", cfg.norm_eps, rngs)
         self.head = None if cfg.tied else init_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                                  cfg.init_std)
@@ -353,15 +360,17 @@ class Decoder(nnx.Module):
         pipeline = mesh_lib.pipeline_settings()
         if pipeline.stages > 1:
             self._check_pipelined(ltd)
-            graphdef, stacked = self._stacked()
+            slots = BlockSlots.of(cfg.layers, pipeline)
+            graphdef, stacked = self._stacked(slots)
             # The pipeline applies the remat policy itself, around the cutting of each slot's weights.
             policy = (jax.checkpoint_policies.everything_saveable if cfg.remat == "none"
                       else _REMAT_POLICIES[cfg.remat])
             return self._logits(pipelined_blocks(self._block_fn(graphdef, attention, remat=False), stacked, x,
-                                                 positions, segment_ids, pipeline, policy))
-        if cfg.scan_layers and ltd is None and self._stackable():
+                                                 positions, segment_ids, pipeline, slots.active, policy))
+        if (cfg.scan_layers or self.slots is not None) and ltd is None and self._stackable():
             return self._logits(self._scanned_blocks(x, positions, segment_ids, attention))
-        for layer, block in enumerate(self.blocks):
+        for layer in range(cfg.layers):
+            block = self.block(layer)
             x = gradient_barrier(x)  # one materialised residual gradient per layer (see jaxllm.ops.barrier)
             kept = None if ltd is None else ltd.kept(layer)
             if kept is not None:
@@ -393,25 +402,33 @@ class Decoder(nnx.Module):
         positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)  # padding slots read position 0
         x = constrain(self._embed(tokens, positions, embeddings), ("batch", None, None))
         alibi = alibi_slopes(cfg.heads) if cfg.family == "bloom" else None
-        for layer, block in enumerate(self.blocks):
-            x, cache = block.decode(x, positions, layer, cache, alibi, attention)
+        for layer in range(cfg.layers):
+            x, cache = self.block(layer).decode(x, positions, layer, cache, alibi, attention)
         if last_only:
             x = x[:, -1:]
         return self._logits(x), cache._replace(index=cache.index + new)
 
+    def block(self, layer: int) -> Block:
+        """Block `layer` as a module (cut from the stacked weights when the blocks are stacked)."""
+        if self.slots is None:
+            return self.blocks[layer]
+        j = self.slots.position(layer)
+        return nnx.merge(nnx.graphdef(self.blocks), jax.tree.map(lambda w: w[j], nnx.state(self.blocks)))
+
     def _stackable(self) -> bool:
         """Whether every block has the same weight tree (compressed weights may differ per block)."""
+        if self.slots is not None:
+            return True
         first = jax.tree.structure(nnx.state(self.blocks[0]))
         return all(jax.tree.structure(nnx.state(b)) == first for b in self.blocks[1:])
 
-    def _stacked(self):
-        """The blocks' shared graph and their weights stacked along a new leading axis.
-
-        The stack is built inside the step from the per-block parameters (and its gradient split back),
-        so the scanned and pipelined models have the unrolled one's parameter tree, and a checkpoint
-        restores onto any stage count."""
-        graphdef = nnx.graphdef(self.blocks[0])
-        return graphdef, jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(b) for b in self.blocks))
+    def _stacked(self, slots: BlockSlots):
+        """The blocks' shared graph and their weights stacked in layout `slots`: as held when the blocks
+        are stacked in that layout, else stacked inside the step from the per-block parameters (and the
+        gradient split back), which costs a copy of the weights and of their gradients."""
+        if self.slots is not None:
+            return nnx.graphdef(self.blocks), slots.take(nnx.state(self.blocks), self.slots)
+        return nnx.graphdef(self.blocks[0]), slots.stack([nnx.state(b) for b in self.blocks])
 
     def _block_fn(self, graphdef, attention, remat: bool = True):
         """`(weights, x, positions, segment_ids) -> x` of one block, with the model's remat policy
@@ -428,7 +445,7 @@ class Decoder(nnx.Module):
     def _scanned_blocks(self, x, positions, segment_ids, attention):
         """The blocks as one `jax.lax.scan` over their stacked weights: XLA compiles one block, with the
         same remat policy, instead of `layers`. Random-LTD, whose layers differ, runs unrolled."""
-        graphdef, stacked = self._stacked()
+        graphdef, stacked = self._stacked(BlockSlots.of(self.cfg.layers))
         block = self._block_fn(graphdef, attention)
         x, _ = jax.lax.scan(lambda x, weights: (block(weights, x, positions, segment_ids), None), x, stacked)
         return x
@@ -469,6 +486,18 @@ class Decoder(nnx.Module):
         if self.head is None:  # tied: contract with the embedding table's model axis
             return linear(x, self.embed[...], self.cfg.compute_dtype, transpose_w=True)
         return linear(x, self.head[...], self.cfg.compute_dtype)
+
+
+def _stacked_module(blocks: list[Block], slots: BlockSlots) -> Block:
+    """One `Block` whose weights are the blocks' stacked in layout `slots` (logical axis "layers" first)."""
+
+    def stack(*variables):
+        return variables[0].replace(value=slots.stack([v[...] for v in variables]),
+                                    logical_axes=("layers", *variables[0].logical_axes))
+
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    state = jax.tree.map(stack, *(nnx.state(b) for b in blocks), is_leaf=is_variable)
+    return nnx.merge(nnx.graphdef(blocks[0]), state)
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

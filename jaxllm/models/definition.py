@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.decoder import Decoder
+from jaxllm.models.stacking import BlockSlots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,7 @@ class ModelDef:
     template: Any  # nnx.State of abstract Params, copied by `bind`
     logical_axes: Any  # pure dict of logical-axis tuples, same structure as params
     shapes: Any  # pure dict of shapes
+    slots: BlockSlots | None = None  # the layout of stacked block weights (`jaxllm.models.stacking`)
 
     @classmethod
     def from_module(cls, make: Callable[[], nnx.Module]) -> ModelDef:
@@ -39,9 +41,13 @@ class ModelDef:
         return cls(graphdef, template, logical, shapes)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> ModelDef:
-        """The decoder language model of `cfg`."""
-        return cls.from_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    def from_config(cls, cfg: ModelConfig, slots: BlockSlots | None = None) -> ModelDef:
+        """The decoder language model of `cfg` (its blocks' weights stacked in layout `slots`)."""
+        return dataclasses.replace(cls.from_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0), slots=slots)), slots=slots)
+
+    def slots_meta(self) -> dict[str, Any]:
+        """The checkpoint meta entry naming the stacked layout (`block_slots`); none without one."""
+        return {} if self.slots is None else {"block_slots": list(self.slots.layer)}
 
     def bind(self, params: Any) -> Any:
         """The NNX module for a params dict (works on tracers inside `jit`)."""
@@ -56,6 +62,6 @@ def _set_path(tree: dict, path: tuple, value: Any) -> None:
     tree[path[-1]] = value
 
 
-def init_params(cfg: ModelConfig, seed: int) -> Any:
-    """Freshly initialised decoder parameters as a pure dict."""
-    return nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(params=seed)), nnx.Param))
+def init_params(cfg: ModelConfig, seed: int, slots: BlockSlots | None = None) -> Any:
+    """Freshly initialised decoder parameters as a pure dict (the blocks stacked in layout `slots`)."""
+    return nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(params=seed), slots=slots), nnx.Param))

@@ -1,8 +1,9 @@
 """Pipeline parallelism: the decoder's blocks split over the `stage` mesh axis, fed micro-batches.
 
-The blocks' weights, stacked to `[layers, ...]` (as the scanned decoder stacks them), are reshaped to
-`[repeats, stages, per_group, ...]`: block `l = (r * stages + s) * per_group + k` is the `k`-th block
-of stage `s`'s `r`-th layer group, and the `stages` axis is split over the mesh. One `jax.shard_map`,
+The blocks' weights come stacked in the slot layout of `jaxllm.models.stacking.BlockSlots`, leaves
+`[stages * repeats * per_group, ...]`, slot `(s * repeats + r) * per_group + k` holding the `k`-th block
+of stage `s`'s `r`-th layer group (block group `r * stages + s`), so that each stage's slots are
+contiguous and the slot axis is split over the mesh. One `jax.shard_map`,
 manual over `stage` only (the data, fsdp, tensor and sequence axes stay with the compiler), runs a
 loop of ticks. At tick `t` stage `s` works on item `i = t - s` (micro-batch `i mod M`, layer group
 `i // M`), then `jax.lax.ppermute` passes every stage's result one stage on around the ring: stage
@@ -25,9 +26,9 @@ group gets `per_group = ceil(layers / groups)` slots and the last `groups * per_
 end with one padded slot, a block of zero weights whose output is discarded (the slot passes its input
 on), so each group holds `per_group` or `per_group - 1` real blocks (with one slot per group, a padded
 group is all padding: BLOOM's 70 layers on 12 stages x 6 groups). Every stage holds at least one
-real block as long as there are no more stages than layers. The padding exists only inside
-the step: the parameters, the optimizer state and checkpoints hold the real blocks alone, and their
-gradients are those of the unpipelined model. Its price is compute: a padded slot runs like a real
+real block as long as there are no more stages than layers. A padded slot's weights stay zero (its
+gradient is zero), and checkpoints restore onto any other layout (`jaxllm.models.stacking`). Its
+price is compute: a padded slot runs like a real
 block, so a stage's tick costs `per_group` blocks whichever it holds (BLOOM's 70 layers on 12 stages:
 72 slots, 2/72 of the block compute wasted).
 """
@@ -128,22 +129,6 @@ def _join_rows(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _padded(stacked: Any, layers: int, groups: int) -> Any:
-    """`[layers, ...]` leaves -> `[groups * per_group, ...]`: the last `padded` groups' real blocks each
-    followed by a zero block (see the module's docstring)."""
-    per_group, padded = slots(layers, groups)
-    if not padded:
-        return stacked
-    full = (groups - padded) * per_group  # the blocks of the groups without padding
-
-    def pad(w):
-        short = w[full:].reshape(padded, per_group - 1, *w.shape[1:])
-        short = jnp.concatenate([short, jnp.zeros((padded, 1, *w.shape[1:]), w.dtype)], axis=1)
-        return jnp.concatenate([w[:full], short.reshape(padded * per_group, *w.shape[1:])])
-
-    return jax.tree.map(pad, stacked)
-
-
 def pipelined_blocks(
     block_fn: BlockFn,
     stacked: Any,
@@ -151,20 +136,21 @@ def pipelined_blocks(
     positions: Int[Array, "b l"],
     segment_ids: Int[Array, "b l"],
     settings: PipelineSettings,
+    active: np.ndarray,
     policy: Callable[..., bool] | None = jax.checkpoint_policies.everything_saveable,
 ) -> Float[Array, "b l d"]:
-    """The blocks (weights `stacked`, leaves `[layers, ...]`) applied in order to `x`, pipelined over
-    the `stage` axis of the current mesh. `block_fn(weights, x, positions, segment_ids)` runs one block;
-    `policy` is its remat policy (`jax.checkpoint`'s; None saves nothing inside a block): the pipeline
-    applies it itself, because each slot's weights must be cut from the stage's inside the remat (a
-    block remat'd on its own keeps its weights, one copy per tick, for the backward pass)."""
+    """The blocks (weights `stacked` in the slot layout above, `active`: `[slots]` bool, False for
+    padding) applied in order to `x`, pipelined over the `stage` axis of the current mesh.
+
+    `block_fn(weights, x, positions, segment_ids)` runs one block; `policy` is its remat policy
+    (`jax.checkpoint`'s; None saves nothing inside a block): the pipeline applies it itself, because
+    each slot's weights must be cut from the stage's inside the remat (a block remat'd on its own keeps
+    its weights, one copy per tick, for the backward pass)."""
     stages, repeats, micro = settings.stages, settings.repeats, settings.microbatches
-    layers = jax.tree.leaves(stacked)[0].shape[0]
-    check_settings(settings, layers, x.shape[0])
-    per_group, padded = slots(layers, stages * repeats)
-    grouped = jax.tree.map(lambda w: w.reshape(repeats, stages, per_group, *w.shape[1:]),
-                           _padded(stacked, layers, stages * repeats))
-    active = jnp.asarray(active_slots(layers, settings))
+    check_settings(settings, int(active.sum()), x.shape[0])
+    per_group, padded = active.size // (stages * repeats), not active.all()
+    grouped = jax.tree.map(lambda w: w.reshape(stages, repeats, per_group, *w.shape[1:]), stacked)
+    active = jnp.asarray(active.reshape(stages, repeats, per_group))
     items = repeats * micro
 
     def run_block(weights, group, k, h, pos, seg):
@@ -191,8 +177,8 @@ def pipelined_blocks(
         return jnp.where(active[group, k], out, h) if padded else out
 
     def stage_loop(weights, active, xs, pos, seg):
-        weights = jax.tree.map(lambda w: w[:, 0], weights)  # this stage's [repeats, per_group, ...]
-        active = active[:, 0]
+        weights = jax.tree.map(lambda w: w[0], weights)  # this stage's [repeats, per_group, ...]
+        active = active[0]
         stage = jax.lax.axis_index(STAGE_AXIS)
         ring = [(s, (s + 1) % stages) for s in range(stages)]
 
@@ -216,8 +202,8 @@ def pipelined_blocks(
         (queue, _), _ = jax.lax.scan(tick, start, jnp.arange(ticks(settings)))
         return queue[None]
 
-    stage_spec = jax.tree.map(lambda _: PartitionSpec(None, STAGE_AXIS), grouped)
-    run = jax.shard_map(stage_loop, in_specs=(stage_spec, PartitionSpec(None, STAGE_AXIS), PartitionSpec(),
+    stage_spec = jax.tree.map(lambda _: PartitionSpec(STAGE_AXIS), grouped)
+    run = jax.shard_map(stage_loop, in_specs=(stage_spec, PartitionSpec(STAGE_AXIS), PartitionSpec(),
                                               PartitionSpec(), PartitionSpec()),
                         out_specs=PartitionSpec(STAGE_AXIS), axis_names=frozenset({STAGE_AXIS}))
     queues = run(grouped, active, _split_rows(x, micro), _split_rows(positions, micro), _split_rows(segment_ids, micro))

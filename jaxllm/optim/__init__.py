@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm.config import ONEBIT_PARAMS, Config
+from jaxllm.models.stacking import stacked_leaf
 from jaxllm.optim import onebit_adam as _onebit_adam_module
 from jaxllm.optim import zero_one_adam as _zero_one_adam_module
 from jaxllm.optim.onebit_adam import OneBitAdamState, onebit_adam, onebit_adam_phase
@@ -44,8 +45,9 @@ ONEBIT_OPTIMIZERS = ("onebit_adam", "zero_one_adam", "onebit_lamb")
 
 
 def _decay_mask(params):
-    """Weight decay applies to matrices (projections, embeddings), not to norms and biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay applies to matrices (projections, embeddings), not to norms and biases (a stacked
+    block weight's first axis counts blocks, `jaxllm.models.stacking`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - stacked_leaf(path) >= 2, params)
 
 
 def build_optimizer(config: Config, schedule: optax.Schedule | None = None, *, norm_axes: Any = None

@@ -40,14 +40,14 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
     ckpt = Checkpointer.for_run(workdir, config)
     origin = {"workdir": str(source.workdir), "step": source.step} if source else None
     meta = common.stage_meta(cfg, task.optimizer.signature(), "sft", tokenizer, init=origin,
-                             loss_on_prompt=config.sft.loss_on_prompt)
+                             loss_on_prompt=config.sft.loss_on_prompt) | task.model_def.slots_meta()
 
     def init_state():
         params = source.params if source else None
         if params is None and cfg.init_from:
             from jaxllm.interop import hf
 
-            params = hf.load_params(cfg.init_from, cfg, task.layout.state["params"])
+            params = hf.load_params(cfg.init_from, cfg, task.load_shardings())
         return task.init_state(params)
 
     with jax.set_mesh(mesh):

@@ -13,7 +13,6 @@ from jaxllm.errors import UserError
 from jaxllm.mesh import PipelineSettings, make_mesh, tree_shardings
 from jaxllm.models.definition import ModelDef, init_params
 from jaxllm.models.pipeline import (
-    _padded,
     active_slots,
     bubble_fraction,
     group_blocks,
@@ -21,6 +20,7 @@ from jaxllm.models.pipeline import (
     schedule_table,
     slots,
 )
+from jaxllm.models.stacking import BlockSlots
 
 FAMILIES = {
     "gpt2": dict(family="gpt2"),
@@ -129,8 +129,11 @@ def test_uneven_splits_equal_the_blocks_in_order(devices, layers, stages, repeat
             h = _toy_block({k: v[layer] for k, v in w.items()}, h, positions, segments)
         return jnp.sum(jnp.sin(h))
 
+    layout = BlockSlots.of(layers, settings)
+
     def pipelined(w):
-        return jnp.sum(jnp.sin(pipelined_blocks(_toy_block, w, x, positions, segments, settings)))
+        stacked = layout.stack([{k: v[layer] for k, v in w.items()} for layer in range(layers)])
+        return jnp.sum(jnp.sin(pipelined_blocks(_toy_block, stacked, x, positions, segments, settings, layout.active)))
 
     want = jax.jit(jax.value_and_grad(sequential))(weights)
     mesh = make_mesh(MeshConfig(stage=stages, pipeline_schedule=settings.schedule, pipeline_repeats=repeats,
@@ -152,15 +155,20 @@ def test_padded_slots_sit_one_at_the_end_of_the_last_groups():
 
 @pytest.mark.parametrize("layers, stages, repeats", [(70, 12, 1), (70, 12, 6), (70, 8, 3), (5, 2, 2), (8, 2, 2)])
 def test_stage_plan_lists_the_blocks_the_padded_weights_hold(layers, stages, repeats):
-    """`group_blocks` (what --dry-run prints) against the padded stack the step builds: block l + 1 in
-    slot order, zeros for padding."""
+    """`group_blocks` (what --dry-run prints) against the stacked layout the state and the pipeline
+    use: each stage's slots contiguous, its groups in round order, padding marked -1."""
     settings = PipelineSettings(stages, "circular" if repeats > 1 else "gpipe", repeats, 2 * stages)
     per_group, _ = slots(layers, stages * repeats)
-    held = np.asarray(_padded(jnp.arange(1, layers + 1), layers, stages * repeats)).reshape(repeats, stages, per_group)
+    layout = BlockSlots.of(layers, settings)
+    held = np.asarray(layout.layer).reshape(stages, repeats, per_group)
     for stage, groups in enumerate(group_blocks(layers, settings)):
         for r, blocks in enumerate(groups):
-            want = [] if blocks is None else list(range(blocks[0] + 1, blocks[1] + 2))
-            assert [b for b in held[r, stage] if b] == want
+            want = [] if blocks is None else list(range(blocks[0], blocks[1] + 1))
+            assert [b for b in held[stage, r] if b >= 0] == want
+    stacked = layout.stack([jnp.full((2,), i + 1.0) for i in range(layers)])
+    np.testing.assert_array_equal(np.asarray(stacked)[:, 0], np.where(held.reshape(-1) >= 0, held.reshape(-1) + 1, 0))
+    back = layout.unstack(stacked)
+    assert sorted(back) == list(range(layers)) and all(float(back[i][0]) == i + 1 for i in back)
 
 
 @pytest.mark.parametrize("stages,repeats,micro", [(2, 1, 4), (4, 1, 8), (4, 2, 4), (4, 3, 5), (2, 1, 1)])
