@@ -38,7 +38,8 @@ class ModelConfig:
     compute_dtype: Dtype = "float32"
     remat: Remat = "none"
     # Run the blocks as one `jax.lax.scan` over their stacked weights: one block to compile instead of
-    # `layers` (the parameter tree, checkpoints and Hugging Face files keep one entry per block).
+    # `layers`. The training state keeps them stacked (checkpoints restore onto either layout; Hugging
+    # Face files keep one entry per block).
     scan_layers: bool = False
     tie_embeddings: bool | None = None  # None: the family's choice (gpt2, bloom tie; llama does not)
     norm_eps: float = 1e-5
