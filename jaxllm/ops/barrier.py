@@ -10,7 +10,8 @@ each block boundary the step takes 2.4 s (`python scripts/profile_step.py`, docs
 XLA:CPU removes optimisation barriers before fusion and turns small conditionals into selects, so the
 barrier is a while loop whose trip count (always 1) is a runtime value: XLA must materialise its carry.
 GPU and TPU fusion does not duplicate such chains, and a while loop there costs a host round trip per
-iteration, so on those backends the function is the plain identity.
+iteration (and the compiler's time for one more loop per layer), so a program compiled for those
+platforms gets the plain identity.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from jaxtyping import Array, Float
 
 
 def gradient_barrier(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
-    """Returns `x`. On CPU its gradient is materialised at this point (values unchanged)."""
-    if jax.default_backend() != "cpu":
-        return x
-    return _cpu_barrier(x)
+    """Returns `x`. In a program compiled for a CPU its gradient is materialised at this point (values
+    unchanged). The platform is the compiled program's, not the local backend's: a step traced on a CPU
+    host for a TPU or GPU target (`jaxllm.aot`) gets the plain identity, as it would on the device."""
+    return jax.lax.platform_dependent(x, cpu=_cpu_barrier, default=lambda x: x)
 
 
 @jax.custom_vjp

@@ -36,3 +36,12 @@ def test_cpu_backward_keeps_a_loop_that_xla_cannot_fuse_through():
     assert " while(" in hlo
     plain = jax.jit(jax.grad(_loss), static_argnums=2).lower(x, w, False).compile().as_text()
     assert " while(" not in plain
+
+
+def test_a_program_lowered_for_a_tpu_or_gpu_gets_the_identity():
+    """Traced on this CPU host, lowered for an accelerator (as `python -m jaxllm.aot` does): no loop."""
+    x, w = jnp.ones((4, 3)), jnp.ones((3, 2))
+    traced = jax.jit(jax.grad(_loss), static_argnums=2).trace(x, w, True)
+    assert "stablehlo.while" in traced.lower(lowering_platforms=("cpu",)).as_text()
+    for platform in ("tpu", "cuda"):
+        assert "stablehlo.while" not in traced.lower(lowering_platforms=(platform,)).as_text()
