@@ -264,8 +264,8 @@ def _compilations(jitted) -> int | None:
     """How many programs a step has compiled (one per batch shape / static kept length / phase)."""
     if isinstance(jitted, BackgroundCompiledStep):
         return jitted.compiled
-    size = getattr(jitted, "_cache_size", None)
-    return size() if callable(size) else None
+    count = getattr(jitted, "compiled_programs", None)
+    return count() if callable(count) else None
 
 
 def main(argv: list[str] | None = None) -> int:

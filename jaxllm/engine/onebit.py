@@ -60,7 +60,7 @@ from jaxllm import mesh as mesh_lib
 from jaxllm.engine import loss_spike
 from jaxllm.engine.loss_spike import LossSpikeGuard
 from jaxllm.engine.state import ParamTree, StateLayout, is_axes
-from jaxllm.engine.step import BUFFERS, gradient_sums, with_ltd_indices
+from jaxllm.engine.step import BUFFERS, counted_jit, gradient_sums, with_ltd_indices
 from jaxllm.ltd import LTDSetup
 from jaxllm.ops.cross_entropy import one_hot_targets
 from jaxllm.optim import ONEBIT_OPTIMIZERS, PhasePlan, build_optimizer, phase_plan
@@ -368,16 +368,16 @@ class OneBitStep:
         """The jitted step of one phase and random-LTD kept length (compiled on first use)."""
         if (phase, kept) not in self._compiled:
             fn = self.training._step_fn(phase, self.loss_fn, self.grad_accum, self.ltd, kept, self.spike_guard)
-            jitted = jax.jit(fn, in_shardings=(self._state_shardings, None),
-                             out_shardings=(self._state_shardings, None), donate_argnums=0)
+            jitted = counted_jit(fn, in_shardings=(self._state_shardings, None),
+                                 out_shardings=(self._state_shardings, None), donate_argnums=0)
             if dict(self.training.mesh.shape).get(STAGE, 1) > 1:
                 jitted = _UnderMesh(jitted, self.training.inner)
             self._compiled[phase, kept] = jitted
         return self._compiled[phase, kept]
 
-    def _cache_size(self) -> int:
+    def compiled_programs(self) -> int:
         """Programs compiled so far (one per phase and batch shape)."""
-        return sum(f._cache_size() for f in self._compiled.values())
+        return sum(f.compiled_programs() for f in self._compiled.values())
 
     def __call__(self, state: Any, batch: dict[str, jax.Array], kept: int | None = None) -> tuple[Any, dict[str, Any]]:
         if self._host_step is None or state is not self._last:
@@ -411,8 +411,8 @@ class _UnderMesh:
         with jax.set_mesh(self.mesh):
             return self.jitted.lower(*args)
 
-    def _cache_size(self) -> int:
-        return self.jitted._cache_size()
+    def compiled_programs(self) -> int:
+        return self.jitted.compiled_programs()
 
 
 def _summarize(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -21,6 +21,7 @@ divided by the count (the reward model's `accuracy` is its correct pairs over it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -138,8 +139,23 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
         return new_state, metrics
 
     static = {"static_argnums": 2} if ltd is not None else {}
-    return jax.jit(step, in_shardings=(layout.state, None), out_shardings=(layout.state, None), donate_argnums=0,
-                   **static)
+    return counted_jit(step, in_shardings=(layout.state, None), out_shardings=(layout.state, None), donate_argnums=0,
+                       **static)
+
+
+def counted_jit(fn: Callable, **options: Any) -> Any:
+    """`jax.jit(fn, **options)` whose `compiled_programs()` says how many programs it has traced: one per
+    batch shape and static argument, each compiled once. (JAX's own count, `_cache_size`, reads a cache
+    that every jitted function in the process shares and evicts from, so it undercounts in a long run.)"""
+    traces = [0]
+
+    def traced(*args, **kwargs):
+        traces[0] += 1
+        return fn(*args, **kwargs)
+
+    jitted = jax.jit(functools.wraps(fn)(traced), **options)
+    jitted.compiled_programs = lambda: traces[0]
+    return jitted
 
 
 def make_eval_step(loss_fn: LossFn, params_shardings: Any = None) -> Callable:
