@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxllm import mesh as mesh_lib
 from jaxllm.engine import optimizer as optimizer_lib
@@ -24,7 +24,7 @@ from jaxllm.engine.step import LossFn, make_eval_step, make_train_step
 from jaxllm.losses import lm_loss_sums
 from jaxllm.ltd import LTDSetup
 from jaxllm.models.definition import ModelDef, init_params
-from jaxllm.models.stacking import BlockSlots, convert_blocks, is_stacked
+from jaxllm.models.stacking import BlockSlots, abstract_in_layout, convert_blocks, is_stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +53,17 @@ class LanguageModelTraining:
             return initial_state(self.layout, self.optimizer.tx, lambda: init_params(
                 self.config.model, self.config.seed, slots))
         if slots is not None and not is_stacked(params["blocks"]):
+            # Not donated: the stacked arrays cannot reuse the per-block buffers (their shapes differ).
             params = jax.jit(lambda p: convert_blocks(p, None, slots, self.config.model.layers),
-                             out_shardings=self.layout.state["params"], donate_argnums=0)(params)
+                             out_shardings=self.layout.state["params"])(params)
         return initial_state(self.layout, self.optimizer.tx, params)
 
     def load_shardings(self) -> Any:
         """The shardings to load parameters with one entry per block into (Hugging Face files, an
         earlier stage's checkpoint) before `init_state` stacks them: the state's, less the slot axis."""
-        shardings = self.layout.state["params"]
-        if self.model_def.slots is None:
-            return shardings
-        block = jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])), shardings["blocks"])
-        return {**shardings, "blocks": {i: block for i in range(self.config.model.layers)}}
+        per_block = abstract_in_layout(self.layout.abstract["params"], None, self.model_def.slots,
+                                       self.config.model.layers)
+        return jax.tree.map(lambda a: a.sharding, per_block)
 
     def meta(self, **extra: Any) -> dict[str, Any]:
         """The checkpoint meta of this task's state (`extra`: the caller's own entries)."""

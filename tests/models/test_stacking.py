@@ -128,3 +128,22 @@ def test_run_resumes_across_the_stacked_and_per_block_layouts(scanned_run, tmp_p
     train(config_lib.load(None, through), tmp_path / "switched")  # and back
     want, got = losses(tmp_path / "straight"), losses(tmp_path / "switched")
     np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)], rtol=1e-5)
+
+
+def test_per_block_parameters_enter_a_stacked_state(devices):
+    """What Hugging Face import and SFT's earlier stage hand over: one entry per block, loaded into
+    `load_shardings()`, stacked by `init_state` into what a fresh initialisation holds."""
+    from jaxllm import config as config_lib
+    from jaxllm.mesh import make_mesh
+    from jaxllm.pretraining import LanguageModelTraining
+    from tests.test_train import TINY
+
+    config = config_lib.load(None, [*TINY, "model.layers=3", "model.scan_layers=true", "mesh.data=2", "mesh.fsdp=4"])
+    mesh = make_mesh(config.mesh, devices)
+    with jax.set_mesh(mesh):
+        task = LanguageModelTraining.build(config, mesh)
+        shardings = task.load_shardings()
+        assert sorted(shardings["blocks"]) == [0, 1, 2]
+        params = jax.jit(lambda: init_params(config.model, config.seed), out_shardings=shardings)()
+        state, fresh = task.init_state(params), task.init_state()
+    jax.tree.map(np.testing.assert_array_equal, state["params"], fresh["params"])
