@@ -45,6 +45,9 @@ RECIPES = {
                                      ["mesh.zero_stage=1", "mesh.pipeline_microbatches=8", "train.grad_accum=32"]),
     "BLOOM-176B, 8 stages, ZeRO-3": ("configs/recipes/bloom_176b.gpu_a100_32x8.yaml", "gpu:a100-80g:32x8", []),
     "LLM-jp 13B, 4 stages": ("configs/recipes/llmjp_13b.gpu_h100_8x8_stage4.yaml", "gpu:h100:8x8", []),
+    # Host offload (docs/offload.md): the same step without it does not fit on the one chip.
+    "Llama 1B, offload": ("configs/recipes/llama_1b.tpu_v5e_1x1_offload.yaml", "tpu:v5e:1x1", []),
+    "Llama 1B, no offload": ("configs/recipes/llama_1b.tpu_v5e_1x1_offload.yaml", "tpu:v5e:1x1", ["mesh.offload=none"]),
 }
 
 

@@ -14,7 +14,7 @@ from jaxllm.engine.loss_spike import LossSpikeGuard
 from jaxllm.engine.onebit import OneBitTraining, is_onebit
 from jaxllm.engine.state import ParamTree, StateLayout, state_layout
 from jaxllm.errors import UserError
-from jaxllm.optim import build_optimizer
+from jaxllm.optim import adamw_parts, build_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,9 @@ class TrainOptimizer:
     onebit: OneBitTraining | None = None
     offload: str = "none"  # mesh.offload
     loss_spike: LossSpikeGuard | None = None
+    # `tx` as (global part, elementwise part), `optax.chain(*parts) == tx`: lets an offloaded update
+    # stream the state a block at a time (`jaxllm.engine.offload`); None for other optimizers.
+    parts: tuple[optax.GradientTransformation, optax.GradientTransformation] | None = None
 
     def layout(self, mesh: Mesh, model: Any, zero_stage: int, frozen: tuple[str, ...] = (),
                buffers: Any = None) -> StateLayout:
@@ -59,4 +62,5 @@ def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
         onebit = OneBitTraining(config, mesh, params, schedule)
         return TrainOptimizer(onebit.state_tx, onebit.schedule, onebit, loss_spike=loss_spike)
     tx, schedule = build_optimizer(config, schedule)
-    return TrainOptimizer(tx, schedule, offload=offload, loss_spike=loss_spike)
+    parts = adamw_parts(config, schedule) if config.optimizer.name == "adamw" else None
+    return TrainOptimizer(tx, schedule, offload=offload, loss_spike=loss_spike, parts=parts)

@@ -12,8 +12,8 @@ spikes (`jaxllm.engine.loss_spike`; parameters and optimizer state unchanged, `s
 random-LTD's kept positions, and for a
 1-bit optimizer its per-device path (`jaxllm.engine.onebit`) behind the same call. With host
 offload (`mesh.offload=optimizer`) the optimizer state comes in from host memory, is copied to the
-devices for the update and goes back, all inside the one jitted program (ZeRO-Offload's streaming,
-with the update on the devices; the arithmetic is the same as without offload).
+devices for the update and goes back, all inside the one jitted program; stacked decoder blocks stream
+through one at a time (`jaxllm.engine.offload`). The arithmetic is the same as without offload.
 
 Metrics: `loss` (sum / count), `grad_norm`, `lr`, `tokens` (the count), `skipped`, and each aux sum
 divided by the count (the reward model's `accuracy` is its correct pairs over its pairs).
@@ -31,7 +31,7 @@ import optax
 
 from jaxllm import ltd as ltd_lib
 from jaxllm import mesh as mesh_lib
-from jaxllm.engine import loss_spike
+from jaxllm.engine import loss_spike, offload
 from jaxllm.engine.state import StateLayout
 
 LossFn = Callable[[Any, dict[str, jax.Array], "ltd_lib.LTDPlan | None"],
@@ -107,6 +107,17 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
     if optimizer.onebit is not None:
         return optimizer.onebit.train_step(loss_fn, layout, grad_accum, ltd, summarize, optimizer.loss_spike)
     tx, schedule, guard = optimizer.tx, optimizer.schedule, optimizer.loss_spike
+    opt_shardings = layout.state["opt_state"]
+
+    def update(grads, opt_state, params, accept):
+        """(new parameters, new optimizer state), each the old one where not `accept`."""
+        if optimizer.parts is not None and offload.streams(opt_shardings):
+            return offload.update(optimizer.parts, grads, opt_state, params, accept, opt_shardings)
+        opt_state = mesh_lib.to_device(opt_state, opt_shardings)  # from host memory when offloaded
+        updates, new_opt = tx.update(grads, opt_state, params)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)  # noqa: E731
+        return (keep(optax.apply_updates(params, updates), params),
+                mesh_lib.to_host(keep(new_opt, opt_state), opt_shardings))
 
     def step(state, batch, kept=None):
         params = state["params"]
@@ -121,17 +132,12 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
         spike = guard.is_spike(state[loss_spike.KEY], loss) if guard else jnp.bool_(False)
         accept = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~spike
 
-        opt_shardings = layout.state["opt_state"]
-        opt_state = mesh_lib.to_device(state["opt_state"], opt_shardings)  # from host memory when offloaded
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)  # noqa: E731
+        new_params, new_opt = update(grads, state["opt_state"], params, accept)
         new_state = dict(state, step=state["step"] + 1,
                          skipped_steps=state["skipped_steps"] + (~accept).astype(jnp.int32),
-                         params=keep(new_params, params),
-                         opt_state=mesh_lib.to_host(keep(new_opt, opt_state), opt_shardings))
+                         params=new_params, opt_state=new_opt)
         if buffers is not None:
-            new_state[BUFFERS] = keep(buffers, state[BUFFERS])
+            new_state[BUFFERS] = jax.tree.map(lambda n, o: jnp.where(accept, n, o), buffers, state[BUFFERS])
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,
                    "skipped": (~accept).astype(jnp.int32), **{k: v / denom for k, v in aux.items()}}
         if guard:

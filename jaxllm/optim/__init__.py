@@ -64,9 +64,7 @@ def build_optimizer(config: Config, schedule: optax.Schedule | None = None, *, n
     if schedule is None:
         schedule = warmup_cosine(train.lr, train.warmup_steps, train.steps, train.min_lr_ratio)
     if opt.name == "adamw":
-        clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
-        return optax.chain(clip, optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                                             weight_decay=opt.weight_decay, mask=_decay_mask)), schedule
+        return optax.chain(*adamw_parts(config, schedule)), schedule
     builders = {"onebit_adam": onebit_adam, "zero_one_adam": zero_one_adam, "onebit_lamb": onebit_lamb}
     # Each 1-bit optimizer takes its DeepSpeed-named parameters (ONEBIT_PARAMS) under their config names.
     extra = {k: opt.param(k) for k in ONEBIT_PARAMS[opt.name]}
@@ -75,6 +73,17 @@ def build_optimizer(config: Config, schedule: optax.Schedule | None = None, *, n
     tx = builders[opt.name](schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                             axis_name=DEVICE_AXIS, weight_decay_mask=_decay_mask, exact_dtype=exact_dtype, **extra)
     return tx, schedule
+
+
+def adamw_parts(config: Config, schedule: optax.Schedule
+                ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """AdamW as `build_optimizer` chains it, in its two parts: the global-norm clipping, which reads
+    the whole gradient, then Optax's AdamW, which is elementwise given the step count, so it may update
+    the parameters a piece at a time (`jaxllm.engine.offload`). `optax.chain(*parts)` is the optimizer."""
+    opt = config.optimizer
+    clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
+    return clip, optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                             mask=_decay_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +120,7 @@ def phase_plan(config: Config) -> PhasePlan:
 
 __all__ = [
     "ONEBIT_OPTIMIZERS",
+    "adamw_parts",
     "DEVICE_AXIS",
     "CompressionState",
     "OneBitAdamState",
