@@ -5,7 +5,8 @@ what the TPU and GPU compilers keep at the step's peak, in the backward pass of 
 their buffer assignments show (`scripts/dry_run_check.py` compares the total with theirs):
 
     peak = params + optimizer + gradients + micro_gradients + scanned_weights + scanned_gradients
-           + embedding_table + head_gradient + saved_activations + max(loss_backward, block_backward)
+           + compute_weights + embedding_table + head_gradient + saved_activations
+           + max(loss_backward, block_backward)
 
 The state terms the layout places in host memory (`optimizer` with `mesh.offload=optimizer`: the
 `pinned_host` memory kind on its shardings) make up `host_total`; the rest of the peak is `total`, the
@@ -22,6 +23,9 @@ compute dtype, and h, g, f', V split over the `tensor` axis (h and g also over `
   entry per block (random-LTD, the 1-bit optimizers, tasks other than pretraining and SFT), the block
   weights stacked inside the step (laid out like the parameters) and the stacked gradients the
   backward scan builds; a state that keeps the blocks stacked (`jaxllm.models.stacking`) has neither.
+- `compute_weights`: on TPU, with the blocks stacked in the state and no stages, the compute-dtype copy
+  of the stacked block weights (`w / 4` of them) that the compiler makes once before the layer loop
+  (`bf16[layers, ...] convert` in its program; the GPU compiler converts a block at a time).
 - `embedding_table`: the token lookup gathers the whole f32 table, `4 V d` (every shard), when the table
   is sharded; `head_gradient`: the tied or untied output head's f32 weight gradient, `4 V d`, whole over
   fsdp until it is reduce-scattered (ZeRO-2/3).
@@ -47,6 +51,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxllm.config import Config
 from jaxllm.mesh import HOST_MEMORY, STAGE_AXIS, PipelineSettings
@@ -204,6 +209,7 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
     sharded_weights = config.mesh.zero_stage >= 3 and mesh_shape.get("fsdp", 1) > 1
     sharded_grads = config.mesh.zero_stage >= 2 and mesh_shape.get("fsdp", 1) > 1
     table = m.vocab_size * m.d_model * F32
+    compute_bytes = jnp.dtype(m.compute_dtype).itemsize
     terms = {
         "params": params,
         "optimizer": sharded_bytes(layout_abstract["opt_state"]),
@@ -212,6 +218,9 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
         "micro_gradients": (grads_bytes - (block_grads if copied else 0)) if accum > 1 else 0,
         "scanned_weights": block_params if copied else 0,  # the blocks' weights stacked inside the step
         "scanned_gradients": block_grads if copied else 0,  # and their gradients, stacked by the backward scan
+        # The TPU compiler converts stacked block weights to the compute dtype once, before the layer loop.
+        "compute_weights": round(block_params * compute_bytes / F32)
+        if platform == "tpu" and scanned and stages == 1 and not copied and compute_bytes < F32 else 0,
         # The token lookup gathers the whole f32 table (over fsdp and tensor) when it is sharded.
         "embedding_table": table if sharded_weights or mesh_shape.get("tensor", 1) > 1 else 0,
         # The output head's weight gradient, whole over fsdp until it is reduce-scattered.

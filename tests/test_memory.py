@@ -113,6 +113,45 @@ def test_state_terms_are_the_shards_of_the_layout(devices):
     assert unscanned["head_gradient"] == 0  # ZeRO-1: the gradient itself is whole
 
 
+def test_on_tpu_the_stacked_blocks_have_a_compute_dtype_copy(devices, monkeypatch):
+    _, est = _estimate([*LLAMA, "model.scan_layers=true"], devices)
+    assert est["compute_weights"] == 0  # the GPU compiler's rule, which applies on CPU
+    monkeypatch.setattr(memory, "platform_of", lambda abstract: "tpu")
+    config, est = _estimate([*LLAMA, "model.scan_layers=true"], devices)
+    m = config.model
+    # Per block: q, o [d, h e] and k, v [d, g e], gate, up, down [d, f], split over fsdp 4 x tensor 2,
+    # and two norms [d] whole on every device; in bf16, 2 bytes each.
+    head_dim = m.d_model // m.heads
+    block = 2 * m.d_model * m.heads * head_dim + 2 * m.d_model * m.kv_heads * head_dim + 3 * m.d_model * m.d_ff
+    assert est["compute_weights"] == 2 * m.layers * (block // 8 + 2 * m.d_model)
+    _, unscanned = _estimate(LLAMA, devices)
+    assert unscanned["compute_weights"] == 0
+
+
+@pytest.mark.slow
+def test_tpu_compiler_converts_the_stacked_weights_once_before_the_layer_loop(monkeypatch):
+    """What `compute_weights` models, read from the compiled TPU program: a `bf16[layers, ...]` convert."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the aot extra: pip install -e '.[aot]'")
+    from jaxllm import aot
+
+    programs = []
+    compile_or_refusal = aot.compile_or_refusal
+
+    def keep_text(lowering):
+        compiled, refusal, seconds = compile_or_refusal(lowering)
+        programs.append(compiled.as_text())
+        return compiled, refusal, seconds
+
+    monkeypatch.setattr(aot, "compile_or_refusal", keep_text)
+    config = config_lib.load(None, ["model.family=llama", "model.layers=3", "model.d_model=256", "model.heads=4",
+                                    "model.d_ff=512", "model.vocab_size=512", "data.seq_len=128", "train.batch_size=2",
+                                    "model.scan_layers=true", "model.compute_dtype=bfloat16"])
+    aot.compile_train_step(config, aot.Target.parse("tpu:v5e:1x1"))
+    assert "bf16[3,256,512]" in programs[0] and " convert(" in programs[0]
+    converts = [line for line in programs[0].splitlines() if "= bf16[3,256,512]" in line and " convert(" in line]
+    assert converts, "no stacked bf16 copy of the MLP weights"
+
+
 def test_compiled_total_reads_the_memory_analysis():
     def step(x, y):
         return jnp.tanh(x @ y).sum(0), x * 2
