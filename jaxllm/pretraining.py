@@ -82,6 +82,7 @@ def block_slots(config: Any, mesh: Mesh) -> BlockSlots | None:
     each see other tokens, and the 1-bit optimizers, whose compression is per weight tree, keep one
     entry per block (the step then stacks them itself)."""
     stages = dict(mesh.shape).get(mesh_lib.STAGE_AXIS, 1)
-    if not (config.model.scan_layers or stages > 1) or config.random_ltd.enabled or is_onebit(config):
+    ltd = getattr(config, "random_ltd", None)  # pretraining's; SFT's config has none
+    if not (config.model.scan_layers or stages > 1) or (ltd is not None and ltd.enabled) or is_onebit(config):
         return None
     return BlockSlots.of(config.model.layers, mesh_lib.PipelineSettings.of(config.mesh, stages))
