@@ -112,10 +112,6 @@ def update(parts: tuple[optax.GradientTransformation, optax.GradientTransformati
     keep = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
     empty = lambda x: jnp.zeros((0, *x.shape[1:]), x.dtype)  # noqa: E731 -- stands in for a leaf, same rank
 
-    def move(x, j, kind):  # state leaf j's value to device or host memory (where the layout has it on the host)
-        return jax.device_put(x, places[j].with_memory_kind(kind)) if places[j].memory_kind == mesh_lib.HOST_MEMORY \
-            else x
-
     def run(g, s, p):  # the elementwise update of leaf lists -> (new parameters, new state) leaf lists
         updates, new = elementwise.update(params_def.unflatten(g), state_def.unflatten(s), params_def.unflatten(p))
         return jax.tree.leaves(optax.apply_updates(params_def.unflatten(p), updates)), jax.tree.leaves(new)
@@ -123,11 +119,11 @@ def update(parts: tuple[optax.GradientTransformation, optax.GradientTransformati
     # The leaves updated whole, in one update where the cut leaves stand in empty.
     cut = lambda i: plans[i] is not None  # noqa: E731
     whole_p = [empty(x) if cut(i) else x for i, x in enumerate(weights)]
-    whole_s = [empty(x) if m is not None and cut(m) else move(x, j, mesh_lib.DEVICE_MEMORY)
+    whole_s = [empty(x) if m is not None and cut(m) else mesh_lib.to_device(x, places[j])
                for j, (x, m) in enumerate(zip(moments, mirrors, strict=True))]
     new_p, new_s = run([empty(x) if cut(i) else x for i, x in enumerate(gradients)], whole_s, whole_p)
     new_params = [keep(n, o) for n, o in zip(new_p, whole_p, strict=True)]
-    new_state = [move(keep(n, o), j, mesh_lib.HOST_MEMORY) for j, (n, o) in enumerate(zip(new_s, whole_s, strict=True))]
+    new_state = [mesh_lib.to_host(keep(n, o), places[j]) for j, (n, o) in enumerate(zip(new_s, whole_s, strict=True))]
 
     # Each cut weight in its own loop, one piece of it and of its moments per iteration.
     for i, plan in enumerate(plans):
@@ -139,7 +135,7 @@ def update(parts: tuple[optax.GradientTransformation, optax.GradientTransformati
             weight, its_moments = carry
             take = lambda x: jax.lax.dynamic_slice_in_dim(x, k * plan.size, plan.size, plan.axis)  # noqa: E731
             p = take(weight)
-            m = [move(take(x), j, mesh_lib.DEVICE_MEMORY) for j, x in zip(mine, its_moments, strict=True)]
+            m = [mesh_lib.to_device(take(x), places[j]) for j, x in zip(mine, its_moments, strict=True)]
             fill = iter(m)  # the piece's moments; the step counts as the whole update read them; others empty
             s = [next(fill) if n == i else empty(x) if n is not None else whole_s[j]
                  for j, (x, n) in enumerate(zip(moments, mirrors, strict=True))]
@@ -147,7 +143,7 @@ def update(parts: tuple[optax.GradientTransformation, optax.GradientTransformati
                                [p if n == i else empty(x) for n, x in enumerate(weights)])
             put = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, k * plan.size, plan.axis)  # noqa: E731
             return (put(weight, keep(new_p[i], p)),
-                    [put(x, move(keep(new_s[j], old), j, mesh_lib.HOST_MEMORY))
+                    [put(x, mesh_lib.to_host(keep(new_s[j], old), places[j]))
                      for j, x, old in zip(mine, its_moments, m, strict=True)])
 
         new_params[i], done = jax.lax.fori_loop(0, plan.pieces, body, (weights[i], [moments[j] for j in mine]))

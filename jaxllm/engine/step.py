@@ -115,9 +115,8 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
             return offload.update(optimizer.parts, grads, opt_state, params, accept, opt_shardings)
         opt_state = mesh_lib.to_device(opt_state, opt_shardings)  # from host memory when offloaded
         updates, new_opt = tx.update(grads, opt_state, params)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)  # noqa: E731
-        return (keep(optax.apply_updates(params, updates), params),
-                mesh_lib.to_host(keep(new_opt, opt_state), opt_shardings))
+        return (_kept(accept, optax.apply_updates(params, updates), params),
+                mesh_lib.to_host(_kept(accept, new_opt, opt_state), opt_shardings))
 
     def step(state, batch, kept=None):
         params = state["params"]
@@ -137,7 +136,7 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
                          skipped_steps=state["skipped_steps"] + (~accept).astype(jnp.int32),
                          params=new_params, opt_state=new_opt)
         if buffers is not None:
-            new_state[BUFFERS] = jax.tree.map(lambda n, o: jnp.where(accept, n, o), buffers, state[BUFFERS])
+            new_state[BUFFERS] = _kept(accept, buffers, state[BUFFERS])
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,
                    "skipped": (~accept).astype(jnp.int32), **{k: v / denom for k, v in aux.items()}}
         if guard:
@@ -147,6 +146,11 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
     static = {"static_argnums": 2} if ltd is not None else {}
     return counted_jit(step, in_shardings=(layout.state, None), out_shardings=(layout.state, None), donate_argnums=0,
                        **static)
+
+
+def _kept(accept: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where the step is accepted, else `old`, leaf by leaf."""
+    return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
 
 
 def counted_jit(fn: Callable, **options: Any) -> Any:
