@@ -291,9 +291,10 @@ class MeshConfig:
     zero_stage: Literal[0, 1, 2, 3] = 3  # what `fsdp` shards: 1 optimizer, 2 + gradients, 3 + parameters
     # Host offload (ZeRO-Offload): `optimizer` keeps the optimizer state in host memory (`pinned_host`)
     # and streams it through the update inside the one jitted step, a block at a time when the blocks are
-    # stacked (`scan_layers`); checkpoints are the same either way. Not for the 1-bit optimizers, whose
-    # state is laid out per device.
-    offload: Literal["none", "optimizer"] = "none"
+    # stacked (`scan_layers`); `optimizer_and_params` keeps the f32 master parameters there too, the
+    # devices holding a compute-dtype copy for the forward and backward passes. Checkpoints are the same
+    # either way. Not for the 1-bit optimizers, whose state is laid out per device.
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     # Pipeline parallelism (`docs/pipeline.md`): the decoder's blocks split over this many devices.
     stage: int = 1
     # gpipe: each stage holds layers/stage consecutive blocks; circular: `pipeline_repeats` groups of

@@ -8,9 +8,10 @@ their buffer assignments show (`scripts/dry_run_check.py` compares the total wit
            + compute_weights + embedding_table + head_gradient + saved_activations
            + max(loss_backward, block_backward)
 
-The state terms the layout places in host memory (`optimizer` with `mesh.offload=optimizer`: the
-`pinned_host` memory kind on its shardings) make up `host_total`; the rest of the peak is `total`, the
-device's figure, which is what the device memory and the compiler's device total are compared with.
+The state terms the layout places in host memory (`optimizer` with `mesh.offload=optimizer`, and
+`params` with `optimizer_and_params`: the `pinned_host` memory kind on their shardings) make up
+`host_total`; the rest of the peak is `total`, the device's figure, which is what the device memory and
+the compiler's device total are compared with.
 
 Per device, with b rows of a micro-batch (`batch_size / grad_accum / (data * fsdp)`), l tokens of each
 row (`seq_len / sequence`) out of s, t = b l, d = d_model, f' the MLP hidden width (twice the MLP width
@@ -25,7 +26,10 @@ compute dtype, and h, g, f', V split over the `tensor` axis (h and g also over `
   backward scan builds; a state that keeps the blocks stacked (`jaxllm.models.stacking`) has neither.
 - `compute_weights`: on TPU, with the blocks stacked in the state and no stages, the compute-dtype copy
   of the stacked block weights (`w / 4` of them) that the compiler makes once before the layer loop
-  (`bf16[layers, ...] convert` in its program; the GPU compiler converts a block at a time).
+  (`bf16[layers, ...] convert` in its program; the GPU compiler converts a block at a time). With the
+  parameters in host memory (`mesh.offload=optimizer_and_params`), on every platform, the devices' copy
+  that the passes read: the block weights at `w / 4`, the others whole; the blocks' part of a
+  micro-batch's gradient is then `w / 4` of its f32 size too.
 - `embedding_table`: the token lookup gathers the whole f32 table, `4 V d` (every shard), when the table
   is sharded; `head_gradient`: the tied or untied output head's f32 weight gradient, `4 V d`, whole over
   fsdp until it is reduce-scattered (ZeRO-2/3).
@@ -210,16 +214,25 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
     sharded_grads = config.mesh.zero_stage >= 2 and mesh_shape.get("fsdp", 1) > 1
     table = m.vocab_size * m.d_model * F32
     compute_bytes = jnp.dtype(m.compute_dtype).itemsize
+    # With the parameters in host memory the passes read a copy with the block weights in the compute
+    # dtype (`jaxllm.engine.offload.compute_copy`), so the blocks' part of a micro-batch's gradient
+    # comes in that dtype too.
+    params_on_host = "params" in host_terms(layout)
+    narrowed = lambda whole, blocks: whole - blocks + round(blocks * compute_bytes / F32)  # noqa: E731
+    micro = narrowed(grads_bytes, block_grads) if params_on_host else grads_bytes
     terms = {
         "params": params,
         "optimizer": sharded_bytes(layout_abstract["opt_state"]),
-        "gradients": grads_bytes,  # the f32 sum over micro-batches (or the one micro-batch's gradient)
+        # The f32 sum over micro-batches, or the one micro-batch's gradient.
+        "gradients": micro if accum == 1 else grads_bytes,
         # A micro-batch's gradient beside the sum; with a stacked copy its blocks' part is that copy.
-        "micro_gradients": (grads_bytes - (block_grads if copied else 0)) if accum > 1 else 0,
+        "micro_gradients": (micro - (block_grads if copied else 0)) if accum > 1 else 0,
         "scanned_weights": block_params if copied else 0,  # the blocks' weights stacked inside the step
         "scanned_gradients": block_grads if copied else 0,  # and their gradients, stacked by the backward scan
-        # The TPU compiler converts stacked block weights to the compute dtype once, before the layer loop.
-        "compute_weights": round(block_params * compute_bytes / F32)
+        # The devices' copy of parameters kept in host memory; else the TPU compiler's conversion of
+        # stacked block weights to the compute dtype, once, before the layer loop.
+        "compute_weights": narrowed(params, block_params) if params_on_host
+        else narrowed(block_params, block_params)
         if platform == "tpu" and scanned and stages == 1 and not copied and compute_bytes < F32 else 0,
         # The token lookup gathers the whole f32 table (over fsdp and tensor) when it is sharded.
         "embedding_table": table if sharded_weights or mesh_shape.get("tensor", 1) > 1 else 0,

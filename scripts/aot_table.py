@@ -48,6 +48,9 @@ RECIPES = {
     # Host offload (docs/offload.md): the same step without it does not fit on the one chip.
     "Llama 1B, offload": ("configs/recipes/llama_1b.tpu_v5e_1x1_offload.yaml", "tpu:v5e:1x1", []),
     "Llama 1B, no offload": ("configs/recipes/llama_1b.tpu_v5e_1x1_offload.yaml", "tpu:v5e:1x1", ["mesh.offload=none"]),
+    # The f32 parameters in host memory too: room for twice the rows.
+    "Llama 1B, offload with parameters": ("configs/recipes/llama_1b.tpu_v5e_1x1_offload.yaml", "tpu:v5e:1x1",
+                                          ["mesh.offload=optimizer_and_params", "train.batch_size=2"]),
 }
 
 

@@ -39,10 +39,12 @@ def describe(report: CompileReport) -> str:
     if report.error:
         lines.append(f"the compiler refused the step: {report.error}")
     else:
+        state_at = " on the host" if report.offloaded else ""  # mesh.offload; the parameters too when all of it is
+        params_at = state_at if report.offloaded >= report.parameters + report.optimizer_state else ""
         lines += [
             "per device, as compiled:",
-            f"  arguments     {report.arguments / GIB:9.3f} GiB  (parameters {report.parameters / GIB:.3f}, "
-            f"optimizer state {report.optimizer_state / GIB:.3f}{' on the host' if report.offloaded else ''}, "
+            f"  arguments     {report.arguments / GIB:9.3f} GiB  (parameters {report.parameters / GIB:.3f}{params_at}, "
+            f"optimizer state {report.optimizer_state / GIB:.3f}{state_at}, "
             f"batch {report.batch / GIB:.3f})",
             f"  outputs       {report.outputs / GIB:9.3f} GiB  ({report.aliased / GIB:.3f} GiB of them written over "
             "donated arguments)",

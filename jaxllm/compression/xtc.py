@@ -156,7 +156,7 @@ def train_student(config: Any, workdir: Path, teacher_def: ModelDef, teacher: di
                       {TEACHER: teacher_def.shapes, STUDENT: student_def.shapes})
     ranges = dict(ranges or {}) or None
     with jax.set_mesh(mesh):
-        opt = optimizer.build(config, mesh, model, frozen=(TEACHER,))
+        opt = optimizer.build(config, mesh, model, frozen=(TEACHER,), reads_params="XTC's student export")
         layout = opt.layout(mesh, model, 0, frozen=(TEACHER,), buffers=ranges)
     student_cfg = student_def.bind(student).cfg
     meta = run_meta(student_cfg, opt.signature(), xtc={"layer_maps": maps._asdict()})

@@ -1,5 +1,5 @@
-"""The optimizer update with its state in host memory (`mesh.offload=optimizer`), streamed through the
-devices a piece at a time, as ZeRO-Offload streams its optimizer state.
+"""The optimizer update with its state in host memory (`mesh.offload`), streamed through the devices a
+piece at a time, as ZeRO-Offload streams its optimizer state.
 
 Copying the whole host state to the devices before the update (`jaxllm.mesh.to_device`) saves nothing
 at the update's peak: the compiler brings every moment onto the chip at once. Here the update runs in
@@ -18,6 +18,11 @@ So the devices hold about one block weight's moments at a time instead of the wh
 elementwise part (AdamW), which each piece runs on its own elements, the other leaves standing in as
 empty arrays. The arithmetic per element is the whole update's; XLA may still round the last bit
 differently inside a loop (`tests/engine/test_offload.py`).
+
+With `mesh.offload=optimizer_and_params` the f32 parameters live in host memory too, as ZeRO-Offload
+keeps its master weights: each piece of a parameter comes in with its moments and goes back updated,
+and the forward and backward passes read `compute_copy`, the parameters converted to the compute dtype
+on their way to the devices, one block per loop iteration.
 """
 
 from __future__ import annotations
@@ -96,15 +101,18 @@ def piece_plan(params: Any, state: Any, shardings: Any) -> tuple[list[Piece | No
 
 
 def update(parts: tuple[optax.GradientTransformation, optax.GradientTransformation], grads: Any, opt_state: Any,
-           params: Any, accept: jax.Array, opt_shardings: Any) -> tuple[Any, Any]:
+           params: Any, accept: jax.Array, opt_shardings: Any, params_shardings: Any) -> tuple[Any, Any]:
     """(new parameters, new optimizer state in host memory) of `optax.chain(*parts)`'s update, each
-    kept only where `accept` (a skipped step leaves both unchanged). Call inside `jit`, with `streams`."""
+    kept only where `accept` (a skipped step leaves both unchanged), and each where its shardings place
+    it (parameters in host memory with `mesh.offload=optimizer_and_params`). Call inside `jit`, with
+    `streams`."""
     first, elementwise = parts
     first_state, state = opt_state  # optax.chain's state: one per part
     first_shardings, shardings = opt_shardings
-    grads, first_state = first.update(grads, mesh_lib.to_device(first_state, first_shardings), params)
+    grads, first_state = first.update(grads, mesh_lib.to_device(first_state, first_shardings))
     plans, mirrors = piece_plan(params, state, shardings)
     weights, params_def = jax.tree.flatten(params)
+    homes = jax.tree.leaves(params_shardings)
     gradients = jax.tree.leaves(grads)
     moments, state_def = jax.tree.flatten(state)
     places = jax.tree.leaves(shardings)
@@ -118,11 +126,11 @@ def update(parts: tuple[optax.GradientTransformation, optax.GradientTransformati
 
     # The leaves updated whole, in one update where the cut leaves stand in empty.
     cut = lambda i: plans[i] is not None  # noqa: E731
-    whole_p = [empty(x) if cut(i) else x for i, x in enumerate(weights)]
+    whole_p = [empty(x) if cut(i) else mesh_lib.to_device(x, homes[i]) for i, x in enumerate(weights)]
     whole_s = [empty(x) if m is not None and cut(m) else mesh_lib.to_device(x, places[j])
                for j, (x, m) in enumerate(zip(moments, mirrors, strict=True))]
     new_p, new_s = run([empty(x) if cut(i) else x for i, x in enumerate(gradients)], whole_s, whole_p)
-    new_params = [keep(n, o) for n, o in zip(new_p, whole_p, strict=True)]
+    new_params = [mesh_lib.to_host(keep(n, o), homes[i]) for i, (n, o) in enumerate(zip(new_p, whole_p, strict=True))]
     new_state = [mesh_lib.to_host(keep(n, o), places[j]) for j, (n, o) in enumerate(zip(new_s, whole_s, strict=True))]
 
     # Each cut weight in its own loop, one piece of it and of its moments per iteration.
@@ -134,7 +142,7 @@ def update(parts: tuple[optax.GradientTransformation, optax.GradientTransformati
         def body(k, carry, i=i, plan=plan, mine=mine):
             weight, its_moments = carry
             take = lambda x: jax.lax.dynamic_slice_in_dim(x, k * plan.size, plan.size, plan.axis)  # noqa: E731
-            p = take(weight)
+            p = mesh_lib.to_device(take(weight), homes[i])
             m = [mesh_lib.to_device(take(x), places[j]) for j, x in zip(mine, its_moments, strict=True)]
             fill = iter(m)  # the piece's moments; the step counts as the whole update read them; others empty
             s = [next(fill) if n == i else empty(x) if n is not None else whole_s[j]
@@ -142,7 +150,7 @@ def update(parts: tuple[optax.GradientTransformation, optax.GradientTransformati
             new_p, new_s = run([take(x) if n == i else empty(x) for n, x in enumerate(gradients)], s,
                                [p if n == i else empty(x) for n, x in enumerate(weights)])
             put = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, k * plan.size, plan.axis)  # noqa: E731
-            return (put(weight, keep(new_p[i], p)),
+            return (put(weight, mesh_lib.to_host(keep(new_p[i], p), homes[i])),
                     [put(x, mesh_lib.to_host(keep(new_s[j], old), places[j]))
                      for j, x, old in zip(mine, its_moments, m, strict=True)])
 
@@ -151,3 +159,30 @@ def update(parts: tuple[optax.GradientTransformation, optax.GradientTransformati
             new_state[j] = x
     return (params_def.unflatten(new_params),
             (mesh_lib.to_host(first_state, first_shardings), state_def.unflatten(new_state)))
+
+
+def compute_copy(params: Any, shardings: Any, dtype: Any) -> Any:
+    """Inside `jit`: the devices' copy of `params` that the forward and backward passes read, for the
+    leaves that `shardings` place in host memory (`mesh.offload=optimizer_and_params`; the others as they
+    are). A stacked block matrix comes over one block per loop iteration, converted to `dtype` (the
+    model's compute dtype, which its matmuls cast their weights to anyway), so the devices never hold
+    its f32 copy whole; the other leaves (the embedding, which the token lookup reads in f32, norms,
+    biases) come over whole and unconverted. The loss's gradient with respect to the copy is its
+    gradient with respect to the parameters, in `dtype` for the converted leaves."""
+    dtype = jnp.dtype(dtype)
+
+    def fetch(path, x, sharding):
+        if sharding.memory_kind != mesh_lib.HOST_MEMORY:
+            return x
+        if not (stacked_leaf(path) and x.ndim >= 3 and _whole(sharding, 0) and dtype.itemsize < x.dtype.itemsize):
+            return mesh_lib.to_device(x, sharding)
+        on_device = sharding.with_memory_kind(mesh_lib.DEVICE_MEMORY)
+
+        def body(k, out):
+            block = mesh_lib.to_device(jax.lax.dynamic_slice_in_dim(x, k, 1), sharding).astype(dtype)
+            return jax.lax.dynamic_update_slice_in_dim(out, block, k, 0)
+
+        out = jax.lax.with_sharding_constraint(jnp.zeros(x.shape, dtype), on_device)
+        return jax.lax.fori_loop(0, x.shape[0], body, out)
+
+    return jax.tree_util.tree_map_with_path(fetch, params, shardings)

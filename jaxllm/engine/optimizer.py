@@ -27,6 +27,7 @@ class TrainOptimizer:
     schedule: optax.Schedule
     onebit: OneBitTraining | None = None
     offload: str = "none"  # mesh.offload
+    compute_dtype: str = "float32"  # model.compute_dtype: the devices' copy of offloaded parameters
     loss_spike: LossSpikeGuard | None = None
     # `tx` as (global part, elementwise part), `optax.chain(*parts) == tx`: lets an offloaded update
     # stream the state a block at a time (`jaxllm.engine.offload`); None for other optimizers.
@@ -37,7 +38,7 @@ class TrainOptimizer:
         """The state layout of `model` (a `ModelDef` or `ParamTree`) trained with this optimizer."""
         opt_state = self.onebit.opt_state_layout() if self.onebit else None
         return state_layout(mesh, model, self.tx, zero_stage, frozen, opt_state, buffers, self.offload,
-                            self.loss_spike is not None)
+                            self.loss_spike is not None, self.compute_dtype)
 
     def signature(self) -> dict[str, Any] | None:
         """What the saved optimizer state is bound to (None: it restores onto any mesh)."""
@@ -45,11 +46,19 @@ class TrainOptimizer:
 
 
 def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
-          schedule: optax.Schedule | None = None) -> TrainOptimizer:
+          schedule: optax.Schedule | None = None, reads_params: str | None = None) -> TrainOptimizer:
     """The optimizer of `config.optimizer` for the trainable parameters of `model` (all groups but
     `frozen`). `schedule` replaces the config's warm-up + cosine learning rate (random-LTD's LayerToken
-    schedule, PPO's per-model rates)."""
+    schedule, PPO's per-model rates). `reads_params` names what of the task reads the trainable
+    parameters outside the train and eval steps (PPO's generation), which refuses them host memory."""
     offload = config.mesh.offload
+    if offload == "optimizer_and_params" and reads_params:
+        raise UserError(f"config key 'mesh.offload': got {offload!r}; expected 'none' or 'optimizer' here: "
+                        f"{reads_params} reads the trained parameters outside the train step, from device memory")
+    if offload == "optimizer_and_params" and config.model.compute_dtype == "float32":
+        raise UserError(f"config key 'mesh.offload': got {offload!r} with model.compute_dtype=float32; the devices' "
+                        "copy of the parameters would be as large as they are, saving nothing: set "
+                        "model.compute_dtype=bfloat16 or mesh.offload=optimizer")
     loss_spike = LossSpikeGuard.from_config(config)
     if is_onebit(config):
         if offload != "none":
@@ -63,4 +72,5 @@ def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
         return TrainOptimizer(onebit.state_tx, onebit.schedule, onebit, loss_spike=loss_spike)
     tx, schedule = build_optimizer(config, schedule)
     parts = adamw_parts(config, schedule) if config.optimizer.name == "adamw" else None
-    return TrainOptimizer(tx, schedule, offload=offload, loss_spike=loss_spike, parts=parts)
+    return TrainOptimizer(tx, schedule, offload=offload, compute_dtype=config.model.compute_dtype,
+                          loss_spike=loss_spike, parts=parts)

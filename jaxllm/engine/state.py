@@ -9,9 +9,10 @@ checkpoint; `"loss_guard"` holds the loss-spike guard's running mean when it is 
 Shardings come from the parameters' logical axes through `jaxllm.mesh`; ZeRO stages are sharding
 choices (`param_drop`, `grad_drop`, `opt_drop`). Every optimizer-state leaf that mirrors a parameter
 is sharded like it, for any Optax chain; a 1-bit optimizer (`jaxllm.engine.onebit`) lays out
-its own per-device state. Host offload (`mesh.offload=optimizer`) is a memory kind on the same
-shardings: the optimizer state's leaves live in host memory (`pinned_host`), split over the devices
-as before, and the step (`jaxllm.engine.step`) streams them through the update.
+its own per-device state. Host offload (`mesh.offload`) is a memory kind on the same shardings: the
+optimizer state's leaves (and with `optimizer_and_params` the trainable parameters) live in host memory
+(`pinned_host`), split over the devices as before, and the step (`jaxllm.engine.step`) streams them
+through the update.
 """
 
 from __future__ import annotations
@@ -95,18 +96,22 @@ class StateLayout:
     grads: Any
     abstract: Any  # ShapeDtypeStructs carrying `state` shardings (Orbax restore target)
     frozen: tuple[str, ...] = ()  # top-level parameter groups kept under "frozen"
-    offload: str = "none"  # mesh.offload: "optimizer" places `opt_state` in host memory
+    offload: str = "none"  # mesh.offload: "optimizer" places `opt_state` in host memory, "optimizer_and_params"
+    # `params` too, and the step computes with a copy of them in this dtype (`jaxllm.engine.offload`)
+    compute_dtype: Any = jnp.float32
 
 
 def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_stage: int,
                  frozen: tuple[str, ...] = (), opt_state: tuple[Any, Any] | None = None,
-                 buffers: Any = None, offload: str = "none", loss_guard: bool = False) -> StateLayout:
+                 buffers: Any = None, offload: str = "none", loss_guard: bool = False,
+                 compute_dtype: Any = jnp.float32) -> StateLayout:
     """The layout of a task's state. `model`: a `ModelDef` or `ParamTree`; `frozen`: top-level groups
     without gradients; `opt_state`: (abstract, shardings) of an optimizer that lays out its own state
     (a 1-bit optimizer's per-device buffers), else they follow `tx.init` and the parameters;
     `buffers`: a tree of arrays the loss updates (`jaxllm.engine.step`), replicated; `offload`:
-    `mesh.offload` ("optimizer": the optimizer state in host memory); `loss_guard`: carry the loss-spike
-    guard's scalars."""
+    `mesh.offload` ("optimizer": the optimizer state in host memory, "optimizer_and_params": the trainable
+    parameters too); `loss_guard`: carry the loss-spike guard's scalars; `compute_dtype`: the model's,
+    which the devices' copy of offloaded parameters takes."""
     whole = ParamTree(model.logical_axes, model.shapes)
     trainable = whole.subset(tuple(k for k in whole.shapes if k not in frozen)) if frozen else whole
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -116,12 +121,15 @@ def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_
         opt_shardings = mirrored_shardings(mesh, trainable, opt_abstract, mesh_lib.opt_drop(zero_stage))
     else:
         opt_abstract, opt_shardings = opt_state
-    if offload == "optimizer":
+    params_shardings = trainable.shardings(mesh, mesh_lib.param_drop(zero_stage))
+    if offload != "none":
         mesh_lib.check_host_memory(mesh, "mesh.offload")
         opt_shardings = jax.tree.map(mesh_lib.on_host, opt_shardings)
+    if offload == "optimizer_and_params":
+        params_shardings = jax.tree.map(mesh_lib.on_host, params_shardings)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    shardings = {"step": replicated, "skipped_steps": replicated,
-                 "params": trainable.shardings(mesh, mesh_lib.param_drop(zero_stage)), "opt_state": opt_shardings}
+    shardings = {"step": replicated, "skipped_steps": replicated, "params": params_shardings,
+                 "opt_state": opt_shardings}
     tree = {"step": scalar, "skipped_steps": scalar, "params": params_abstract, "opt_state": opt_abstract}
     if frozen:
         rest = whole.subset(frozen)
@@ -135,7 +143,7 @@ def state_layout(mesh: Mesh, model: Any, tx: optax.GradientTransformation, zero_
         shardings[loss_spike.KEY] = jax.tree.map(lambda _: replicated, tree[loss_spike.KEY])
     grads = trainable.shardings(mesh, mesh_lib.grad_drop(zero_stage))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-    return StateLayout(shardings, grads, abstract, tuple(frozen), offload)
+    return StateLayout(shardings, grads, abstract, tuple(frozen), offload, jnp.dtype(compute_dtype))
 
 
 def all_params(state: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ random-LTD's kept positions, and for a
 1-bit optimizer its per-device path (`jaxllm.engine.onebit`) behind the same call. With host
 offload (`mesh.offload=optimizer`) the optimizer state comes in from host memory, is copied to the
 devices for the update and goes back, all inside the one jitted program; stacked decoder blocks stream
-through one at a time (`jaxllm.engine.offload`). The arithmetic is the same as without offload.
+through one at a time (`jaxllm.engine.offload`). With `optimizer_and_params` the parameters live there
+too: the passes read a copy in the compute dtype, the update streams them like the state.
 
 Metrics: `loss` (sum / count), `grad_norm`, `lr`, `tokens` (the count), `skipped`, and each aux sum
 divided by the count (the reward model's `accuracy` is its correct pairs over its pairs).
@@ -58,11 +59,12 @@ BUFFERS = "buffers"
 
 
 def gradient_sums(loss_fn: LossFn, params: Any, frozen: Any, batch: dict[str, jax.Array], grad_accum: int,
-                  ltd: ltd_lib.LTDSetup | None = None, grad_shardings: Any = None, buffers: Any = None
-                  ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array], Any]:
+                  ltd: ltd_lib.LTDSetup | None = None, grad_shardings: Any = None, buffers: Any = None,
+                  sum_dtypes: Any = None) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array], Any]:
     """(gradient sum, loss sum, count, aux sums, buffers) of `batch` over `grad_accum` micro-batches,
     the gradient taken with respect to `params` only (`frozen` groups and `buffers` join them in the
-    loss; the buffers come back as the last micro-batch left them)."""
+    loss; the buffers come back as the last micro-batch left them). The sum takes the dtypes of
+    `sum_dtypes` (a tree like `params`; by default the parameters' own)."""
 
     def micro_loss(p, b, buf):
         plan = None
@@ -81,6 +83,7 @@ def gradient_sums(loss_fn: LossFn, params: Any, frozen: Any, batch: dict[str, ja
     def accumulate(carry, micro):
         grad_sum, loss_sum, count, aux_sum, buf = carry
         (loss, (n, aux, buf)), grads = grad_fn(params, micro, buf)
+        grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, grad_sum)
         return (jax.tree.map(jnp.add, grad_sum, constrain(grads)), loss_sum + loss, count + n,
                 jax.tree.map(jnp.add, aux_sum, aux), buf), None
 
@@ -88,7 +91,8 @@ def gradient_sums(loss_fn: LossFn, params: Any, frozen: Any, batch: dict[str, ja
     first = micro if grad_accum == 1 else jax.tree.map(lambda x: x[0], micro)
     _, (_, aux_shape, _) = jax.eval_shape(micro_loss, params, first, buffers)
     zero = jnp.float32(0)
-    init = (constrain(jax.tree.map(jnp.zeros_like, params)), zero, zero,
+    dtypes = params if sum_dtypes is None else sum_dtypes
+    init = (constrain(jax.tree.map(lambda p, d: jnp.zeros(p.shape, d.dtype), params, dtypes)), zero, zero,
             jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape), buffers)
     if grad_accum == 1:
         sums, _ = accumulate(init, batch)
@@ -107,23 +111,29 @@ def make_train_step(loss_fn: LossFn, optimizer: Any, layout: StateLayout, grad_a
     if optimizer.onebit is not None:
         return optimizer.onebit.train_step(loss_fn, layout, grad_accum, ltd, summarize, optimizer.loss_spike)
     tx, schedule, guard = optimizer.tx, optimizer.schedule, optimizer.loss_spike
-    opt_shardings = layout.state["opt_state"]
+    opt_shardings, params_shardings = layout.state["opt_state"], layout.state["params"]
 
     def update(grads, opt_state, params, accept):
         """(new parameters, new optimizer state), each the old one where not `accept`."""
         if optimizer.parts is not None and offload.streams(opt_shardings):
-            return offload.update(optimizer.parts, grads, opt_state, params, accept, opt_shardings)
-        opt_state = mesh_lib.to_device(opt_state, opt_shardings)  # from host memory when offloaded
+            return offload.update(optimizer.parts, grads, opt_state, params, accept, opt_shardings,
+                                  params_shardings)
+        # From host memory and back when offloaded.
+        opt_state = mesh_lib.to_device(opt_state, opt_shardings)
+        params = mesh_lib.to_device(params, params_shardings)
         updates, new_opt = tx.update(grads, opt_state, params)
-        return (_kept(accept, optax.apply_updates(params, updates), params),
+        return (mesh_lib.to_host(_kept(accept, optax.apply_updates(params, updates), params), params_shardings),
                 mesh_lib.to_host(_kept(accept, new_opt, opt_state), opt_shardings))
 
     def step(state, batch, kept=None):
         params = state["params"]
         if kept is not None:
             batch = with_ltd_indices(batch, ltd, state["step"], kept)
-        grad_sum, loss_sum, count, aux, buffers = gradient_sums(loss_fn, params, state.get("frozen"), batch,
-                                                                grad_accum, ltd, layout.grads, state.get(BUFFERS))
+        # With the parameters in host memory, the passes read the devices' copy (the same arrays otherwise).
+        computed = offload.compute_copy(params, params_shardings, layout.compute_dtype)
+        grad_sum, loss_sum, count, aux, buffers = gradient_sums(loss_fn, computed, state.get("frozen"), batch,
+                                                                grad_accum, ltd, layout.grads, state.get(BUFFERS),
+                                                                params)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
         loss = loss_sum / denom
@@ -172,6 +182,8 @@ def make_eval_step(loss_fn: LossFn, params_shardings: Any = None) -> Callable:
     """`eval_step(params, batch) -> (loss_sum, count, aux_sums)` (every parameter group in `params`;
     buffers are read, not updated)."""
     def step(params, batch):
+        if params_shardings is not None:  # offloaded parameters come to the devices
+            params = mesh_lib.to_device(params, params_shardings)
         loss, count, aux = loss_fn(params, batch, None)
         return loss, count, {k: v for k, v in aux.items() if k != BUFFERS}
 

@@ -140,11 +140,15 @@ def _zero(ds: Mapping[str, Any], out: Translation) -> None:
     out.set("mesh.data", 1 if stage else -1)
     offload = section.get("offload_optimizer")
     if isinstance(offload, Mapping) and offload.get("device") == "cpu":
-        out.set("mesh.offload", "optimizer")  # ZeRO-Offload: the optimizer state in host memory
+        # ZeRO-Offload keeps the optimizer state, and in mixed precision the fp32 master weights with it,
+        # in host memory; the devices compute with the 16-bit copy.
+        mixed = out.config.get("model", {}).get("compute_dtype") == "bfloat16"
+        out.set("mesh.offload", "optimizer_and_params" if mixed else "optimizer")
     for key in sorted(set(section) - {"stage"}):
         if key == "offload_optimizer" and "offload" in out.config.get("mesh", {}):
-            out.note("zero_optimization.offload_optimizer", "the device 'cpu' gives mesh.offload: optimizer "
-                     "(the state in host memory, updated on the devices); pin_memory and the rest have no counterpart")
+            chosen = out.config["mesh"]["offload"]
+            out.note("zero_optimization.offload_optimizer", f"the device 'cpu' gives mesh.offload: {chosen} "
+                     "(in host memory, updated on the devices); pin_memory and the rest have no counterpart")
             continue
         reason = ("no NVMe offload, nor of parameters: memory comes from sharding over more devices" if "offload" in key
                   else ZERO_REASONS.get(key, "XLA schedules and buckets collectives itself"))

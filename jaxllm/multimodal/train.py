@@ -280,7 +280,7 @@ def _train(config: VisualChatConfig, workdir: Path, mesh: Mesh) -> dict[str, Any
     mdef = model_def(model, vision, config.multimodal)
     frozen = frozen_groups(config, mdef)
     with jax.set_mesh(mesh):
-        opt = optimizer.build(config, mesh, mdef, frozen)
+        opt = optimizer.build(config, mesh, mdef, frozen, reads_params="VisualChat's evaluation")
         layout = opt.layout(mesh, mdef, config.mesh.zero_stage, frozen)
     slot, slots = runtime.data_slot(mesh, (train_cfg.batch_size, seq_len))
     iterator = make_train_iterator(rows, train_cfg.batch_size, config.seed, slot, slots)

@@ -62,7 +62,7 @@ def _optimizer(config: RLHFConfig, mesh, trainable, lr: float, lora_lr: float, d
     train = config.train
     schedule = warmup_cosine(lr, train.warmup_steps, total, train.min_lr_ratio)
     if not dim:
-        return optimizer.build(config, mesh, trainable, schedule=schedule)
+        return optimizer.build(config, mesh, trainable, schedule=schedule, reads_params="PPO's generation")
     tx, _ = build_optimizer(config, schedule)
     lora_tx, _ = build_optimizer(config, warmup_cosine(lora_lr, train.warmup_steps, total, train.min_lr_ratio))
     base_tx = optax.set_to_zero() if config.ppo.only_optimize_lora else tx

@@ -10,6 +10,7 @@ import pytest
 from jaxllm import config as config_lib
 from jaxllm import mesh as mesh_lib
 from jaxllm.engine import offload
+from jaxllm.engine import optimizer as optimizer_lib
 from jaxllm.engine.checkpoint import Checkpointer
 from jaxllm.errors import UserError
 from jaxllm.pretraining import LanguageModelTraining
@@ -104,10 +105,39 @@ def test_stacked_blocks_stream_through_the_update_with_the_same_results(devices)
     assert _kinds(state["opt_state"]) == {mesh_lib.HOST_MEMORY}
 
 
-@pytest.mark.parametrize(("saved", "resumed"), [("optimizer", "none"), ("none", "optimizer")])
+def test_parameters_in_host_memory_train_from_a_compute_dtype_copy(devices):
+    """`mesh.offload=optimizer_and_params`: the f32 parameters stay in host memory; the passes read a
+    copy with the block matrices in the compute dtype, so their gradient is rounded to it (bf16 here)
+    before the f32 update, and the losses agree with the run without offload to bf16's precision."""
+    bf16 = [*STREAMED, "model.compute_dtype=bfloat16"]
+    cfg, mesh, plain = _task("none", bf16)
+    _, _, offloaded = _task("optimizer_and_params", bf16)
+    shardings = offloaded.layout.state["params"]
+    assert _kinds(shardings) == {mesh_lib.HOST_MEMORY}
+    data = batches(cfg, 3)
+    with jax.set_mesh(mesh):
+        state = offloaded.init_state()
+        copy = jax.jit(lambda p: offload.compute_copy(p, shardings, "bfloat16"))(state["params"])
+        # The copy: block matrices converted (one block per loop iteration), the rest as they are.
+        assert copy["blocks"]["mlp"]["w_in"].dtype == jax.numpy.bfloat16
+        assert copy["blocks"]["mlp_norm"]["scale"].dtype == copy["embed"].dtype == jax.numpy.float32
+        _equal(copy["blocks"]["mlp"]["w_in"], state["params"]["blocks"]["mlp"]["w_in"].astype(jax.numpy.bfloat16))
+        _equal(copy["embed"], state["params"]["embed"])
+        assert _kinds(copy) == {mesh_lib.DEVICE_MEMORY}
+        _, base = _steps(plain, mesh, plain.init_state(), data)
+        state, losses = _steps(offloaded, mesh, state, data)
+        held_out = offloaded.eval_step()(state["params"], jax.device_put(data[0], mesh_lib.batch_sharding(mesh)))
+    np.testing.assert_allclose(losses, base, rtol=1e-4)
+    assert losses[0] == base[0]  # the forward pass reads the same bf16 weights
+    assert _kinds(state["params"]) == _kinds(state["opt_state"]) == {mesh_lib.HOST_MEMORY}
+    assert np.isfinite(float(held_out[0]))  # the eval step brings the parameters over itself
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [("optimizer", "none"), ("none", "optimizer"),
+                                                ("optimizer_and_params", "optimizer")])
 def test_checkpoints_restore_across_the_setting(devices, tmp_path, saved, resumed):
-    cfg, mesh, first = _task(saved)
-    _, _, second = _task(resumed)
+    cfg, mesh, first = _task(saved, ["model.compute_dtype=bfloat16"])
+    _, _, second = _task(resumed, ["model.compute_dtype=bfloat16"])
     data = batches(cfg, 3)
     with jax.set_mesh(mesh):
         _, uninterrupted = _steps(second, mesh, second.init_state(), data)
@@ -127,6 +157,11 @@ def test_offload_is_refused_where_it_cannot_work():
         config_lib.load(None, ["mesh.offload=params"])
     with pytest.raises(UserError, match="'mesh.offload'.*onebit_adam"):
         _task("optimizer", ["optimizer.name=onebit_adam"])
+    with pytest.raises(UserError, match="'mesh.offload'.*model.compute_dtype=float32"):
+        _task("optimizer_and_params")
+    cfg, mesh, task = _task("optimizer_and_params", ["model.compute_dtype=bfloat16"])
+    with pytest.raises(UserError, match="'mesh.offload'.*PPO's generation reads the trained parameters"):
+        optimizer_lib.build(cfg, mesh, task.model_def, reads_params="PPO's generation")
 
 
 @pytest.mark.slow
@@ -135,11 +170,12 @@ def test_tpu_compiler_reads_the_optimizer_state_from_host_memory():
     from jaxllm.aot import Target, compile_train_step
 
     model = ["model.family=llama", "model.layers=8", "model.scan_layers=true", "model.remat=full", "model.d_model=256",
-             "model.heads=4", "model.vocab_size=4096", "data.seq_len=128", "train.batch_size=2"]
+             "model.heads=4", "model.vocab_size=4096", "data.seq_len=128", "train.batch_size=2",
+             "model.compute_dtype=bfloat16"]
     target = Target.parse("tpu:v5e:1x1")
     reports = {kind: compile_train_step(config_lib.load(None, [*model, f"mesh.offload={kind}"]), target)
-               for kind in ("none", "optimizer")}
-    plain, offloaded = reports["none"], reports["optimizer"]
+               for kind in ("none", "optimizer", "optimizer_and_params")}
+    plain, offloaded, both = reports["none"], reports["optimizer"], reports["optimizer_and_params"]
     state = plain.optimizer_state  # Adam's two moments, per chip, from the layout's shardings
     assert offloaded.offloaded == state and plain.offloaded == 0
     # The compiler's own figures: what left the device arguments is what it reads from host memory (both
@@ -148,5 +184,11 @@ def test_tpu_compiler_reads_the_optimizer_state_from_host_memory():
     assert offloaded.host_aliased == offloaded.host_arguments
     assert plain.host_arguments == 0
     # Streamed a piece at a time, the update adds far less than the state to the device temporaries
-    # (copying the whole state in adds all of it: 76.5 MB here against a state of 68.2 MB).
+    # (copying the whole state in adds all of it).
     assert offloaded.temporaries - plain.temporaries < state / 4
+    # With the parameters too, only the batch is a device argument; the f32 parameters leave the device,
+    # a bf16 copy of the block weights (most of them) stays, so the device total drops by at least half
+    # the parameters' bytes more.
+    assert both.offloaded == state + plain.parameters
+    assert both.arguments == plain.arguments - both.host_arguments <= plain.batch + 2**20
+    assert offloaded.arguments + offloaded.temporaries - both.arguments - both.temporaries >= plain.parameters / 2

@@ -128,7 +128,8 @@ def test_zero3_offload_warmup_decay_and_checkpointing(tmp_path):
     assert config["train"]["lr"] == 3e-5 and config["train"]["min_lr_ratio"] == 0.0
     assert config["optimizer"]["b2"] == 0.95 and config["optimizer"]["weight_decay"] == 0.1
     assert config["mesh"]["zero_stage"] == 3 and config["model"]["remat"] == "full"
-    assert config["mesh"]["offload"] == "optimizer"  # ZeRO-Offload of the optimizer state to the CPU
+    # ZeRO-Offload: the optimizer state, and in mixed precision the fp32 master weights, on the CPU.
+    assert config["mesh"]["offload"] == "optimizer_and_params"  # bf16 here
     keys = _keys(notes)
     assert {"zero_optimization.offload_optimizer", "zero_optimization.offload_param", "zero_optimization.overlap_comm",
             "scheduler.params.last_batch_iteration", "scheduler.type", "scheduler.params.warmup_type",
