@@ -110,7 +110,7 @@ class MicroBatch:
                    width=2 if m.compute_dtype == "bfloat16" else 4)
 
 
-def block_saved_bytes(mb: MicroBatch, remat: str, platform: str = "gpu") -> int:
+def block_saved_bytes(mb: MicroBatch, remat: str, platform: str = "gpu", flash: bool = False) -> int:
     """Bytes one block keeps for the backward pass of one micro-batch.
 
     - `full`: its f32 input, `4 t d`.
@@ -122,6 +122,8 @@ def block_saved_bytes(mb: MicroBatch, remat: str, platform: str = "gpu") -> int:
       probabilities: the GPU compiler keeps the f32 scores and the compute-dtype probabilities,
       `b h s s (4 + w)` (its buffer assignment for GPT-2 124M); the TPU compiler's total is consistent
       with the probabilities only, `b h s s w` (GPT-2 124M on v5e: 5.71 GiB per chip, 5.06 estimated).
+      With the flash-attention kernel (`flash`) no score is kept: its output in the compute dtype and
+      its f32 log-sum-exp per query, `b s h (w e + 4)`.
     """
     t, d, w = mb.tokens, mb.d_model, mb.width
     projections = (mb.heads + 2 * mb.kv_heads) * mb.head_dim + mb.heads * mb.head_dim
@@ -131,6 +133,8 @@ def block_saved_bytes(mb: MicroBatch, remat: str, platform: str = "gpu") -> int:
     if remat == "dots":
         return F32 * t * (2 * d + projections + hidden)
     per_token = F32 * (2 * d + hidden) + w * (2 * d + projections + hidden)
+    if flash:
+        return t * per_token + mb.rows * mb.seq_len * mb.heads * (w * mb.head_dim + F32)
     return t * per_token + attention_bytes(mb, w if platform == "tpu" else F32 + w)
 
 
@@ -145,21 +149,24 @@ def logits_bytes(mb: MicroBatch) -> int:
     return F32 * mb.tokens * mb.vocab
 
 
-def block_backward_bytes(mb: MicroBatch, remat: str) -> int:
+def block_backward_bytes(mb: MicroBatch, remat: str, flash: bool = False) -> int:
     """Working set of one block's backward pass.
 
     Under remat the block runs forward again first: the attention scores, probabilities (f32 and
     compute dtype) and their gradient, `b h s s (12 + w)`, the compute-dtype matmul inputs,
     `w t (2 d + f')`, and with `full` also the f32 activations per token, `4 t (4 d + 2 f')`. Without
     remat only the gradients are new: of the probabilities and scores, `8 b h s s`, and the f32
-    gradients of the residual and the MLP hidden, `4 t (d + f')`.
+    gradients of the residual and the MLP hidden, `4 t (d + f')`. The flash-attention kernel (`flash`)
+    holds no score: in place of those terms, its f32 gradients of q and of k and v per query head,
+    `12 b s h e`.
     """
     t, d, w = mb.tokens, mb.d_model, mb.width
     hidden = mb.ffn * (2 if mb.gated else 1)
+    kernel = 3 * F32 * mb.rows * mb.seq_len * mb.heads * mb.head_dim
     if remat == "none":
-        return attention_bytes(mb, 2 * F32) + F32 * t * (d + hidden)
+        return (kernel if flash else attention_bytes(mb, 2 * F32)) + F32 * t * (d + hidden)
     recomputed = w * (2 * d + hidden) + (F32 * (4 * d + 2 * hidden) if remat == "full" else 0)
-    return attention_bytes(mb, 3 * F32 + w) + t * recomputed
+    return (kernel if flash else attention_bytes(mb, 3 * F32 + w)) + t * recomputed
 
 
 def platform_of(abstract: Any) -> str:
@@ -214,6 +221,10 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
     sharded_grads = config.mesh.zero_stage >= 2 and mesh_shape.get("fsdp", 1) > 1
     table = m.vocab_size * m.d_model * F32
     compute_bytes = jnp.dtype(m.compute_dtype).itemsize
+    # The flash-attention kernel where `jaxllm.ops.attention.causal_attention` picks it (not inside
+    # pipeline stages).
+    flash = stages == 1 and (m.attention_implementation == "pallas"
+                             or (m.attention_implementation == "auto" and platform in ("gpu", "cuda")))
     # With the parameters in host memory the passes read a copy with the block weights in the compute
     # dtype (`jaxllm.engine.offload.compute_copy`), so the blocks' part of a micro-batch's gradient
     # comes in that dtype too.
@@ -238,9 +249,9 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
         "embedding_table": table if sharded_weights or mesh_shape.get("tensor", 1) > 1 else 0,
         # The output head's weight gradient, whole over fsdp until it is reduce-scattered.
         "head_gradient": F32 * mb.vocab * m.d_model if sharded_grads else 0,
-        "saved_activations": saved_blocks * block_saved_bytes(block_mb, m.remat, platform),
+        "saved_activations": saved_blocks * block_saved_bytes(block_mb, m.remat, platform, flash),
         "loss_backward": logits_bytes(mb),
-        "block_backward": block_backward_bytes(block_mb, m.remat),
+        "block_backward": block_backward_bytes(block_mb, m.remat, flash),
     }
     peak = sum(terms.values()) - min(terms["loss_backward"], terms["block_backward"])
     host = sum(host_terms(layout).values())

@@ -170,6 +170,17 @@ def _prepare(q, k, v, segment_ids, positions, token_index, slopes, block):
     return heads_major(q), heads_major(k), heads_major(v), ids(segment_ids), ids(token_index), ids(positions), slope
 
 
+def _cost(qt, block, matmuls, tensors):
+    """What one call computes, for XLA's cost analysis (a kernel is opaque to it): `matmuls` [block,
+    block, D] products per visited tile pair (each query block meets the key blocks up to its own,
+    n (n + 1) / 2 pairs of n blocks), an exp per score, and `tensors` q-sized arrays read or written."""
+    batch, heads, padded, pdim = qt.shape
+    blocks = padded // block
+    pairs = batch * heads * blocks * (blocks + 1) // 2
+    return pl.CostEstimate(flops=2 * matmuls * pairs * block * block * pdim, transcendentals=pairs * block * block,
+                           bytes_accessed=tensors * qt.size * qt.dtype.itemsize)
+
+
 def _forward(qt, kt, vt, seg, idx, pos, slope, *, scale, block, length, alibi, backend):
     batch, heads, padded, pdim = qt.shape
     groups = heads // kt.shape[1]
@@ -184,6 +195,7 @@ def _forward(qt, kt, vt, seg, idx, pos, slope, *, scale, block, length, alibi, b
         out_shape=[jax.ShapeDtypeStruct(qt.shape, qt.dtype),
                    jax.ShapeDtypeStruct((batch, heads, padded, 1), jnp.float32)],
         compiler_params=compiler_params(backend, parallel_axes=3),
+        cost_estimate=_cost(qt, block, matmuls=2, tensors=4),  # S = Q K^T, P V; q, k, v, o
         interpret=backend == "interpret",
     )(qt, kt, vt, seg[0], seg[1], idx[0], idx[1], pos[0], pos[1], slope)
 
@@ -203,6 +215,7 @@ def _backward(qt, kt, vt, ot, lse, dot, seg, idx, pos, slope, *, scale, block, l
         out_specs=sq["q"],
         out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
         compiler_params=compiler_params(backend, parallel_axes=3),
+        cost_estimate=_cost(qt, block, matmuls=3, tensors=5),  # S, dO V^T, dS K; q, k, v, dO, dQ
         interpret=backend == "interpret",
     )(qt, kt, vt, dot, lse, delta, *ids)
     sk = _specs(groups, block, padded, pdim, along_keys=True)
@@ -215,6 +228,7 @@ def _backward(qt, kt, vt, ot, lse, dot, seg, idx, pos, slope, *, scale, block, l
         out_specs=[per_head, per_head],
         out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, pdim), jnp.float32)] * 2,
         compiler_params=compiler_params(backend, parallel_axes=3),
+        cost_estimate=_cost(qt, block, matmuls=4, tensors=6),  # S, P^T dO, dO V^T, dS^T Q; + dK, dV
         interpret=backend == "interpret",
     )(qt, kt, vt, dot, lse, delta, *ids)
     kv_heads = kt.shape[1]

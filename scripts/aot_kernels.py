@@ -32,6 +32,7 @@ from jaxllm.aot import Target
 from jaxllm.compression.qtensor import QuantSpec, quantize_weight
 from jaxllm.config import MeshConfig
 from jaxllm.mesh import logical_to_spec, make_mesh
+from jaxllm.ops.attention import causal_attention
 from jaxllm.ops.evoformer import evoformer_attention
 from jaxllm.ops.linear import linear
 from jaxllm.ops.token_dropped_attention import token_dropped_attention
@@ -40,12 +41,15 @@ from jaxllm.ops.token_dropped_attention import token_dropped_attention
 KERNEL_CALLS = {"tpu": r'custom_call_target="tpu_custom_call"', "gpu": r'custom_call_target="__gpu\$xla\.gpu\.triton"'}
 # Kernel calls per program: forward; backward = the gradient kernels and, for attention, the forward
 # again for its residuals (the gradient of a matmul in x needs no forward).
-CALLS = {"quantized matmul": (1, 1), "token-dropped attention": (1, 3), "evoformer attention": (1, 5)}
+CALLS = {"quantized matmul": (1, 1), "causal attention": (1, 3), "token-dropped attention": (1, 3),
+         "evoformer attention": (1, 5)}
 
 # Per device: the batch dimension below is multiplied by the target's device count.
 MODEL_SHAPES = {
     # Llama-1B-class projections (d 2048, MLP 5632), one sequence of 2048 tokens per device, groups of 128.
     "quantized matmul": [dict(tokens=2048, k=2048, n=2048, bits=8), dict(tokens=2048, k=2048, n=5632, bits=4)],
+    # Llama 1B's attention (the flash-attention kernel): 2048 tokens, 32 heads of 64 (4 key/value heads), bf16.
+    "causal attention": [dict(rows=1, length=2048, heads=32, kv_heads=4, dim=64)],
     # Random-LTD at seq 2048 keeping half the tokens; 32 heads of 64 (4 key/value heads), bf16.
     "token-dropped attention": [dict(rows=1, kept=1024, heads=32, kv_heads=4, dim=64)],
     # DeepSpeed4Science's Evoformer test/benchmark shapes: N = 16 MSA rows, L = 512, 4 heads of 32, bf16.
@@ -53,6 +57,7 @@ MODEL_SHAPES = {
 }
 SMALL_SHAPES = {
     "quantized matmul": [dict(tokens=64, k=256, n=256, bits=8), dict(tokens=64, k=256, n=384, bits=4)],
+    "causal attention": [dict(rows=1, length=256, heads=4, kv_heads=2, dim=64)],
     "token-dropped attention": [dict(rows=1, kept=256, heads=4, kv_heads=2, dim=64)],
     "evoformer attention": [dict(rows=1, msa=2, length=128, heads=2, dim=32)],
 }
@@ -107,6 +112,19 @@ def token_dropped_program(mesh, rows, kept, heads, kv_heads, dim) -> Program:
                    (0, 1, 2))
 
 
+def causal_program(mesh, rows, length, heads, kv_heads, dim) -> Program:
+    b = mesh.size * rows
+    axes = ("batch", "attn_length", None, None)
+    q = _sharded(mesh, (b, length, heads, dim), jnp.bfloat16, axes)
+    kv = _sharded(mesh, (b, length, kv_heads, dim), jnp.bfloat16, axes)
+    ids = _sharded(mesh, (b, length), jnp.int32, ("batch", "attn_length"))
+
+    def fn(q, k, v, segment_ids, positions):  # "pallas": "auto" keeps XLA's attention on TPU
+        return causal_attention(q, k, v, segment_ids, positions, compute_dtype=jnp.bfloat16, implementation="pallas")
+
+    return Program("causal attention", f"l={length} H={heads}/{kv_heads} D={dim}", fn, (q, kv, kv, ids, ids), (0, 1, 2))
+
+
 def evoformer_program(mesh, rows, msa, length, heads, dim) -> Program:
     b = mesh.size * rows
     qkv = _sharded(mesh, (b, msa, length, heads, dim), jnp.bfloat16, ("batch", None, None, None, None))
@@ -120,8 +138,8 @@ def evoformer_program(mesh, rows, msa, length, heads, dim) -> Program:
                    (0, 1, 2, 3, 4))
 
 
-BUILDERS = {"quantized matmul": quantized_matmul_program, "token-dropped attention": token_dropped_program,
-            "evoformer attention": evoformer_program}
+BUILDERS = {"quantized matmul": quantized_matmul_program, "causal attention": causal_program,
+            "token-dropped attention": token_dropped_program, "evoformer attention": evoformer_program}
 
 
 def programs(mesh, shapes: dict[str, list[dict]]) -> list[Program]:

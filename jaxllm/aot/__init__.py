@@ -188,15 +188,17 @@ def compile_train_step(config: Any, target: Target) -> CompileReport:
             lowerings = [(step.program(p, *kept), ()) for p in range(len(step.training.plan.names))]
         else:
             lowerings = [(step, kept)]
-        compiled, error, seconds = [], None, 0.0
+        compiled, error, seconds, kernels = [], None, 0.0, []
         for program, static in lowerings:
-            done, refused, spent = compile_or_refusal(program.lower(task.layout.abstract, batch, *static))
+            traced = program.trace(task.layout.abstract, batch, *static)
+            done, refused, spent = compile_or_refusal(traced.lower())
             compiled += [done] if done is not None else []
+            kernels += [kernel_flops(traced.jaxpr)] if done is not None else []
             error, seconds = refused or error, seconds + spent
     estimated = memory.estimate(config, task.layout, dict(mesh.shape))
     stats = [c.memory_analysis() for c in compiled]
     peak = max(stats, key=memory.compiled_total, default=None)
-    flops = [compiled_flops_of(c, target) for c in compiled]
+    flops = [compiled_flops_of(c, target, k) for c, k in zip(compiled, kernels, strict=True)]
     return CompileReport(
         target=str(target), devices=len(devices), mesh=dict(mesh.shape),
         parameters=memory.sharded_bytes(task.layout.abstract["params"]),
@@ -236,15 +238,31 @@ def compile_or_refusal(lowering: Any) -> tuple[Any | None, str | None, float]:
         return None, str(err).splitlines()[0], time.perf_counter() - start
 
 
-def compiled_flops_of(compiled: Any, target: Target) -> float | None:
+def compiled_flops_of(compiled: Any, target: Target, kernels: float = 0.0) -> float | None:
     """FLOPs of one device's program: XLA's cost analysis (on the optimized module for GPU, whose
-    compiled executable does not report it)."""
+    compiled executable does not report it). The TPU's counts the Pallas kernels by their cost
+    estimates; the GPU's sees a Triton kernel as an opaque call, so `kernels` (`kernel_flops`) is added."""
     if target.platform == "tpu":
         return float(compiled.cost_analysis()["flops"])
     from jax._src.lib import _jax
 
     module = compiled.runtime_executable().hlo_modules()[0]
-    return float(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)["flops"])
+    return float(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)["flops"]) + kernels
+
+
+def kernel_flops(jaxpr: Any) -> float:
+    """The FLOPs that the Pallas kernels of a traced program declare (`pl.CostEstimate`), each loop body
+    counted once, as XLA's cost analysis counts it."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        estimate = eqn.params.get("cost_estimate") if eqn.primitive.name == "pallas_call" else None
+        total += estimate.flops if estimate is not None else 0.0
+        inner = [getattr(sub, "jaxpr", sub) for value in eqn.params.values()  # ClosedJaxprs' jaxprs, or Jaxprs
+                 for sub in (value if isinstance(value, (tuple, list)) else (value,))]
+        counts = [kernel_flops(j) for j in inner if hasattr(j, "eqns")]
+        # One branch of a `cond` runs (a kernel's per-platform variants are branches of one).
+        total += (max(counts, default=0.0) if eqn.primitive.name == "cond" else sum(counts))
+    return total
 
 
 def reported_bytes(error: str | None) -> int:

@@ -171,7 +171,7 @@ def resolve_model_config(user: ModelConfig, path: str | os.PathLike) -> ModelCon
 
     Each architecture key the user left at its default takes the checkpoint's value; a key set to a
     different value is a UserError naming both. `max_len` (for Llama and BLOOM, whose weights do not
-    fix it), `compute_dtype`, `remat` and `init_std` stay the user's.
+    fix it), `compute_dtype`, `remat`, `attention_implementation` and `init_std` stay the user's.
     """
     ckpt = HFCheckpoint(path)
     default = ModelConfig()
@@ -190,7 +190,8 @@ def resolve_model_config(user: ModelConfig, path: str | os.PathLike) -> ModelCon
         if mine != theirs:
             raise UserError(f"config key 'model.{key}': got {mine!r}, but model.init_from checkpoint "
                             f"'{ckpt.config_file}' has {theirs!r}; remove the key or set it to {theirs!r}")
-    return dataclasses.replace(hf, remat=user.remat, init_std=user.init_std, init_from=user.init_from)
+    return dataclasses.replace(hf, remat=user.remat, init_std=user.init_std, init_from=user.init_from,
+                               attention_implementation=user.attention_implementation)
 
 
 def resolve_init_from(config: Any) -> Any:

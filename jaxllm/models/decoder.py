@@ -201,8 +201,11 @@ class Attention(nnx.Module):
             kept_index = constrain(kept_index, ("batch", "attn_length"))
             out = token_dropped_attention(q, k, v, segment_ids, positions, kept_index, alibi, cfg.compute_dtype,
                                           implementation)
+        elif attention is not None:
+            out = attention(q, k, v, segment_ids, positions, alibi, cfg.compute_dtype)
         else:
-            out = (attention or causal_attention)(q, k, v, segment_ids, positions, alibi, cfg.compute_dtype)
+            out = causal_attention(q, k, v, segment_ids, positions, alibi, cfg.compute_dtype,
+                                   cfg.attention_implementation)
         # Pinned in the heads layout first, so the move back is one all-to-all after attention.
         out = constrain(out, ("batch", "attn_length", "attn_heads", None))
         return self._output(constrain(out, ("batch", "length", "heads", None)))

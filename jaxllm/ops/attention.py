@@ -1,7 +1,8 @@
 """Causal self-attention over packed rows: segment masks, grouped-query heads, optional ALiBi.
 
 `causal_attention_reference` is the definition in plain `jnp`; `causal_attention` dispatches on
-`implementation` so that kernels can be added beside it without touching the models.
+`implementation` between it and the Pallas flash-attention kernel (`flash_attention`), which random-LTD's
+token-dropped attention shares.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
+
+from jaxllm.ops.dispatch import dispatch, kernel_mesh, logical_spec, shard_kernel
 
 
 def alibi_slopes(num_heads: int) -> jax.Array:
@@ -111,8 +115,53 @@ def causal_attention_reference(
 
 
 def causal_attention(q, k, v, segment_ids, positions=None, alibi=None, compute_dtype=jnp.float32,
-                     implementation: str = "auto"):
-    """Dispatches to an implementation; "auto" and "xla" use the reference (the only one so far)."""
-    if implementation not in ("auto", "xla"):
-        raise ValueError(f"unknown attention implementation '{implementation}'; expected auto or xla")
-    return causal_attention_reference(q, k, v, segment_ids, positions, alibi, compute_dtype)
+                     implementation: str = "auto", interpret: bool = False):
+    """`causal_attention_reference` ("xla") or the Pallas flash-attention kernel ("pallas"); "auto": the
+    kernel when compiled for a GPU, the reference for TPU and CPU (`jaxllm.ops.dispatch`).
+
+    The kernel is `flash_attention` with every token kept in order, so it never holds the `[l, l]`
+    scores; a row of padding (segment 0) sees no key and gets 0 there instead of the reference's
+    uniform average, which the loss mask ignores. `interpret=True` runs it in the Pallas interpreter.
+    """
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), segment_ids.shape)
+
+    def reference(*args):
+        return causal_attention_reference(*args, compute_dtype).astype(jnp.float32)
+
+    def pallas(q, k, v, segment_ids, positions, alibi):
+        slots = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), segment_ids.shape)
+        return flash_attention(q, k, v, segment_ids, positions, slots, alibi, compute_dtype, interpret)
+
+    # "auto" takes the kernel on GPU only: compiled for TPU, XLA's own attention needs no more memory at
+    # the presets' shapes (docs/aot.md), and the kernel's speed there is unmeasured.
+    return dispatch("attention", implementation, pallas, reference, q, k, v, segment_ids, positions, alibi,
+                    auto_platforms=("gpu",))
+
+
+def flash_attention(q, k, v, segment_ids, positions, token_index, alibi, compute_dtype, interpret=False):
+    """The Pallas flash-attention kernel (`pallas_kernels/token_dropped_attention.py`: query i sees key j
+    when `token_index[j] <= token_index[i]` in the same non-padding segment) in the compute dtype; under
+    a mesh, inside `shard_map` on each device's rows and heads."""
+    from pallas_kernels.token_dropped_attention import token_dropped_attention as kernel
+
+    dtype = jnp.dtype(compute_dtype)
+
+    def run(q, k, v, segment_ids, positions, token_index, alibi):
+        out = kernel(q.astype(dtype), k.astype(dtype), v.astype(dtype), segment_ids, positions, token_index, alibi,
+                     interpret=interpret)
+        return out.astype(jnp.float32)
+
+    args = (q, k, v, segment_ids, positions, token_index, alibi)
+    mesh = kernel_mesh()
+    if mesh is None:
+        return run(*args)
+    q_spec = logical_spec(mesh, ("batch", "attn_length", "attn_heads", "head_dim"), q.shape)
+    kv_spec = logical_spec(mesh, ("batch", "attn_length", "attn_kv_heads", "head_dim"), k.shape)
+    heads = lambda spec: tuple(spec)[2] if len(spec) > 2 else None  # noqa: E731
+    if heads(q_spec) != heads(kv_spec):  # query head h reads key head h // groups: split both alike or neither
+        q_spec = logical_spec(mesh, ("batch", "attn_length"), q.shape)
+        kv_spec = logical_spec(mesh, ("batch", "attn_length"), k.shape)
+    rows = logical_spec(mesh, ("batch", "attn_length"), segment_ids.shape)
+    specs = (q_spec, kv_spec, kv_spec, rows, rows, rows, None if alibi is None else PartitionSpec(heads(q_spec)))
+    return shard_kernel(run, mesh, specs, q_spec)(*args)

@@ -1,8 +1,9 @@
 """How an op chooses between its XLA reference and its Pallas kernel: `implementation="auto"|"xla"|"pallas"`.
 
 "auto" is decided by the platform the program is *compiled* for, not by the local backend: a step
-traced on a CPU host and compiled for a TPU or a GPU (`jaxllm.aot`) gets the kernel. `dispatch`
-traces both and lets `lax.platform_dependent` keep one when lowering. Under a mesh (`jax.set_mesh`)
+traced on a CPU host and compiled for a TPU or a GPU (`jaxllm.aot`) gets the kernel. Under a mesh that
+platform is its devices'; without one it is JAX's default backend. Only the chosen implementation is
+traced (tracing a kernel that CPU runs would never use costs every CPU test its time). Under a mesh (`jax.set_mesh`)
 the kernel runs inside `jax.shard_map`, each device on its own rows and heads: XLA cannot partition
 a Mosaic kernel (it refuses) or a Triton one (it would all-gather the inputs and run it whole on
 every device).
@@ -46,10 +47,24 @@ def dispatch(op: str, implementation: str, kernel: Callable[..., Any], reference
     program is compiled for one of `auto_platforms` and the reference elsewhere (both must return the
     same shapes and dtypes)."""
     _check(op, implementation)
-    if implementation != "auto":
-        return (kernel if implementation == "pallas" else reference)(*args)
-    branches = {name: kernel for platform in auto_platforms for name in LOWERING_PLATFORMS[platform]}
-    return jax.lax.platform_dependent(*args, default=reference, **branches)
+    if implementation == "auto":
+        platform = mesh_platform() or jax.default_backend()
+        kernel_platforms = {name for p in auto_platforms for name in (p, *LOWERING_PLATFORMS[p])}
+        # Inside a `shard_map` already (pipeline stages) the kernels' own `shard_map` does not nest: the
+        # reference runs there.
+        mesh = jax.sharding.get_abstract_mesh()
+        nested = mesh is not None and not mesh.empty and bool(mesh.manual_axes)
+        implementation = "pallas" if platform in kernel_platforms and not nested else "xla"
+    return (kernel if implementation == "pallas" else reference)(*args)
+
+
+def mesh_platform() -> str | None:
+    """The platform of the devices of the mesh set by `jax.set_mesh` ("cpu", "tpu", "cuda", ...; the
+    program is compiled for them), or None without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    return getattr(getattr(mesh, "abstract_device", None), "platform", None)
 
 
 def kernel_mesh() -> Any:

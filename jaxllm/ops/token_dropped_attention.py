@@ -15,11 +15,10 @@ compiled for a GPU or TPU and the reference for CPU.
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int
 
-from jaxllm.ops.attention import attention_mask, attention_weights, grouped_mix
-from jaxllm.ops.dispatch import dispatch, kernel_mesh, logical_spec, shard_kernel
+from jaxllm.ops.attention import attention_mask, attention_weights, flash_attention, grouped_mix
+from jaxllm.ops.dispatch import dispatch
 
 
 def token_dropped_attention_reference(
@@ -41,32 +40,6 @@ def token_dropped_attention_reference(
     return grouped_mix(attention_weights(q, k, mask, positions, alibi, compute_dtype), v, compute_dtype)
 
 
-def _pallas_attention(q, k, v, segment_ids, positions, token_index, alibi, compute_dtype, interpret):
-    """The kernel in the compute dtype, under a mesh on each device's rows and heads."""
-    from pallas_kernels.token_dropped_attention import token_dropped_attention as kernel
-
-    dtype = jnp.dtype(compute_dtype)
-
-    def run(q, k, v, segment_ids, positions, token_index, alibi):
-        out = kernel(q.astype(dtype), k.astype(dtype), v.astype(dtype), segment_ids, positions, token_index, alibi,
-                     interpret=interpret)
-        return out.astype(jnp.float32)
-
-    args = (q, k, v, segment_ids, positions, token_index, alibi)
-    mesh = kernel_mesh()
-    if mesh is None:
-        return run(*args)
-    q_spec = logical_spec(mesh, ("batch", "attn_length", "attn_heads", "head_dim"), q.shape)
-    kv_spec = logical_spec(mesh, ("batch", "attn_length", "attn_kv_heads", "head_dim"), k.shape)
-    heads = lambda spec: tuple(spec)[2] if len(spec) > 2 else None  # noqa: E731
-    if heads(q_spec) != heads(kv_spec):  # query head h reads key head h // groups: split both alike or neither
-        q_spec = logical_spec(mesh, ("batch", "attn_length"), q.shape)
-        kv_spec = logical_spec(mesh, ("batch", "attn_length"), k.shape)
-    rows = logical_spec(mesh, ("batch", "attn_length"), segment_ids.shape)
-    specs = (q_spec, kv_spec, kv_spec, rows, rows, rows, None if alibi is None else PartitionSpec(heads(q_spec)))
-    return shard_kernel(run, mesh, specs, q_spec)(*args)
-
-
 def token_dropped_attention(q, k, v, segment_ids, positions, token_index, alibi=None, compute_dtype=jnp.float32,
                             implementation: str = "auto", interpret: bool = False):
     """Dispatches to the reference ("xla") or the Pallas kernel ("pallas"); "auto": the kernel when
@@ -79,7 +52,7 @@ def token_dropped_attention(q, k, v, segment_ids, positions, token_index, alibi=
         return token_dropped_attention_reference(*args, compute_dtype).astype(jnp.float32)
 
     def pallas(*args):
-        return _pallas_attention(*args, compute_dtype, interpret)
+        return flash_attention(*args, compute_dtype, interpret)
 
     return dispatch("token-dropped attention", implementation, pallas, reference, q, k, v, segment_ids, positions,
                     token_index, alibi)

@@ -123,7 +123,8 @@ def setup_tokenizer(config: RLHFConfig, workdir: Path, init_workdir: str | None,
 
 
 def model_from_meta(saved: dict[str, Any], user: ModelConfig, where: str) -> ModelConfig:
-    """The checkpoint's architecture with the user's compute settings (`compute_dtype`, `remat`).
+    """The checkpoint's architecture with the user's compute settings (`compute_dtype`, `remat`,
+    `attention_implementation`).
 
     A shape key the user set to something other than its default and the checkpoint's value is an
     error naming both; keys left at their defaults take the checkpoint's values.
@@ -134,7 +135,8 @@ def model_from_meta(saved: dict[str, Any], user: ModelConfig, where: str) -> Mod
         if getattr(user, key) != getattr(default, key) and mine.get(key) != saved.get(key):
             raise UserError(f"config key 'model.{key}': got {mine.get(key)!r}, but {where} holds a model with "
                             f"{saved.get(key)!r}; remove the key or set it to {saved.get(key)!r}")
-    cfg = dataclasses.replace(cfg, compute_dtype=user.compute_dtype, remat=user.remat, init_from=None)
+    cfg = dataclasses.replace(cfg, compute_dtype=user.compute_dtype, remat=user.remat, init_from=None,
+                              attention_implementation=user.attention_implementation)
     cfg.validate()
     return cfg
 

@@ -122,7 +122,8 @@ def run(config: RLHFConfig, workdir: Path) -> dict[str, Any]:
     if recorded and recorded.get("structure") != _structure(config):
         raise UserError(f"workdir '{workdir}' was trained with {recorded.get('structure')}, the config asks for "
                         f"{_structure(config)}; use another --workdir or the checkpoint's settings")
-    compute = dataclasses.replace(ModelConfig(), compute_dtype=config.model.compute_dtype, remat=config.model.remat)
+    compute = dataclasses.replace(ModelConfig(), compute_dtype=config.model.compute_dtype, remat=config.model.remat,
+                                  attention_implementation=config.model.attention_implementation)
     with jax.set_mesh(mesh):
         actor_src = common.load_source(p.actor_workdir, "ppo.actor_workdir", "decoder", mesh, zero, compute,
                                        recorded.get("actor", {}).get("step"))
