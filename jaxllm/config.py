@@ -38,8 +38,8 @@ class ModelConfig:
     compute_dtype: Dtype = "float32"
     remat: Remat = "none"
     # Causal attention in training and evaluation: the Pallas flash-attention kernel (no `[length, length]`
-    # scores in memory) or the plain XLA reference; auto: the kernel when compiled for a GPU (for a TPU,
-    # XLA's attention needed no more memory at the presets' shapes, docs/aot.md).
+    # scores in memory) or the plain XLA reference; auto: the kernel when compiled for a GPU, XLA's for
+    # a TPU (where the kernel's memory saving was mixed across the presets, docs/aot.md) and CPU.
     attention_implementation: Literal["auto", "xla", "pallas"] = "auto"
     # Run the blocks as one `jax.lax.scan` over their stacked weights: one block to compile instead of
     # `layers`. The training state keeps them stacked (checkpoints restore onto either layout; Hugging
