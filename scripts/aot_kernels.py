@@ -98,12 +98,17 @@ def quantized_matmul_program(mesh, tokens, k, n, bits) -> Program:
                    (x, _replicated(mesh, weight)), (0,))
 
 
-def token_dropped_program(mesh, rows, kept, heads, kv_heads, dim) -> Program:
+def _attention_inputs(mesh, rows, length, heads, kv_heads, dim):
+    """bf16 q, k/v and int32 ids of `rows` sequences per device, split over the devices by rows."""
     b = mesh.size * rows
     axes = ("batch", "attn_length", None, None)
-    q = _sharded(mesh, (b, kept, heads, dim), jnp.bfloat16, axes)
-    kv = _sharded(mesh, (b, kept, kv_heads, dim), jnp.bfloat16, axes)
-    ids = _sharded(mesh, (b, kept), jnp.int32, ("batch", "attn_length"))
+    q = _sharded(mesh, (b, length, heads, dim), jnp.bfloat16, axes)
+    kv = _sharded(mesh, (b, length, kv_heads, dim), jnp.bfloat16, axes)
+    return q, kv, _sharded(mesh, (b, length), jnp.int32, ("batch", "attn_length"))
+
+
+def token_dropped_program(mesh, rows, kept, heads, kv_heads, dim) -> Program:
+    q, kv, ids = _attention_inputs(mesh, rows, kept, heads, kv_heads, dim)
 
     def fn(q, k, v, segment_ids, positions, token_index):
         return token_dropped_attention(q, k, v, segment_ids, positions, token_index, compute_dtype=jnp.bfloat16)
@@ -113,11 +118,7 @@ def token_dropped_program(mesh, rows, kept, heads, kv_heads, dim) -> Program:
 
 
 def causal_program(mesh, rows, length, heads, kv_heads, dim) -> Program:
-    b = mesh.size * rows
-    axes = ("batch", "attn_length", None, None)
-    q = _sharded(mesh, (b, length, heads, dim), jnp.bfloat16, axes)
-    kv = _sharded(mesh, (b, length, kv_heads, dim), jnp.bfloat16, axes)
-    ids = _sharded(mesh, (b, length), jnp.int32, ("batch", "attn_length"))
+    q, kv, ids = _attention_inputs(mesh, rows, length, heads, kv_heads, dim)
 
     def fn(q, k, v, segment_ids, positions):  # "pallas": "auto" keeps XLA's attention on TPU
         return causal_attention(q, k, v, segment_ids, positions, compute_dtype=jnp.bfloat16, implementation="pallas")
