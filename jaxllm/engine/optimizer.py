@@ -45,12 +45,10 @@ class TrainOptimizer:
         return self.onebit.signature() if self.onebit else None
 
 
-def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
-          schedule: optax.Schedule | None = None, reads_params: str | None = None) -> TrainOptimizer:
-    """The optimizer of `config.optimizer` for the trainable parameters of `model` (all groups but
-    `frozen`). `schedule` replaces the config's warm-up + cosine learning rate (random-LTD's LayerToken
-    schedule, PPO's per-model rates). `reads_params` names what of the task reads the trainable
-    parameters outside the train and eval steps (PPO's generation), which refuses them host memory."""
+def offload_setting(config: Any, reads_params: str | None = None) -> str:
+    """`config.mesh.offload`, refused where it cannot work: the parameters in host memory for a task
+    whose `reads_params` (PPO's generation) reads them outside the train and eval steps, or with a
+    float32 compute dtype (the devices' copy would save nothing)."""
     offload = config.mesh.offload
     if offload == "optimizer_and_params" and reads_params:
         raise UserError(f"config key 'mesh.offload': got {offload!r}; expected 'none' or 'optimizer' here: "
@@ -59,6 +57,16 @@ def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
         raise UserError(f"config key 'mesh.offload': got {offload!r} with model.compute_dtype=float32; the devices' "
                         "copy of the parameters would be as large as they are, saving nothing: set "
                         "model.compute_dtype=bfloat16 or mesh.offload=optimizer")
+    return offload
+
+
+def build(config: Any, mesh: Mesh, model: Any, frozen: tuple[str, ...] = (),
+          schedule: optax.Schedule | None = None, reads_params: str | None = None) -> TrainOptimizer:
+    """The optimizer of `config.optimizer` for the trainable parameters of `model` (all groups but
+    `frozen`). `schedule` replaces the config's warm-up + cosine learning rate (random-LTD's LayerToken
+    schedule, PPO's per-model rates). `reads_params` names what of the task reads the trainable
+    parameters outside the train and eval steps (PPO's generation), which refuses them host memory."""
+    offload = offload_setting(config, reads_params)
     loss_spike = LossSpikeGuard.from_config(config)
     if is_onebit(config):
         if offload != "none":

@@ -71,7 +71,8 @@ def _optimizer(config: RLHFConfig, mesh, trainable, lr: float, lora_lr: float, d
         return {"base": jax.tree.map(lambda _: "base", params["base"]),
                 "lora": jax.tree.map(lambda _: "lora", params["lora"])}
 
-    return optimizer.TrainOptimizer(optax.multi_transform({"base": base_tx, "lora": lora_tx}, labels), schedule)
+    return optimizer.TrainOptimizer(optax.multi_transform({"base": base_tx, "lora": lora_tx}, labels), schedule,
+                                    offload=optimizer.offload_setting(config, "PPO's generation"))
 
 
 def _structure(config: RLHFConfig) -> dict[str, Any]:

@@ -162,6 +162,7 @@ def test_offload_is_refused_where_it_cannot_work():
     cfg, mesh, task = _task("optimizer_and_params", ["model.compute_dtype=bfloat16"])
     with pytest.raises(UserError, match="'mesh.offload'.*PPO's generation reads the trained parameters"):
         optimizer_lib.build(cfg, mesh, task.model_def, reads_params="PPO's generation")
+    assert optimizer_lib.offload_setting(cfg) == "optimizer_and_params"  # PPO's LoRA optimizer asks this too
 
 
 @pytest.mark.slow
