@@ -50,6 +50,39 @@ def test_activation_terms_follow_their_formulas(remat, devices):
     assert est["total"] == sum(v for k, v in est.items() if k not in memory.TOTALS) - min(est["loss_backward"], block)
 
 
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_with_the_flash_attention_kernel_no_score_is_held(remat, devices, monkeypatch):
+    """Compiled for a GPU, `auto` takes the flash-attention kernel: the `b h s s` terms give way to its
+    output and log-sum-exp (kept without remat) and its f32 gradients of q, k and v per query head."""
+    _, xla = _estimate([*LLAMA, f"model.remat={remat}"], devices)
+    monkeypatch.setattr(memory, "platform_of", lambda abstract: "gpu")
+    _, flash = _estimate([*LLAMA, f"model.remat={remat}"], devices)
+    _, forced = _estimate([*LLAMA, f"model.remat={remat}", "model.attention_implementation=xla"], devices)
+    b, s, w, h, e = 2, 64, 2, 2, 16
+    scores = {"none": b * h * s * s * 8, "dots": b * h * s * s * (12 + w)}[remat]
+    assert flash["block_backward"] == xla["block_backward"] - scores + 12 * b * s * h * e
+    if remat == "none":
+        kept = 3 * (b * h * s * s * (4 + w) - b * s * h * (w * e + 4))
+        assert flash["saved_activations"] == xla["saved_activations"] - kept
+    else:  # the dots policy keeps no attention array either way
+        assert flash["saved_activations"] == xla["saved_activations"]
+    assert forced["block_backward"] == xla["block_backward"]
+
+
+def test_offloaded_parameters_leave_a_compute_dtype_copy_and_gradient(devices):
+    """`mesh.offload=optimizer_and_params`: the parameters are a host term; the devices hold their copy
+    with the block weights in bf16 (`compute_weights`), and one micro-batch's gradient of the blocks in
+    bf16 too."""
+    plain = [*LLAMA, "model.scan_layers=true", "train.grad_accum=1"]
+    _, kept = _estimate(plain, devices)
+    _, est = _estimate([*plain, "mesh.offload=optimizer_and_params"], devices)
+    assert est["params"] == kept["params"]  # the same term, placed on the host
+    narrowed = kept["gradients"] - est["gradients"]  # half of the blocks' f32 gradient
+    assert narrowed > 0 and est["compute_weights"] == kept["params"] - narrowed
+    assert est["host_total"] == kept["optimizer"] + kept["params"]
+    assert est["total"] == kept["total"] - kept["optimizer"] - kept["params"] - narrowed + est["compute_weights"]
+
+
 @pytest.mark.parametrize("schedule, repeats, micro, layers", [("gpipe", 1, 2, 3), ("circular", 2, 2, 5)])
 def test_with_stages_every_tick_keeps_each_slots_share_of_a_pipeline_micro_batch(devices, schedule, repeats, micro,
                                                                                   layers):
