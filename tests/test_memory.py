@@ -157,8 +157,13 @@ def test_on_tpu_the_stacked_blocks_have_a_compute_dtype_copy(devices, monkeypatc
     head_dim = m.d_model // m.heads
     block = 2 * m.d_model * m.heads * head_dim + 2 * m.d_model * m.kv_heads * head_dim + 3 * m.d_model * m.d_ff
     assert est["compute_weights"] == 2 * m.layers * (block // 8 + 2 * m.d_model)
+    # Accumulating 2 micro-batches: a second f32 buffer of the blocks' gradient (laid out like the
+    # weights at ZeRO-3), twice their bf16 copy; none with one micro-batch.
+    assert est["accumulated_blocks"] == 2 * est["compute_weights"]
+    _, single = _estimate([*LLAMA, "model.scan_layers=true", "train.grad_accum=1"], devices)
+    assert single["accumulated_blocks"] == 0
     _, unscanned = _estimate(LLAMA, devices)
-    assert unscanned["compute_weights"] == 0
+    assert unscanned["compute_weights"] == unscanned["accumulated_blocks"] == 0
 
 
 @pytest.mark.slow
