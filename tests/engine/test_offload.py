@@ -1,6 +1,10 @@
-"""Host offload of the optimizer state (`mesh.offload=optimizer`): the same losses, bit for bit, with the
-state in host memory; checkpoints restore across the setting both ways; the TPU compiler's own figures
-show the state leaving device memory for host memory."""
+"""Host offload (`mesh.offload`): with the optimizer state in host memory the same losses, bit for bit
+(whole update) or within float tolerance (streamed); with the parameters there too, the losses to
+bf16's precision, a command-line run that resumes bitwise after a kill; checkpoints restore across the
+settings; the TPU compiler's own figures show the state leaving device memory for host memory."""
+
+import json
+import subprocess
 
 import grain
 import jax
@@ -14,7 +18,10 @@ from jaxllm.engine import optimizer as optimizer_lib
 from jaxllm.engine.checkpoint import Checkpointer
 from jaxllm.errors import UserError
 from jaxllm.pretraining import LanguageModelTraining
+from tests.conftest import PYTHON, subprocess_env
 from tests.engine.test_step import batches
+from tests.test_train import TINY as RUN
+from tests.test_train import losses
 
 TINY = ["model.layers=1", "model.d_model=32", "model.heads=4", "model.vocab_size=128", "data.seq_len=16",
         "train.batch_size=8", "train.warmup_steps=1", "mesh.data=4", "mesh.fsdp=2"]
@@ -193,3 +200,28 @@ def test_tpu_compiler_reads_the_optimizer_state_from_host_memory():
     assert both.offloaded == state + plain.parameters
     assert both.arguments == plain.arguments - both.host_arguments <= plain.batch + 2**20
     assert offloaded.arguments + offloaded.temporaries - both.arguments - both.temporaries >= plain.parameters / 2
+
+
+@pytest.mark.slow
+def test_cli_run_with_parameters_offloaded_evaluates_checkpoints_and_resumes_bitwise_after_a_kill(tmp_path):
+    """`python -m jaxllm.train ... mesh.offload=optimizer_and_params` as a user types it: the loop's
+    evaluation and checkpoints read the host-memory state, and a run killed after step 4 resumes from
+    its step-3 checkpoint to the same losses, bit for bit, as a run never killed."""
+    args = [*RUN, "train.steps=5", "train.log_every=1", "eval.every=5", "eval.batches=1", "checkpoint.every=3",
+            "checkpoint.async_save=false", "mesh.data=4", "mesh.fsdp=2", "model.scan_layers=true",
+            "model.compute_dtype=bfloat16", "mesh.offload=optimizer_and_params"]
+
+    def run(workdir, fault=None):
+        env = subprocess_env(8) | ({"JAXLLM_FAULT": fault} if fault else {})
+        return subprocess.run([PYTHON, "-m", "jaxllm.train", f"--workdir={workdir}", *args], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    straight = run(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert run(tmp_path / "killed", fault="kill_after_step:4").returncode == -9
+    resumed = run(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want = losses(tmp_path / "straight")
+    assert sorted(want) == [1, 2, 3, 4, 5] and losses(tmp_path / "killed") == want
+    evals = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert any(np.isfinite(r.get("eval_loss", np.nan)) for r in evals)
