@@ -194,3 +194,15 @@ def test_to_hf_converts_a_workdir_named_by_a_relative_path(pipeline, monkeypatch
     monkeypatch.chdir(root)
     assert convert.main(["to-hf", "sft", "sft_hf"]) == 0
     assert (root / "sft_hf" / "config.json").is_file() and (root / "sft_hf" / "model.safetensors").is_file()
+
+
+def test_ppo_with_the_optimizer_state_offloaded_trains_the_same(pipeline, tmp_path, devices):
+    """PPO's LoRA optimizer takes `mesh.offload=optimizer`: the actor's and critic's moments in host
+    memory, the same metrics, bit for bit (the same arithmetic, only where the state is stored moves)."""
+    root, _ = pipeline
+    run_stage("ppo", stage_config("ppo", root, "mesh.offload=optimizer"), tmp_path / "ppo")
+    assert [stable(r) for r in rows(tmp_path / "ppo")] == [stable(r) for r in rows(root / "ppo")]
+    # The parameters' offload is refused: generation reads them (the LoRA actor's optimizer is built first).
+    with pytest.raises(UserError, match="'mesh.offload'.*PPO's generation"):
+        run_stage("ppo", stage_config("ppo", root, "mesh.offload=optimizer_and_params", "model.compute_dtype=bfloat16"),
+                  tmp_path / "refused")
