@@ -83,7 +83,8 @@ def rows(workdir):
 
 def test_train_resume_and_chat(tmp_path, devices, capsys, monkeypatch):
     """docs/visualchat.md's train and chat commands as printed (relative paths, from a directory holding
-    configs/visualchat/tiny.yaml, here a shrunk one), then resume and a refused vision shape."""
+    configs/visualchat/tiny.yaml, here a shrunk one), then resume, the optimizer state offloaded, and a
+    refused vision shape."""
     import yaml
 
     (tmp_path / "configs" / "visualchat").mkdir(parents=True)
@@ -107,6 +108,12 @@ def test_train_resume_and_chat(tmp_path, devices, capsys, monkeypatch):
     again = rows(workdir)
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     for a, b in zip(first[2:], again[2:], strict=True):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a.get("eval_loss") == b.get("eval_loss")
+
+    # The optimizer state in host memory (`mesh.offload=optimizer`): the same steps, bit for bit.
+    offloaded = tmp_path / "runs" / "offloaded"
+    train_lib.train(from_dict(tiny_config() | {"mesh": {"offload": "optimizer"}}), offloaded)
+    for a, b in zip(first, rows(offloaded), strict=True):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a.get("eval_loss") == b.get("eval_loss")
 
     # A different vision shape may not resume from this workdir.
