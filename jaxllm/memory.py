@@ -65,6 +65,8 @@ from jaxllm.config import Config
 from jaxllm.mesh import HOST_MEMORY, STAGE_AXIS, PipelineSettings
 from jaxllm.models import pipeline
 from jaxllm.models.stacking import is_stacked
+from jaxllm.ops.attention import FLASH_PLATFORMS
+from jaxllm.ops.dispatch import pallas_selected
 
 F32 = 4
 TOTALS = ("total", "host_total")
@@ -227,8 +229,7 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
     compute_bytes = jnp.dtype(m.compute_dtype).itemsize
     # The flash-attention kernel where `jaxllm.ops.attention.causal_attention` picks it (not inside
     # pipeline stages).
-    flash = stages == 1 and (m.attention_implementation == "pallas"
-                             or (m.attention_implementation == "auto" and platform in ("gpu", "cuda")))
+    flash = stages == 1 and pallas_selected("attention", m.attention_implementation, platform, FLASH_PLATFORMS)
     # With the parameters in host memory the passes read a copy with the block weights in the compute
     # dtype (`jaxllm.engine.offload.compute_copy`), so the blocks' part of a micro-batch's gradient
     # comes in that dtype too.
@@ -250,7 +251,7 @@ def estimate(config: Config, layout: Any, mesh_shape: dict[str, int]) -> dict[st
         # The devices' copy of parameters kept in host memory; else the TPU compiler's conversion of
         # stacked block weights to the compute dtype, once, before the layer loop.
         "compute_weights": narrowed(params, block_params) if params_on_host
-        else narrowed(block_params, block_params)
+        else round(block_params * compute_bytes / F32)
         if platform == "tpu" and scanned and stages == 1 and not copied and compute_bytes < F32 else 0,
         # The token lookup gathers the whole f32 table (over fsdp and tensor) when it is sharded.
         "embedding_table": table if sharded_weights or mesh_shape.get("tensor", 1) > 1 else 0,

@@ -114,6 +114,11 @@ def causal_attention_reference(
     return grouped_mix(weights, v, compute_dtype)
 
 
+# Where "auto" takes the flash-attention kernel: GPU only, where it cut every preset's memory; compiled
+# for TPU the change was mixed (-29% to +3% of the device total, docs/aot.md), its speed there unmeasured.
+FLASH_PLATFORMS = ("gpu",)
+
+
 def causal_attention(q, k, v, segment_ids, positions=None, alibi=None, compute_dtype=jnp.float32,
                      implementation: str = "auto", interpret: bool = False):
     """`causal_attention_reference` ("xla") or the Pallas flash-attention kernel ("pallas"); "auto": the
@@ -133,10 +138,8 @@ def causal_attention(q, k, v, segment_ids, positions=None, alibi=None, compute_d
         slots = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), segment_ids.shape)
         return flash_attention(q, k, v, segment_ids, positions, slots, alibi, compute_dtype, interpret)
 
-    # "auto" takes the kernel on GPU only, where it cut every preset's memory; compiled for TPU the
-    # change was mixed (-29% to +3% of the device total, docs/aot.md) and its speed there is unmeasured.
     return dispatch("attention", implementation, pallas, reference, q, k, v, segment_ids, positions, alibi,
-                    auto_platforms=("gpu",))
+                    auto_platforms=FLASH_PLATFORMS)
 
 
 def flash_attention(q, k, v, segment_ids, positions, token_index, alibi, compute_dtype, interpret=False):
